@@ -1,0 +1,114 @@
+"""Shared benchmark plumbing: environment record, timing, JSON + PNG output.
+
+Every result file records the device, torch/triton versions, shapes, dtype and the git commit, so a
+number is never separated from how it was obtained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{platform.machine()}"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+            ).stdout
+        )
+    except Exception:
+        commit, dirty = None, None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def bench(fn, device: torch.device, *, warmup: int = 3, rep: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events via do_bench on GPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak extra device bytes allocated while ``fn()`` runs (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def out_dir(device: torch.device, override: str | None = None) -> Path:
+    path = Path(override or os.environ.get("MASKKV_BENCH_OUT") or RESULTS / device_name(device))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save(
+    name: str, device: torch.device, config: dict, rows: list[dict], out: str | None = None
+) -> Path:
+    path = out_dir(device, out) / f"{name}.json"
+    path.write_text(
+        json.dumps({"env": environment(device), "config": config, "rows": rows}, indent=1)
+    )
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return "-" if x is None else str(x)

@@ -1,0 +1,31 @@
+"""maskkv_kernels: model-agnostic ops for per-head-budget KV-cache eviction.
+
+Public ops (see DESIGN.md and each docstring for shapes):
+
+- :func:`select_and_gather`: score prompt keys (mask-query voting or SnapKV window), split the
+  layer budget between heads, keep the top-k per head and gather them into a :class:`RaggedKV`.
+- :func:`ragged_attention`: attention over each head's kept prompt segment plus a dense tail.
+- :func:`allocate_head_budgets`, :func:`mask_scores`, :func:`window_scores`,
+  :func:`topk_gather`: the steps ``select_and_gather`` fuses.
+- :mod:`maskkv_kernels.reference`: eager oracles with the same names.
+
+Every op takes ``backend=`` "auto" (Triton on CUDA, else torch), "triton", "torch" or
+"reference".
+"""
+
+from . import reference
+from ._ragged import RaggedKV
+from .attention import ragged_attention
+from .budgets import allocate_head_budgets
+from .select import mask_scores, select_and_gather, topk_gather, window_scores
+
+__all__ = [
+    "RaggedKV",
+    "allocate_head_budgets",
+    "mask_scores",
+    "ragged_attention",
+    "reference",
+    "select_and_gather",
+    "topk_gather",
+    "window_scores",
+]

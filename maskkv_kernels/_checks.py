@@ -1,0 +1,236 @@
+"""Input validation shared by every public op.
+
+Every error is a ``ValueError`` that names the argument and the expected shape, so that nothing is
+silently broadcast, truncated or lost. The checks only read shapes, dtypes and devices: they never
+synchronise with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORES = ("mask", "window")
+HEAD_BUDGETS = ("uniform", "prompt_preference", "adakv")
+POOLS = ("max", "avg", "none")
+BACKENDS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_ALPHA = {"uniform": 0.0, "prompt_preference": 0.1, "adakv": 0.2}
+
+
+def fail(arg: str, expected: str, got: object) -> ValueError:
+    return ValueError(f"{arg}: expected {expected}, got {got}")
+
+
+def describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def check_tensor(
+    x: object, arg: str, shape_doc: str, ndim: int, dtypes=FLOAT_DTYPES
+) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+        raise fail(arg, f"a {ndim}-D tensor {shape_doc}", describe(x))
+    if dtypes is not None and x.dtype not in dtypes:
+        raise fail(arg, f"{shape_doc} with dtype in {[str(d) for d in dtypes]}", describe(x))
+    return x
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise fail("backend", f"one of {BACKENDS}", repr(backend))
+    return backend
+
+
+def check_same(
+    arg: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str, *, dtype: bool = True
+) -> None:
+    if x.device != ref.device:
+        raise fail(arg, f"the device of {ref_name} ({ref.device})", describe(x))
+    if dtype and x.dtype != ref.dtype:
+        raise fail(arg, f"the dtype of {ref_name} ({ref.dtype})", describe(x))
+
+
+@dataclass(frozen=True)
+class Dims:
+    B: int
+    Hq: int
+    Hkv: int
+    M: int
+    D: int
+    L: int
+    P: int
+
+    @property
+    def G(self) -> int:
+        return self.Hq // self.Hkv
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, prompt_len: int) -> Dims:
+    """q: [B, Hq, M, D]; k, v: [B, Hkv, L, D]; 0 <= prompt_len <= L."""
+    check_tensor(q, "q", "[B, Hq, M, D]", 4)
+    check_tensor(k, "k", "[B, Hkv, L, D]", 4)
+    B, Hq, M, D = q.shape
+    _, Hkv, L, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise fail("k", f"[B={B}, Hkv, L, D={D}] to match q {tuple(q.shape)}", describe(k))
+    check_same("k", k, q, "q")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise fail("q", f"[B, Hq, M, D] with Hq a multiple of k's Hkv={Hkv}", describe(q))
+    if v is not None:
+        check_tensor(v, "v", "[B, Hkv, L, D]", 4)
+        if v.shape != k.shape:
+            raise fail("v", f"k's shape {tuple(k.shape)} [B, Hkv, L, D]", describe(v))
+        check_same("v", v, k, "k")
+    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 0 <= prompt_len <= L:
+        raise fail("prompt_len", f"an int in [0, L={L}] (k is [B, Hkv, L, D])", repr(prompt_len))
+    return Dims(B, Hq, Hkv, M, D, L, prompt_len)
+
+
+def check_prompt_lens(prompt_lens: torch.Tensor | None, dims: Dims, device: torch.device) -> None:
+    """prompt_lens: int [B] real prompt tokens per row (left padding), each in [0, P]."""
+    if prompt_lens is None:
+        return
+    if (
+        not isinstance(prompt_lens, torch.Tensor)
+        or prompt_lens.shape != (dims.B,)
+        or prompt_lens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise fail(
+            "prompt_lens", f"an int32/int64 tensor of shape [B={dims.B}]", describe(prompt_lens)
+        )
+    # On the host it costs nothing to read (sizes outputs without a sync); on q's device is fine too.
+    if prompt_lens.device not in (device, torch.device("cpu")):
+        raise fail("prompt_lens", f"a tensor on the CPU or on {device}", describe(prompt_lens))
+    if prompt_lens.device.type == "cpu" and bool(
+        ((prompt_lens < 0) | (prompt_lens > dims.P)).any()
+    ):
+        raise fail("prompt_lens", f"values in [0, prompt_len={dims.P}]", prompt_lens.tolist())
+
+
+def check_lse(lse: torch.Tensor | None, dims: Dims, q: torch.Tensor, score: str) -> None:
+    if lse is None:
+        return
+    if score != "mask":
+        raise fail(
+            "lse",
+            "None with score='window' (the window softmax runs over prompt keys only)",
+            describe(lse),
+        )
+    if (
+        not isinstance(lse, torch.Tensor)
+        or lse.shape != (dims.B, dims.Hq, dims.M)
+        or lse.dtype != torch.float32
+    ):
+        raise fail("lse", f"fp32 tensor [B={dims.B}, Hq={dims.Hq}, M={dims.M}]", describe(lse))
+    check_same("lse", lse, q, "q", dtype=False)
+
+
+def check_layer_budget(budget: object, arg: str = "budget") -> int:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise fail(arg, "a non-negative int (average prompt KV pairs per KV head)", repr(budget))
+    return budget
+
+
+def check_head_budgets(budget: torch.Tensor, dims: Dims, device: torch.device) -> None:
+    if budget.shape != (dims.B, dims.Hkv) or budget.dtype not in (torch.int32, torch.int64):
+        raise fail(
+            "budget", f"an int or an int tensor [B={dims.B}, Hkv={dims.Hkv}]", describe(budget)
+        )
+    if budget.device != device:
+        raise fail("budget", f"a tensor on {device}", describe(budget))
+
+
+def check_alpha(alpha: float | None, mode: str) -> float:
+    if alpha is None:
+        return DEFAULT_ALPHA[mode]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise fail("alpha", "a float in [0, 1]", repr(alpha))
+    return float(alpha)
+
+
+def check_choice(value: str, arg: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise fail(arg, f"one of {choices}", repr(value))
+    return value
+
+
+def check_pool(pool: str, pool_kernel: int) -> None:
+    check_choice(pool, "pool", POOLS)
+    if (
+        isinstance(pool_kernel, bool)
+        or not isinstance(pool_kernel, int)
+        or pool_kernel < 1
+        or pool_kernel % 2 == 0
+    ):
+        raise fail("pool_kernel", "an odd positive int (same padding)", repr(pool_kernel))
+
+
+def check_scale(scale: float | None, D: int) -> float:
+    if scale is None:
+        return D**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise fail("scale", "a positive float", repr(scale))
+    return float(scale)
+
+
+def check_scores(scores: torch.Tensor, arg: str = "scores") -> tuple[int, int, int]:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.dtype != torch.float32:
+        raise fail(arg, "an fp32 tensor [B, Hkv, P]", describe(scores))
+    return tuple(scores.shape)
+
+
+def check_mask_mass(
+    mask_mass: torch.Tensor | None, B: int, Hkv: int, scores: torch.Tensor
+) -> torch.Tensor:
+    if mask_mass is None:
+        raise fail(
+            "mask_mass", f"an fp32 tensor [B={B}, Hkv={Hkv}] for mode='prompt_preference'", "None"
+        )
+    if (
+        not isinstance(mask_mass, torch.Tensor)
+        or mask_mass.shape != (B, Hkv)
+        or not mask_mass.is_floating_point()
+    ):
+        raise fail("mask_mass", f"a float tensor [B={B}, Hkv={Hkv}]", describe(mask_mass))
+    check_same("mask_mass", mask_mass, scores, "scores", dtype=False)
+    return mask_mass
+
+
+def check_ragged_attention(
+    q: torch.Tensor, cache, k_tail, v_tail
+) -> tuple[int, int, int, int, int, int]:
+    """q: [B, Hq, Lq, D]; cache: RaggedKV with B*Hkv segments; k_tail, v_tail: [B, Hkv, Lt, D]."""
+    from ._ragged import RaggedKV
+
+    check_tensor(q, "q", "[B, Hq, Lq, D]", 4)
+    if not isinstance(cache, RaggedKV):
+        raise fail("cache", "a RaggedKV", describe(cache))
+    B, Hq, Lq, D = q.shape
+    Hkv = cache.num_kv_heads
+    if cache.batch_size != B or Hq % Hkv != 0:
+        raise fail(
+            "cache",
+            f"a RaggedKV with B={B} rows and Hkv dividing Hq={Hq}",
+            f"B={cache.batch_size}, Hkv={Hkv}",
+        )
+    if cache.head_dim != D:
+        raise fail("cache", f"head dim D={D} (q is {tuple(q.shape)})", f"D={cache.head_dim}")
+    check_same("cache.k", cache.k, q, "q")
+    if (k_tail is None) != (v_tail is None):
+        raise fail("v_tail" if v_tail is None else "k_tail", "given together with its pair", "None")
+    Lt = 0
+    if k_tail is not None:
+        check_tensor(k_tail, "k_tail", "[B, Hkv, Lt, D]", 4)
+        if k_tail.shape[0] != B or k_tail.shape[1] != Hkv or k_tail.shape[3] != D:
+            raise fail("k_tail", f"[B={B}, Hkv={Hkv}, Lt, D={D}]", describe(k_tail))
+        check_tensor(v_tail, "v_tail", "[B, Hkv, Lt, D]", 4)
+        if v_tail.shape != k_tail.shape:
+            raise fail("v_tail", f"k_tail's shape {tuple(k_tail.shape)}", describe(v_tail))
+        check_same("k_tail", k_tail, q, "q")
+        check_same("v_tail", v_tail, q, "q")
+        Lt = k_tail.shape[2]
+    return B, Hq, Hkv, Lq, D, Lt
