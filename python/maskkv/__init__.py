@@ -1,3 +1,43 @@
-"""maskkv: mask-query KV-cache eviction for long-prompt diffusion LLMs (LLaDA, Dream)."""
+"""maskkv: mask-query KV-cache eviction for long-prompt diffusion LLMs (LLaDA, Dream).
+
+>>> import maskkv
+>>> model = maskkv.load_checkpoint("path/to/LLaDA-8B-Instruct")          # doctest: +SKIP
+>>> out = maskkv.generate(model, ids, method=maskkv.MaskKV(budget=256),  # doctest: +SKIP
+...                       gen_length=256, block_length=32, steps=256)
+>>> out.sequences, out.stats.summary()                                  # doctest: +SKIP
+"""
+
+from . import methods
+from .generation import GenerationOutput, generate
+from .methods import (
+    AdaKV,
+    FullCache,
+    LayerProfile,
+    MaskKV,
+    NoCache,
+    PyramidKV,
+    SnapKV,
+    SqueezeAttention,
+)
+from .models import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM, load_checkpoint
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdaKV",
+    "DreamConfig",
+    "DreamModelLM",
+    "FullCache",
+    "GenerationOutput",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "LayerProfile",
+    "MaskKV",
+    "NoCache",
+    "PyramidKV",
+    "SnapKV",
+    "SqueezeAttention",
+    "generate",
+    "load_checkpoint",
+    "methods",
+]

@@ -51,14 +51,240 @@ def _kernel_demo(args: argparse.Namespace) -> None:
     )
 
 
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .models import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype
+    ]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_checkpoint(args.model, dtype=dtype, device=device).eval()
+    return model, torch.device(device)
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer releases
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text)["input_ids"]
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import methods
+    from .generation import generate
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("maskkv generate: give exactly one of --prompt and --prompt-file")
+    text = args.prompt if args.prompt is not None else open(args.prompt_file).read()
+    model, device = _load(args)
+    tokenizer = _tokenizer(args.model)
+    ids = torch.tensor([_encode(tokenizer, text, not args.no_chat_template)], device=device)
+    params = (
+        {"budget": args.budget}
+        if args.method.lower() not in ("fullcache", "full", "nocache", "vanilla")
+        else {}
+    )
+    method = methods.get(args.method, **params)
+    out = generate(
+        model,
+        ids,
+        method=method,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        temperature=args.temperature,
+        backend=args.backend,
+        progress=True,
+    )
+    answer = out.responses[0]
+    eos = model.config.eos_token_id
+    if eos is not None and (answer == eos).any():
+        answer = answer[: int((answer == eos).nonzero()[0])]
+    print(tokenizer.decode(answer.tolist(), skip_special_tokens=True))
+    print(_format_stats(method, ids.shape[1], out.stats), file=sys.stderr)
+
+
+def _format_stats(method, prompt_len: int, stats) -> str:
+    s = stats.summary()
+    lines = [
+        f"method {method!r}, prompt {prompt_len} tokens, {s['steps']} steps",
+        f"step 1 {1e3 * s['first_step_s']:.1f} ms, later steps {1e3 * s['later_step_s']:.1f} ms (median)",
+    ]
+    if s["prompt_kv_bytes_full"]:
+        lines.append(
+            f"prompt KV {s['prompt_kv_bytes_full'] / 2**20:.2f} MiB -> {s['prompt_kv_bytes_kept'] / 2**20:.2f} MiB, "
+            f"{s.get('kept_per_head_mean', 0):.1f} kept per head on average"
+        )
+    if s["peak_memory_bytes"]:
+        lines.append(f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def _read_prompts(path: str) -> list[str]:
+    import json
+
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if isinstance(item, dict):
+                item = item.get("prompt", item.get("text"))
+            if not isinstance(item, str):
+                raise SystemExit(
+                    f"{path}:{n}: expected a string or an object with 'prompt' or 'text'"
+                )
+            prompts.append(item)
+    return prompts
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from .calibrate import calibrate
+    from .methods import PROFILE_FILENAME
+
+    model, device = _load(args)
+    tokenizer = _tokenizer(args.model)
+    prompts = _read_prompts(args.prompts)[: args.max_prompts]
+    ids = [torch.tensor(_encode(tokenizer, p, not args.no_chat_template)) for p in prompts]
+    profile = calibrate(model, ids, gen_length=args.gen_length, progress=True)
+    out = args.out or os.path.join(args.model, PROFILE_FILENAME)
+    path = profile.save(out)
+    print(f"wrote {path}: I(l) = " + ", ".join(f"{x:.4f}" for x in profile.importance))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Kernel demo on one LLaDA-shaped layer, then a tiny LLaDA end to end with every method."""
+    import tempfile
+
+    import torch
+
+    from . import methods
+    from .generation import generate
+    from .models import load_checkpoint
+    from .testing import tiny_checkpoint
+
+    _kernel_demo(args)
+    print()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_checkpoint(tiny_checkpoint("llada", tmp, n_layers=4)).eval()
+    prompt = torch.randint(0, 250, (1, 512), generator=torch.Generator().manual_seed(0))
+    print("tiny random LLaDA (4 layers, d 64): prompt 512 tokens, 32 generated, budget 32 per head")
+    order = ["nocache"] + [m for m in methods.available() if m != "nocache"]
+    reference = None
+    for name in order:
+        method = (
+            methods.get(name) if name in ("fullcache", "nocache") else methods.get(name, budget=32)
+        )
+        with _quiet_profile_warning():
+            out = generate(model, prompt, method=method, gen_length=32, block_length=32, steps=8)
+        if reference is None:
+            reference = out.responses
+        agree = float((out.responses == reference).float().mean())
+        s = out.stats.summary()
+        kept = (
+            s["prompt_kv_bytes_kept"] / s["prompt_kv_bytes_full"]
+            if s["prompt_kv_bytes_full"]
+            else 1.0
+        )
+        print(
+            f"  {name:17s} later step {1e3 * s['later_step_s']:6.2f} ms   prompt KV kept {kept:6.1%}   "
+            f"tokens equal to NoCache's {agree:6.1%}"
+        )
+
+
+class _quiet_profile_warning:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        from .methods import MissingProfileWarning
+
+        warnings.simplefilter("ignore", MissingProfileWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (config.json + safetensors)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maskkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     demo.add_argument("--prompt-len", type=int, default=4096)
     demo.add_argument("--gen-length", type=int, default=256)
     demo.add_argument("--budget", type=int, default=256)
-    demo.set_defaults(func=_kernel_demo)
+    demo.set_defaults(func=_demo)
+
+    gen = sub.add_parser("generate", help="generate with a pruned prompt cache")
+    _add_model_args(gen)
+    gen.add_argument("--prompt")
+    gen.add_argument("--prompt-file")
+    gen.add_argument(
+        "--method",
+        default="maskkv",
+        help="maskkv, snapkv, pyramidkv, squeezeattention, adakv, fullcache, nocache",
+    )
+    gen.add_argument(
+        "--budget", type=int, default=256, help="average prompt KV pairs kept per layer and KV head"
+    )
+    gen.add_argument("--gen-length", type=int, default=128)
+    gen.add_argument(
+        "--block-length", type=int, default=None, help="LLaDA block length (default: gen length)"
+    )
+    gen.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: gen length)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"])
+    gen.set_defaults(func=_generate)
+
+    cal = sub.add_parser("calibrate", help="measure the MaskKV layer-importance profile")
+    _add_model_args(cal)
+    cal.add_argument(
+        "--prompts", required=True, help="JSONL: one string or {'prompt': ...} per line"
+    )
+    cal.add_argument("--out", default=None, help="default: <model>/maskkv_profile.json")
+    cal.add_argument("--gen-length", type=int, default=128)
+    cal.add_argument("--max-prompts", type=int, default=64)
+    cal.set_defaults(func=_calibrate)
+
+    try:
+        from .bench import add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+
     args = parser.parse_args(argv)
     args.func(args)
     return 0

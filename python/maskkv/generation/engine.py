@@ -1,0 +1,277 @@
+"""The denoiser: one forward pass of a dLLM per denoising step, with or without a pruned cache.
+
+Both samplers (LLaDA, Dream) only ask for "the logits of these response positions for this
+sequence". How the answer is computed is the method's business:
+
+- ``NoCache`` (vanilla): every step runs the whole [prompt ‖ response] through every layer.
+- ``FullCache``: step 1 runs the whole sequence and keeps each layer's prompt keys/values
+  (after RoPE); later steps run only the response positions against that cache.
+- eviction methods: as FullCache, but at step 1 each layer's prompt KV is pruned by
+  ``maskkv_kernels.select_and_gather`` right after that layer's attention, and the full prompt KV
+  of the layer is freed before the next layer runs (peak memory: one layer's full KV).
+
+Dream predicts token i from position i-1, so for Dream the last prompt position is recomputed
+with the response at every step and stays outside the cache (and outside the budget).
+
+Approximation inherent to caching a bidirectional model: prompt keys/values at layers > 0 also
+depend on the response tokens, which change between steps; the cache freezes them at step 1
+(as the MaskKV paper does). With a single layer the cached and uncached paths agree exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import maskkv_kernels as mk
+
+from ..methods import LayerProfile, Method
+
+__all__ = ["Denoiser", "StepStats", "dense_attention", "position_ids_from_mask"]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for left-padded rows: cumsum(mask) - 1, clamped at 0 on the padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    query_chunk: int,
+) -> torch.Tensor:
+    """Bidirectional attention, q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L].
+
+    Runs in query chunks so that no [Hq, T, L] score matrix is ever held at once (SDPA's math
+    fallback on CPU would materialise it).
+    """
+    G = q.shape[1] // k.shape[1]
+    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
+        k = k.repeat_interleave(G, 1)
+        v = v.repeat_interleave(G, 1)
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    outs = [
+        F.scaled_dot_product_attention(q[:, :, s : s + query_chunk], k, v, attn_mask=mask)
+        for s in range(0, q.shape[2], query_chunk)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Apply a token-wise block (MLP) in token chunks: bounds the [T, ffn] activations."""
+    if h.shape[1] <= chunk:
+        return fn(h)
+    return torch.cat([fn(h[:, s : s + chunk]) for s in range(0, h.shape[1], chunk)], 1)
+
+
+def _qkv_chunked(layer, h, cos, sin, chunk):
+    if h.shape[1] <= chunk:
+        return layer.qkv(h, cos, sin)
+    parts = [
+        layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
+        for s in range(0, h.shape[1], chunk)
+    ]
+    return tuple(torch.cat(p, 2) for p in zip(*parts))
+
+
+@dataclass
+class StepStats:
+    """What one ``generate`` call measured."""
+
+    step_times: list[float] = field(default_factory=list)  # seconds, step 1 first
+    prompt_kv_bytes_full: int = 0  # K+V bytes of the whole prompt, all layers
+    prompt_kv_bytes_kept: int = 0  # K+V bytes actually cached after step 1
+    kept_lengths: torch.Tensor | None = None  # int32 [layers, B, Hkv] kept prompt KV per head
+    layer_budgets: list[int] | None = None
+    peak_memory_bytes: int | None = None  # CUDA only
+    gen_length: int = 0
+
+    @property
+    def first_step_time(self) -> float:
+        return self.step_times[0] if self.step_times else float("nan")
+
+    @property
+    def later_step_time(self) -> float:
+        """Median seconds of the steps after the first (the cached ones)."""
+        later = sorted(self.step_times[1:])
+        return later[len(later) // 2] if later else float("nan")
+
+    def summary(self) -> dict:
+        out = {
+            "steps": len(self.step_times),
+            "first_step_s": self.first_step_time,
+            "later_step_s": self.later_step_time,
+            "prompt_kv_bytes_full": self.prompt_kv_bytes_full,
+            "prompt_kv_bytes_kept": self.prompt_kv_bytes_kept,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+        if self.kept_lengths is not None:
+            out["kept_per_head_mean"] = float(self.kept_lengths.float().mean())
+        return out
+
+
+class Denoiser:
+    """Logits of chosen response positions, one call per denoising step.
+
+    Args:
+        model: a ``LLaDAModelLM`` or ``DreamModelLM`` (the layer protocol: ``embed``, ``rotary``,
+            ``layers[i].qkv / attn_output / mlp_block``, ``head``).
+        method: a ``maskkv.methods.Method``.
+        prompt_len: P, padded prompt length; the response is ``x[:, P:]``.
+        attention_mask: optional [B, P + R] (1 = real token), left padding of the prompt.
+        profile: layer-importance profile for MaskKV / SqueezeAttention budgets.
+        token_chunk: tokens per chunk for QKV, attention queries and MLP in full passes.
+        backend: passed to the ``maskkv_kernels`` ops.
+    """
+
+    def __init__(
+        self,
+        model,
+        method: Method,
+        prompt_len: int,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        profile: LayerProfile | None = None,
+        token_chunk: int = 4096,
+        backend: str = "auto",
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.P = prompt_len
+        self.shift = 1 if getattr(model, "dllm_kind", "llada") == "dream" else 0
+        # The cached region: the prompt, less Dream's last position (recomputed every step).
+        self.Pc = max(prompt_len - self.shift, 0)
+        self.attention_mask = attention_mask
+        self.profile = profile
+        self.token_chunk = token_chunk
+        self.backend = backend
+        self.caches: list[mk.RaggedKV] | None = None
+        self.stats = StepStats()
+        self._positions: torch.Tensor | None = None
+        self._lens_cpu: torch.Tensor | None = None  # real prompt tokens inside the cached region
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _setup(self, x: torch.Tensor) -> None:
+        B, L = x.shape
+        if self.attention_mask is None:
+            self._positions = torch.arange(L, device=x.device).expand(B, L)
+            self._key_valid = None
+            self._lens_cpu = torch.full((B,), self.Pc, dtype=torch.long)
+        else:
+            if self.attention_mask.shape != (B, L):
+                raise ValueError(
+                    f"attention_mask: expected [B={B}, L={L}] (prompt + response), "
+                    f"got {tuple(self.attention_mask.shape)}"
+                )
+            self._positions = position_ids_from_mask(self.attention_mask)
+            self._key_valid = self.attention_mask.bool()
+            self._lens_cpu = self.attention_mask[:, : self.Pc].sum(1).long().cpu()
+
+    def _head_logits(self, h: torch.Tensor, need: torch.Tensor, offset: int) -> torch.Tensor:
+        """Logits for response positions ``need`` (bool [B, R]) from hidden states ``h`` whose
+        first column is absolute position ``offset``; Dream reads position i - 1."""
+        B, R = need.shape
+        rows, cols = need.nonzero(as_tuple=True)
+        src = cols + (self.P - self.shift - offset)
+        return self.model.head(h[rows, src][None])[0]
+
+    def _sync(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # -- the two kinds of pass --------------------------------------------------------------------
+
+    def _full_pass(self, x: torch.Tensor, build_cache: bool) -> torch.Tensor:
+        """All L tokens through every layer; optionally build the per-layer prompt caches."""
+        model, Pc, chunk = self.model, self.Pc, self.token_chunk
+        cos, sin = model.rotary(self._positions)
+        h = model.embed(x)
+        caches: list[mk.RaggedKV] = []
+        budgets = None
+        if build_cache and self.method.evicts:
+            budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
+            self.stats.layer_budgets = list(budgets)
+        for i, layer in enumerate(model.layers):
+            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+            attn = dense_attention(q, k, v, self._key_valid, chunk)
+            if build_cache:
+                self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
+                caches.append(self._prune(q, k, v, None if budgets is None else budgets[i]))
+            del q, k, v  # the layer's full KV dies here, before the next layer
+            h = layer.attn_output(h, attn)
+            del attn
+            h = _chunked(layer.mlp_block, h, chunk)
+        if build_cache:
+            self.caches = caches
+            self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
+            self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
+        return h
+
+    def _prune(self, q, k, v, layer_budget: int | None) -> mk.RaggedKV:
+        Pc, lens = self.Pc, self._lens_cpu
+        if layer_budget is None or layer_budget >= Pc:
+            # FullCache, or a budget that covers the prompt: keep every real token, in order,
+            # without scoring (ties in all-zero scores go to the lower position).
+            B, Hkv = k.shape[:2]
+            scores = torch.zeros(B, Hkv, Pc, device=k.device)
+            budgets = lens[:, None].expand(B, Hkv).to(torch.int32).to(k.device)
+            return mk.topk_gather(scores, k, v, budgets, prompt_lens=lens, backend=self.backend)
+        kwargs = self.method.selector_kwargs()
+        if kwargs.get("score") == "window":
+            # The last W prompt positions vote (and are kept); at least one query must vote.
+            W = min(max(self.method.window_size(layer_budget), 1), Pc)
+            q_sel = q[:, :, Pc - W : Pc]
+        else:
+            q_sel = q[:, :, self.P :]  # the mask queries: every response token is [MASK] at step 1
+        return mk.select_and_gather(
+            q_sel,
+            k,
+            v,
+            layer_budget,
+            prompt_len=Pc,
+            prompt_lens=lens,
+            backend=self.backend,
+            **kwargs,
+        )
+
+    def _cached_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the positions after the cached region run; attention reads the pruned cache."""
+        model, Pc, chunk = self.model, self.Pc, self.token_chunk
+        cos, sin = model.rotary(self._positions[:, Pc:])
+        h = model.embed(x[:, Pc:])
+        for layer, cache in zip(model.layers, self.caches):
+            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+            attn = mk.ragged_attention(q, cache, k, v, backend=self.backend)
+            h = layer.attn_output(h, attn)
+            h = _chunked(layer.mlp_block, h, chunk)
+        return h
+
+    # -- the public call --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """x: [B, P + R] token ids; need: bool [B, R] response positions whose logits are wanted.
+
+        Returns fp32 logits [n, vocab] for ``x[:, P:][need]`` in row-major order.
+        """
+        self._sync(x.device)
+        t0 = time.perf_counter()
+        if self._positions is None:
+            self._setup(x)
+        first = not self.stats.step_times
+        if not self.method.caches_prompt:
+            h, offset = self._full_pass(x, build_cache=False), 0
+        elif first:
+            h, offset = self._full_pass(x, build_cache=True), 0
+        else:
+            h, offset = self._cached_pass(x), self.Pc
+        logits = self._head_logits(h, need, offset).float()
+        self._sync(x.device)
+        self.stats.step_times.append(time.perf_counter() - t0)
+        return logits

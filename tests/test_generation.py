@@ -1,0 +1,246 @@
+"""Generation on tiny checkpoints: samplers match the official loops, caching is exact where it can
+be, every method runs on both models (GQA, batch 2 left-padded), and the stats tell the truth."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskkv import methods
+from maskkv.generation import generate
+from maskkv.generation.dream import sample_tokens
+from maskkv.generation.engine import Denoiser
+from maskkv.generation.llada import add_gumbel_noise, num_transfer_tokens
+from maskkv.models import load_checkpoint
+from maskkv.testing import tiny_checkpoint
+
+KINDS = ["llada", "dream"]
+LAYERS = {"llada": "n_layers", "dream": "num_hidden_layers"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        for layers in (1, 3):
+            path = tiny_checkpoint(
+                kind, tmp_path_factory.mktemp(f"{kind}{layers}"), **{LAYERS[kind]: layers}
+            )
+            out[kind, layers] = load_checkpoint(path).eval()
+    return out
+
+
+def _prompt(B=1, P=48, seed=0, vocab=250):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, P), generator=g)
+
+
+def _official_llada(model, prompt, gen_length, block_length, steps):
+    """The official LLaDA generate loop (greedy, low-confidence remasking) on model.forward."""
+    mask_id = model.config.mask_token_id
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    P = prompt.shape[1]
+    num_blocks = gen_length // block_length
+    for nb in range(num_blocks):
+        block_mask = x[:, P + nb * block_length : P + (nb + 1) * block_length] == mask_id
+        transfer = num_transfer_tokens(block_mask, steps // num_blocks)
+        for i in range(steps // num_blocks):
+            mask_index = x == mask_id
+            logits = model(x).logits
+            x0 = torch.argmax(add_gumbel_noise(logits, 0.0), dim=-1)
+            p = F.softmax(logits.double(), dim=-1)
+            x0_p = torch.gather(p, -1, x0[..., None])[..., 0]
+            x0_p[:, P + (nb + 1) * block_length :] = -math.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -math.inf)
+            idx = torch.topk(confidence[0], int(transfer[0, i])).indices
+            x[0, idx] = x0[0, idx]
+    return x
+
+
+def _official_dream(model, prompt, gen_length, steps, eps=1e-3):
+    """Dream's diffusion_generate loop (greedy, entropy) on model.forward with shifted logits."""
+    mask_id = model.config.mask_token_id
+    x = F.pad(prompt, (0, gen_length), value=mask_id)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        mask_index = x == mask_id
+        logits = model(x).logits
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        t, s = timesteps[i], timesteps[i + 1]
+        confidence, x0 = sample_tokens(logits[mask_index].float(), neg_entropy=True)
+        num_mask = mask_index.sum() / mask_index.shape[0]
+        n = int(num_mask * (1 - s / t)) if i < steps - 1 else int(num_mask)
+        full = torch.full_like(x, -torch.inf, dtype=torch.float32)
+        full[mask_index] = confidence
+        if n > 0:
+            idx = torch.topk(full, n).indices
+            x_ = torch.full_like(x, mask_id)
+            x_[mask_index] = x0
+            x[0, idx[0]] = x_[0, idx[0]]
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nocache_matches_official_sampler(models, kind):
+    model = models[kind, 3]
+    prompt = _prompt()
+    if kind == "llada":
+        ref = _official_llada(model, prompt, gen_length=16, block_length=8, steps=8)
+        out = generate(model, prompt, method="nocache", gen_length=16, block_length=8, steps=8)
+    else:
+        ref = _official_dream(model, prompt, gen_length=16, steps=8)
+        out = generate(model, prompt, method="nocache", gen_length=16, steps=8)
+    assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fullcache_equals_nocache_with_one_layer(models, kind):
+    # With one layer the prompt KV depend on prompt embeddings only, so caching them is exact.
+    model = models[kind, 1]
+    prompt = _prompt(P=40, seed=1)
+    kw = dict(gen_length=16, block_length=8, steps=8)
+    a = generate(model, prompt, method="nocache", **kw)
+    b = generate(model, prompt, method="fullcache", **kw)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_logits_match_a_frozen_prompt_recompute(models, kind):
+    # Step 2 of FullCache must equal a dense forward in which each layer's prompt K/V are the ones
+    # step 1 produced: check by comparing the cached path's logits with the dense path's at step 1
+    # (nothing revealed yet: both see the same sequence), where they must agree to rounding.
+    model = models[kind, 3]
+    prompt = _prompt(P=40, seed=2)
+    P, R = prompt.shape[1], 8
+    x = F.pad(prompt, (0, R), value=model.config.mask_token_id)
+    need = torch.ones(1, R, dtype=torch.bool)
+    cached = Denoiser(model, methods.FullCache(), P)
+    first = cached(x, need)
+    second = cached(x, need)  # the cached pass over an unchanged sequence
+    dense = Denoiser(model, methods.NoCache(), P)(x, need)
+    torch.testing.assert_close(first, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nocache_logits_equal_model_forward(models, kind):
+    model = models[kind, 3]
+    prompt = _prompt(P=30, seed=3)
+    x = F.pad(prompt, (0, 6), value=model.config.mask_token_id)
+    need = torch.tensor([[True, False, True, True, False, True]])
+    logits = Denoiser(model, methods.NoCache(), 30)(x, need)
+    full = model(x).logits.float()[0]
+    shift = 1 if kind == "dream" else 0
+    cols = 30 + need[0].nonzero()[:, 0] - shift
+    torch.testing.assert_close(logits, full[cols], rtol=1e-5, atol=1e-5)
+
+
+def test_dream_first_token_comes_from_last_prompt_position(models):
+    model = models["dream", 3]
+    prompt = _prompt(P=20, seed=4)
+    out = generate(model, prompt, method="fullcache", gen_length=1, steps=1)
+    x = F.pad(prompt, (0, 1), value=model.config.mask_token_id)
+    expected = model(x).logits[0, 19].argmax()
+    assert out.sequences[0, 20] == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_budget_covering_the_prompt_equals_fullcache(models, kind):
+    model = models[kind, 3]
+    prompt = _prompt(P=40, seed=5)
+    kw = dict(gen_length=16, block_length=8, steps=8)
+    full = generate(model, prompt, method="fullcache", **kw)
+    for name in ("maskkv", "snapkv", "adakv"):
+        big = generate(model, prompt, method=methods.get(name, budget=64), **kw)
+        assert torch.equal(big.sequences, full.sequences), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", methods.available())
+def test_every_method_batch_two_left_padded(models, kind, name):
+    model = models[kind, 3]
+    cfg = model.config
+    B, P, R = 2, 44, 8
+    ids = _prompt(B=B, P=P, seed=6)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :10] = 0  # row 1: 34 real tokens, left padded
+    ids[1, :10] = cfg.pad_token_id
+    method = (
+        methods.get(name, budget=12) if name not in ("fullcache", "nocache") else methods.get(name)
+    )
+    with (
+        pytest.warns(methods.MissingProfileWarning)
+        if name in ("maskkv", "squeezeattention")
+        else _null()
+    ):
+        methods.profile._reset_missing_profile_warnings()
+        out = generate(
+            model, ids, method=method, attention_mask=mask, gen_length=R, block_length=R, steps=4
+        )
+    assert out.sequences.shape == (B, P + R)
+    assert (out.sequences[:, P:] != cfg.mask_token_id).all(), "every mask is revealed"
+    stats = out.stats
+    assert len(stats.step_times) == 4
+    if not method.caches_prompt:
+        assert stats.kept_lengths is None
+        return
+    shift = 1 if kind == "dream" else 0
+    Pc = P - shift
+    kept = stats.kept_lengths  # [layers, B, Hkv]
+    Hkv, D = cfg.num_key_value_heads, cfg.head_dim
+    assert kept.shape == (cfg.num_hidden_layers, B, Hkv)
+    real = torch.tensor([Pc, Pc - 10])
+    if method.evicts:
+        budgets = torch.tensor(stats.layer_budgets)[:, None]
+        assert torch.equal(kept.sum(-1).long(), Hkv * budgets.clamp_max(real[None]))
+    else:
+        assert torch.equal(kept, real[None, :, None].expand_as(kept).int())
+    # The cache holds exactly the kept rows: keys and values, D elements each, fp32.
+    assert stats.prompt_kv_bytes_kept == int(kept.sum()) * 2 * D * 4
+    assert stats.prompt_kv_bytes_full == cfg.num_hidden_layers * B * Hkv * Pc * 2 * D * 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_row_equals_unpadded_generation(models, kind):
+    model = models[kind, 3]
+    cfg = model.config
+    short = _prompt(B=1, P=34, seed=7)
+    padded = torch.cat([torch.full((1, 10), cfg.pad_token_id), short], 1)
+    batch = torch.cat([_prompt(B=1, P=44, seed=8), padded])
+    mask = torch.ones(2, 44, dtype=torch.long)
+    mask[1, :10] = 0
+    kw = dict(gen_length=8, block_length=8, steps=4)
+    for name in ("fullcache", "snapkv"):
+        method = methods.get(name, budget=12, window=4) if name == "snapkv" else methods.get(name)
+        alone = generate(model, short, method=method, **kw)
+        both = generate(model, batch, method=method, attention_mask=mask, **kw)
+        assert torch.equal(both.sequences[1, 44:], alone.sequences[0, 34:]), name
+
+
+def test_bad_arguments(models):
+    model = models["llada", 1]
+    with pytest.raises(ValueError, match=r"input_ids: expected a \[B, P\]"):
+        generate(model, torch.zeros(5, dtype=torch.long), method="nocache")
+    with pytest.raises(ValueError, match=r"attention_mask: expected \[B=1, P=5\]"):
+        generate(model, torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="block_length"):
+        generate(
+            model,
+            torch.zeros(1, 5, dtype=torch.long),
+            method="nocache",
+            gen_length=8,
+            block_length=3,
+        )
+    with pytest.raises(ValueError, match="name: unknown method"):
+        generate(model, torch.zeros(1, 5, dtype=torch.long), method="h2o")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
