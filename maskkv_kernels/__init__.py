@@ -15,11 +15,12 @@ Every op takes ``backend=`` "auto" (Triton on CUDA, else torch), "triton", "torc
 
 from . import reference
 from ._ragged import RaggedKV
-from .attention import ragged_attention
+from .attention import RaggedAttention, ragged_attention
 from .budgets import allocate_head_budgets
 from .select import mask_scores, select_and_gather, topk_gather, window_scores
 
 __all__ = [
+    "RaggedAttention",
     "RaggedKV",
     "allocate_head_budgets",
     "mask_scores",

@@ -1,9 +1,14 @@
-"""ragged_attention (placeholder wiring to the reference; replaced by the Triton op)."""
+"""Ragged attention: each KV head attends over [its kept prompt segment ‖ the dense tail].
 
-from .. import reference as _ref
-from .._dispatch import resolve_backend
+- :func:`ragged_attention`: the public op (backends "auto", "triton", "torch", "reference"),
+  registered as the custom op ``torch.ops.maskkv.ragged_attention`` with a fake implementation.
+- :class:`RaggedAttention`: a thin ``nn.Module`` for model code.
 
+The Triton kernel lives in ``triton_ragged`` (imported lazily, so the package imports without
+Triton); the vectorised CPU path in ``torch_impl``.
+"""
 
-def ragged_attention(q, cache, k_tail=None, v_tail=None, *, scale=None, return_lse=False, backend="auto"):
-    resolve_backend(backend, q.device)
-    return _ref.ragged_attention(q, cache, k_tail, v_tail, scale=scale, return_lse=return_lse)
+from .module import RaggedAttention
+from .op import ragged_attention
+
+__all__ = ["RaggedAttention", "ragged_attention"]

@@ -1,0 +1,383 @@
+"""Triton ragged attention: [kept prompt segment ‖ dense tail] per KV head, one online softmax.
+
+Layout (see DESIGN.md): segment ``s = b * Hkv + g`` holds rows ``cu_seqlens[s]:cu_seqlens[s+1]``
+of the ragged ``k``/``v`` [N, D]; the tail is ``k_tail[b, g]`` [Lt, D]. Key index ``j`` of a
+segment runs over the concatenation ``[0, n_seg) ‖ [n_seg, n_seg + Lt)``, which the kernel walks
+in two loops (segment rows, then tail rows) that share one running (max, sum, acc) state: no
+concatenation, padding or per-step copy of the cache.
+
+GQA packing: the G query heads of KV head g are G * Lq independent rows (row r = head-in-group *
+Lq + query) that attend to the same keys, so a program owns BLOCK_M of those rows and every K/V
+tile it loads serves all of them: each K/V byte is read once per (KV head, row tile), not once per
+query head.
+
+Grid: (cdiv(G * Lq, BLOCK_M) * B * Hkv, num_splits), row tiles fastest, so the programs that
+read the same segment run together and share it through L2.
+
+Split-K (flash-decoding): with few row tiles per KV head and long segments the grid cannot fill
+the GPU and the longest segment is the critical path. The key range of every segment is then cut
+into fixed chunks of CHUNK keys (split j takes [j * CHUNK, (j+1) * CHUNK), the last split takes
+the rest, so correctness never depends on ``max_seqlen``); each writes a normalised partial output
+and its log2-sum-exp, and a small combine kernel merges the non-empty chunks of each row. Because
+the chunk size is fixed, a long segment gets many chunks and a short one few: ragged lengths are
+balanced over the whole GPU instead of waiting for the longest head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import interpreting
+
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+# Every autotuned BLOCK_N divides this, so split chunks start on a tile boundary.
+_CHUNK_QUANTUM = 128
+_MIN_CHUNK = 256  # below this the partial-output traffic outweighs the parallelism gained
+_MAX_SPLITS = 64
+_MAX_HEAD_DIM = 256
+
+
+# Kernels are laid out by hand, tutorial style (arguments grouped by meaning).
+# fmt: off
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, key_mask, d_mask, qk_scale,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One online-softmax update of ``BLOCK_M`` rows with one tile of ``BLOCK_N`` keys.
+
+    Every tile the callers pass has at least one valid key, so ``m_new`` is finite and
+    ``exp2(m_i - m_new)`` never sees ``-inf - -inf``.
+    """
+    kv_mask = key_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if UPCAST:  # only under the interpreter, whose bf16 dot and fp32->bf16 cast are wrong
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain, fp32
+    qk = tl.where(key_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _ragged_attn_fwd(
+    Q, K, V, KT, VT, CU,  # q [B, Hq, Lq, D]; k, v [N, D]; k/v_tail [B, Hkv, Lt, D]; cu int32
+    Out, Lse, OPart, LsePart,  # out [B*Hq*Lq, D], lse [B*Hq*Lq]; partials [splits, B*Hq*Lq, (D)]
+    qk_scale, Lq, Lt, HKV, G, ROWS, ROW_TILES, R_TOTAL, D, CHUNK, NUM_SPLITS,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kn, s_kd, s_vn, s_vd,
+    s_ktb, s_kth, s_ktm, s_ktd,
+    s_vtb, s_vth, s_vtm, s_vtd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Axis 0 folds (segment, row tile) with row tiles fastest (no 65535 limit on B * Hkv).
+    pid = tl.program_id(0)
+    pid_m = pid % ROW_TILES
+    seg = pid // ROW_TILES
+    split = tl.program_id(1)
+    b = (seg // HKV).to(tl.int64)
+    g = (seg % HKV).to(tl.int64)
+
+    seg_start = tl.load(CU + seg).to(tl.int64)
+    n_seg = tl.load(CU + seg + 1) - tl.load(CU + seg)  # int32: one segment is < 2^31 rows
+    n_tot = n_seg + Lt
+    if SPLIT:
+        lo = split * CHUNK
+        hi = tl.where(split == NUM_SPLITS - 1, n_tot, tl.minimum(lo + CHUNK, n_tot))
+    else:
+        lo = 0
+        hi = n_tot
+
+    # GQA-packed rows: row r of KV head g is query i = r % Lq of query head g * G + r // Lq.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < ROWS
+    head = g * G + (rows // Lq).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_ptrs = (Q + b * s_qb + head[:, None] * s_qh + (rows % Lq).to(tl.int64)[:, None] * s_qm
+              + offs_d[None, :] * s_qd)
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [lo, min(hi, n_seg)) come from the ragged segment ...
+    seg_hi = tl.minimum(hi, n_seg)
+    for start in range(lo, seg_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_rows = seg_start + offs_n.to(tl.int64)
+        k_ptrs = K + key_rows[:, None] * s_kn + offs_d[None, :] * s_kd
+        v_ptrs = V + key_rows[:, None] * s_vn + offs_d[None, :] * s_vd
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < seg_hi, d_mask,
+                                     qk_scale, UPCAST, PRECISION)
+    # ... and keys [max(lo, n_seg), hi) from the dense tail, in the same online softmax.
+    t_lo = tl.maximum(lo, n_seg) - n_seg
+    t_hi = hi - n_seg
+    kt_base = KT + b * s_ktb + g * s_kth
+    vt_base = VT + b * s_vtb + g * s_vth
+    for start in range(t_lo, t_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_ptrs = kt_base + offs_n.to(tl.int64)[:, None] * s_ktm + offs_d[None, :] * s_ktd
+        v_ptrs = vt_base + offs_n.to(tl.int64)[:, None] * s_vtm + offs_d[None, :] * s_vtd
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < t_hi, d_mask,
+                                     qk_scale, UPCAST, PRECISION)
+
+    # A row with no key keeps l = 0: output 0, lse -inf.
+    has_key = l_i > 0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse2 = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    out_rows = seg.to(tl.int64) * ROWS + rows  # == (b * Hq + head) * Lq + query
+    io_mask = row_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        part = split.to(tl.int64) * R_TOTAL + out_rows
+        # An empty chunk stores nothing (the combine kernel never reads it). One compare, not
+        # `row_mask & (lo < n_tot)`: the interpreter turns a block & scalar-bool into int32.
+        live = rows < tl.where(lo < n_tot, ROWS, 0)
+        tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=live[:, None] & d_mask[None, :])
+        tl.store(LsePart + part, lse2, mask=live)
+    else:
+        tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
+                 mask=io_mask)
+        if STORE_LSE:
+            tl.store(Lse + out_rows, lse2 * 0.6931471805599453, mask=row_mask)
+
+
+@triton.jit
+def _ragged_attn_combine(
+    OPart, LsePart, CU, Out, Lse,
+    R_TOTAL, ROWS, Lt, D, CHUNK, NUM_SPLITS,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Merge the non-empty split-K chunks of BLOCK_R output rows (log-sum-exp weighting)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R_TOTAL
+    seg = rows // ROWS
+    n_tot = tl.load(CU + seg + 1, mask=row_mask, other=0) - tl.load(CU + seg, mask=row_mask, other=0)
+    n_tot = n_tot + Lt
+    n_valid = tl.minimum((n_tot + CHUNK - 1) // CHUNK, NUM_SPLITS)
+    n_valid = tl.where(row_mask, n_valid, 0)
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for j in range(0, tl.max(n_valid, 0)):
+        lse_j = tl.load(LsePart + j * R_TOTAL + rows64, mask=j < n_valid, other=float("-inf"))
+        m = tl.maximum(m, lse_j)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for j in range(0, tl.max(n_valid, 0)):
+        live = j < n_valid
+        part = j * R_TOTAL + rows64
+        w = tl.exp2(tl.load(LsePart + part, mask=live, other=float("-inf")) - m_safe)
+        o_j = tl.load(OPart + part[:, None] * D + offs_d[None, :],
+                      mask=live[:, None] & d_mask[None, :], other=0.0)
+        acc += w[:, None] * o_j
+        l += w
+    has_key = l > 0
+    l_safe = tl.where(has_key, l, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(Out + rows64[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + rows64, lse, mask=row_mask)
+
+
+# fmt: on
+
+
+# Autotuned on GPU (BLOCK_M is a host heuristic because the split-K decision depends on it);
+# the interpreter runs one fixed config.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (64, 4, 4)]
+]
+_fwd_tuned = triton.autotune(
+    _CONFIGS, key=["BLOCK_M", "BLOCK_D", "SPLIT", "STORE_LSE", "UPCAST", "PRECISION"]
+)(_ragged_attn_fwd)
+_INTERPRET_BLOCK_N = 16
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_m(rows: int, block_d: int) -> int:
+    """Row tile: as small as the packed rows allow (Lq=1 decode-like steps), 128 for big ones."""
+    cap = 64 if block_d > 128 else 128
+    return min(cap, max(16, triton.next_power_of_2(rows)))
+
+
+def split_chunk(row_tiles: int, n_keys: int, max_keys: int, n_sm: int) -> int | None:
+    """Keys per split-K chunk, or None to run without split-K. Host ints only (no sync).
+
+    Args: ``row_tiles`` per KV head, ``n_keys`` = keys summed over all segments (N + B*Hkv*Lt,
+    from shapes), ``max_keys`` = max_seqlen + Lt, ``n_sm`` = streaming multiprocessors.
+
+    Time model in key-tiles per SM: without split it is at least the longest program
+    (``max_keys``) and at least the even share ``per_sm = row_tiles * n_keys / n_sm``; with
+    chunks of C keys it is about ``max(C, per_sm)`` plus ~10% for the partials and the combine.
+    C is a quarter of the even share (about four waves, so wave quantisation and ragged chunk
+    ends cost little), at least ``_MIN_CHUNK`` keys, and at most ``_MAX_SPLITS`` chunks.
+    """
+    per_sm = row_tiles * n_keys / max(n_sm, 1)
+    chunk = max(_MIN_CHUNK, math.ceil(per_sm / 4 / _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    chunk = max(chunk, math.ceil(max_keys / _MAX_SPLITS / _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    if chunk >= max_keys:
+        return None
+    t_plain = max(max_keys, per_sm)
+    t_split = 1.1 * max(chunk, per_sm)
+    return chunk if t_plain > 1.2 * t_split else None
+
+
+def ragged_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    num_kv_heads: int,
+    k_tail: torch.Tensor | None,
+    v_tail: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+    *,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the ragged attention kernel (inputs already validated by the public op).
+
+    Args:
+        q: [B, Hq, Lq, D] (any strides); k, v: [N, D]; cu_seqlens: int32 [B * Hkv + 1];
+        max_seqlen: host upper bound on a segment's length (sizes the split-K grid only);
+        k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale.
+        num_splits: force split-K with this many chunks (tests); None = heuristic, 1 = off.
+    Returns:
+        out [B, Hq, Lq, D] contiguous in q's dtype, lse fp32 [B, Hq, Lq] or None.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = num_kv_heads
+    G = Hq // Hkv
+    S, rows = B * Hkv, G * Lq
+    R = B * Hq * Lq
+    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device) if return_lse else None
+    if R == 0:
+        return out, lse
+    if D > _MAX_HEAD_DIM:
+        raise ValueError(
+            f"q: expected head dim D <= {_MAX_HEAD_DIM} for the Triton backend, got {D}"
+        )
+    Lt = 0 if k_tail is None else k_tail.shape[2]
+    if Lt == 0:  # any valid pointer will do: the tail loop runs zero times
+        k_tail = v_tail = q
+        kt_strides = vt_strides = (0, 0, 0, 0)
+    else:
+        kt_strides, vt_strides = k_tail.stride(), v_tail.stride()
+    if k.shape[0] == 0:
+        k = v = q.new_empty((1, D))
+
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = _block_m(rows, block_d)
+    row_tiles = triton.cdiv(rows, block_m)
+    interp = interpreting()
+    max_keys = max_seqlen + Lt
+    if num_splits is not None:
+        chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
+    elif q.device.type == "cuda" and not interp:
+        n_keys = k.shape[0] + S * Lt
+        chunk = split_chunk(row_tiles, n_keys, max_keys, _num_sms(q.device.index or 0))
+    else:
+        chunk = None
+    splits = 1 if chunk is None else max(1, math.ceil(max_keys / chunk))
+    split = splits > 1
+
+    if split:
+        o_part = torch.empty((splits, R, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, R), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out  # unused
+    upcast = interp and q.dtype == torch.bfloat16
+    # fp32 inputs get true fp32 products (tf32 would miss the 1e-4 LSE contract).
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    lse_arg = lse if lse is not None else out
+    args = (
+        q,
+        k,
+        v,
+        k_tail,
+        v_tail,
+        cu_seqlens,
+        out,
+        lse_arg,
+        o_part,
+        lse_part,
+        scale * _LOG2E,
+        Lq,
+        Lt,
+        Hkv,
+        G,
+        rows,
+        row_tiles,
+        R,
+        D,
+        chunk or 1,
+        splits,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *kt_strides,
+        *vt_strides,
+    )
+    meta = dict(
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        SPLIT=split,
+        STORE_LSE=lse is not None,
+        UPCAST=upcast,
+        PRECISION=precision,
+    )
+    grid = (row_tiles * S, splits)
+    if interp:
+        _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+    else:
+        _fwd_tuned[grid](*args, **meta)
+
+    if split:
+        block_r = 16
+        _ragged_attn_combine[(triton.cdiv(R, block_r),)](
+            o_part,
+            lse_part,
+            cu_seqlens,
+            out,
+            lse_arg,
+            R,
+            rows,
+            Lt,
+            D,
+            chunk,
+            splits,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            STORE_LSE=lse is not None,
+        )
+    return out, lse
