@@ -16,6 +16,7 @@ from maskkv.models import load_checkpoint
 from maskkv.testing import tiny_checkpoint
 
 KINDS = ["llada", "dream"]
+ALL_KINDS = ["llada", "llada-gqa", "dream"]
 LAYERS = {"llada": "n_layers", "dream": "num_hidden_layers"}
 
 
@@ -28,6 +29,9 @@ def models(tmp_path_factory):
                 kind, tmp_path_factory.mktemp(f"{kind}{layers}"), **{LAYERS[kind]: layers}
             )
             out[kind, layers] = load_checkpoint(path).eval()
+    # LLaDA-8B has as many KV heads as query heads, but the layout allows GQA: exercise it too.
+    path = tiny_checkpoint("llada", tmp_path_factory.mktemp("llada-gqa"), n_layers=3, n_kv_heads=2)
+    out["llada-gqa", 3] = load_checkpoint(path).eval()
     return out
 
 
@@ -60,7 +64,7 @@ def _official_llada(model, prompt, gen_length, block_length, steps):
     return x
 
 
-def _official_dream(model, prompt, gen_length, steps, eps=1e-3):
+def _official_dream(model, prompt, gen_length, steps, eps=1e-3, alg="entropy"):
     """Dream's diffusion_generate loop (greedy, entropy) on model.forward with shifted logits."""
     mask_id = model.config.mask_token_id
     x = F.pad(prompt, (0, gen_length), value=mask_id)
@@ -70,7 +74,11 @@ def _official_dream(model, prompt, gen_length, steps, eps=1e-3):
         logits = model(x).logits
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         t, s = timesteps[i], timesteps[i + 1]
-        confidence, x0 = sample_tokens(logits[mask_index].float(), neg_entropy=True)
+        confidence, x0 = sample_tokens(
+            logits[mask_index].float(),
+            neg_entropy=alg == "entropy",
+            margin_confidence=alg == "topk_margin",
+        )
         num_mask = mask_index.sum() / mask_index.shape[0]
         n = int(num_mask * (1 - s / t)) if i < steps - 1 else int(num_mask)
         full = torch.full_like(x, -torch.inf, dtype=torch.float32)
@@ -83,17 +91,34 @@ def _official_dream(model, prompt, gen_length, steps, eps=1e-3):
     return x
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_nocache_matches_official_sampler(models, kind):
+@pytest.mark.parametrize(
+    "kind,alg",
+    [("llada", None), ("dream", "entropy"), ("dream", "maskgit_plus"), ("dream", "topk_margin")],
+)
+def test_nocache_matches_official_sampler(models, kind, alg):
     model = models[kind, 3]
     prompt = _prompt()
     if kind == "llada":
         ref = _official_llada(model, prompt, gen_length=16, block_length=8, steps=8)
         out = generate(model, prompt, method="nocache", gen_length=16, block_length=8, steps=8)
     else:
-        ref = _official_dream(model, prompt, gen_length=16, steps=8)
-        out = generate(model, prompt, method="nocache", gen_length=16, steps=8)
+        ref = _official_dream(model, prompt, gen_length=16, steps=8, alg=alg)
+        out = generate(model, prompt, method="nocache", gen_length=16, steps=8, alg=alg)
     assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_is_seeded_and_cfg_caches_exactly(models, kind):
+    model = models[kind, 1]
+    prompt = _prompt(P=36, seed=9)
+    extra = dict(cfg_scale=1.5) if kind == "llada" else dict(alg="origin", top_p=0.9, top_k=50)
+    kw = dict(gen_length=8, block_length=8, steps=4, temperature=0.7, seed=3, **extra)
+    a = generate(model, prompt, method="nocache", **kw)
+    b = generate(model, prompt, method="nocache", **kw)
+    c = generate(model, prompt, method="fullcache", **kw)
+    assert torch.equal(a.sequences, b.sequences), "same seed, same sample"
+    assert torch.equal(a.sequences, c.sequences), "one layer: caching is exact, also with CFG"
+    assert (a.sequences[:, 36:] != model.config.mask_token_id).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -158,7 +183,7 @@ def test_budget_covering_the_prompt_equals_fullcache(models, kind):
         assert torch.equal(big.sequences, full.sequences), name
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("name", methods.available())
 def test_every_method_batch_two_left_padded(models, kind, name):
     model = models[kind, 3]
