@@ -17,9 +17,10 @@ from . import reference
 from ._ragged import RaggedKV
 from .attention import RaggedAttention, ragged_attention
 from .budgets import allocate_head_budgets
-from .select import mask_scores, select_and_gather, topk_gather, window_scores
+from .select import MaskKVSelector, mask_scores, select_and_gather, topk_gather, window_scores
 
 __all__ = [
+    "MaskKVSelector",
     "RaggedAttention",
     "RaggedKV",
     "allocate_head_budgets",

@@ -52,21 +52,28 @@ def _integerize(targets: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -
     B, H = targets.shape
     t = targets.clamp_min(0.0)
     capf = cap.double()[:, None]
-    free = torch.ones_like(t, dtype=torch.bool)
-    share = torch.zeros_like(t)
-    remaining = total.double()[:, None]
-    # At most H heads can saturate, so H + 1 rounds reach the fixed point.
-    for _ in range(H + 1):
-        w = torch.where(free, t, torch.zeros_like(t))
-        wsum = w.sum(1, keepdim=True)
-        w = torch.where(wsum > 0, w, free.double())  # all-zero targets: share evenly
-        wsum = w.sum(1, keepdim=True).clamp_min(1e-300)
-        s = w * (remaining / wsum)
-        over = free & (s > capf)
-        share = torch.where(free, s, share)
-        share = torch.where(over, capf.expand_as(share), share)
-        remaining = remaining - (over.double() * capf).sum(1, keepdim=True)
-        free = free & ~over
+    # Which heads end up pinned at the cap, in closed form (a sort and a cumsum instead of H
+    # rounds of small kernels): capping a head that overflows only raises the others' shares,
+    # and shares grow with the target, so the pinned set is the c largest targets for the
+    # smallest c whose next head fits once those c are pinned.
+    ts, order = torch.sort(t, dim=1, descending=True, stable=True)
+    rest = ts.flip(1).cumsum(1).flip(1)  # rest[:, c]: targets of the heads left free by c pins
+    c = torch.arange(H, device=t.device, dtype=torch.float64)[None]
+    left_c = total.double()[:, None] - c * capf  # budget left for heads c.. when c are pinned
+    share_c = torch.where(rest > 0, ts * left_c / rest.clamp_min(1e-300), left_c / (H - c))
+    fits = share_c <= capf
+    n_pinned = torch.where(fits.any(1), fits.int().argmax(1), H)  # first c that fits
+    pinned_sorted = c < n_pinned[:, None]
+    pinned = torch.zeros_like(pinned_sorted).scatter_(1, order, pinned_sorted)
+    free = ~pinned
+    # Shares of the free heads: the same expression as the last round of the iterative
+    # definition (reference.py), so both agree to the bit.
+    remaining = total.double()[:, None] - (pinned.double() * capf).sum(1, keepdim=True)
+    w = torch.where(free, t, torch.zeros_like(t))
+    wsum = w.sum(1, keepdim=True)
+    w = torch.where(wsum > 0, w, free.double())  # all-zero targets: share evenly
+    wsum = w.sum(1, keepdim=True).clamp_min(1e-300)
+    share = torch.where(free, w * (remaining / wsum), capf.expand_as(t))
     base = torch.minimum(share.floor().clamp_min(0), capf)
     left = total - base.sum(1).long()
     frac = share - base

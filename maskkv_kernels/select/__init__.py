@@ -1,22 +1,15 @@
-"""select_and_gather and its steps (placeholder wiring to the reference; replaced by the fused op)."""
+"""``select_and_gather`` and its steps: mask / window scoring, head budgets, top-k and gather.
 
-from .. import reference as _ref
-from .._dispatch import resolve_backend
+- :mod:`.op`: the public functions (validation, backend dispatch, ``torch.library`` custom ops);
+- :mod:`.triton_scores`: kernel A (score reduction) and window pooling;
+- :mod:`.triton_topk`: kernel B (radix top-k fused with the K/V gather);
+- :mod:`.torch_impl`: the vectorised, chunked PyTorch backend;
+- :mod:`.module`: :class:`MaskKVSelector`, the per-layer ``nn.Module``.
 
+Triton is imported only when the Triton backend runs.
+"""
 
-def _wrap(name):
-    fn = getattr(_ref, name)
+from .module import MaskKVSelector
+from .op import mask_scores, select_and_gather, topk_gather, window_scores
 
-    def op(*args, backend: str = "auto", **kwargs):
-        resolve_backend(backend, args[0].device)
-        return fn(*args, **kwargs)
-
-    op.__name__ = name
-    op.__doc__ = fn.__doc__
-    return op
-
-
-select_and_gather = _wrap("select_and_gather")
-mask_scores = _wrap("mask_scores")
-window_scores = _wrap("window_scores")
-topk_gather = _wrap("topk_gather")
+__all__ = ["MaskKVSelector", "mask_scores", "select_and_gather", "topk_gather", "window_scores"]
