@@ -8,52 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+# One record format for every result file: the same helpers as `maskkv bench`.
+from maskkv.bench import device_name, environment  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{platform.machine()}"
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-            ).stdout
-        )
-    except Exception:
-        commit, dirty = None, None
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def bench(fn, device: torch.device, *, warmup: int = 3, rep: int = 10) -> float:
