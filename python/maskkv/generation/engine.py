@@ -216,15 +216,12 @@ class Denoiser:
     def _prune(self, q, k, v, layer_budget: int | None) -> mk.RaggedKV:
         Pc, lens = self.Pc, self._lens_cpu
         if layer_budget is None or layer_budget >= Pc:
-            # FullCache, or a budget that covers the prompt: keep every real token, in order,
-            # without scoring (ties in all-zero scores go to the lower position).
-            B, Hkv = k.shape[:2]
-            scores = torch.zeros(B, Hkv, Pc, device=k.device)
-            budgets = lens[:, None].expand(B, Hkv).to(torch.int32).to(k.device)
-            return mk.topk_gather(scores, k, v, budgets, prompt_lens=lens, backend=self.backend)
+            return self._keep_all(k, v)  # FullCache, or a budget that covers the prompt
         kwargs = self.method.selector_kwargs()
         if kwargs.get("score") == "window":
-            # The last W prompt positions vote (and are kept); at least one query must vote.
+            # The last W positions of the cached region vote (and are kept); at least one query
+            # must vote. For Dream that region ends one token early: its last prompt position is
+            # recomputed every step and is neither scored nor counted in the budget.
             W = min(max(self.method.window_size(layer_budget), 1), Pc)
             q_sel = q[:, :, Pc - W : Pc]
         else:
@@ -238,6 +235,29 @@ class Denoiser:
             prompt_lens=lens,
             backend=self.backend,
             **kwargs,
+        )
+
+    def _keep_all(self, k: torch.Tensor, v: torch.Tensor) -> mk.RaggedKV:
+        """Every real prompt token of every head, in order: a plain gather, no scoring.
+
+        The row index is built on the host from the (host-known) prompt lengths, so there is
+        no sort and no device sync.
+        """
+        B, Hkv, L, D = k.shape
+        Pc, lens = self.Pc, self._lens_cpu
+        seg_lens = lens.repeat_interleave(Hkv)  # [B * Hkv]
+        seg = torch.arange(B * Hkv).repeat_interleave(seg_lens)
+        cu = torch.zeros(B * Hkv + 1, dtype=torch.long)
+        cu[1:] = seg_lens.cumsum(0)
+        pos = torch.arange(int(cu[-1])) - cu[:-1][seg] + (Pc - lens).repeat_interleave(Hkv)[seg]
+        rows = (seg * L + pos).to(k.device)
+        return mk.RaggedKV(
+            k.reshape(B * Hkv * L, D).index_select(0, rows),
+            v.reshape(B * Hkv * L, D).index_select(0, rows),
+            cu.to(torch.int32).to(k.device),
+            pos.to(torch.int32).to(k.device),
+            int(lens.max()) if B else 0,
+            Hkv,
         )
 
     def _cached_pass(self, x: torch.Tensor) -> torch.Tensor:
