@@ -33,6 +33,8 @@ setup(
     packages=find_packages(where="python")
     + find_packages(include=["maskkv_kernels", "maskkv_kernels.*"]),
     package_dir={"": "python", "maskkv_kernels": "maskkv_kernels"},
+    # The tiny trained model of the quality suite (`maskkv eval`) ships with the package.
+    package_data={"maskkv": ["assets/*/*"]},
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),
 )

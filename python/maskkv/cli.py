@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         add_bench_parser = None
     if add_bench_parser is not None:
         add_bench_parser(sub)
+    from .quality.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
 
     args = parser.parse_args(argv)
     args.func(args)
