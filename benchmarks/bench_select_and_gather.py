@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--backends", nargs="+", default=None)
     parser.add_argument("--out", default=None, help="results folder (default per device)")
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=None, help="override P grid")
+    parser.add_argument("--mask-lens", type=int, nargs="+", default=None, help="override M grid")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 on a shared, loaded CPU)"
     )
@@ -205,8 +207,12 @@ def main() -> None:
     if device.type != "cuda":
         backends = [b for b in backends if b != "triton"]  # the interpreter is no benchmark
 
+    cfg = PRESETS[preset] = dict(PRESETS[preset])
+    if args.prompt_lens:
+        cfg["P"] = args.prompt_lens
+    if args.mask_lens:
+        cfg["M"] = args.mask_lens
     rows = run(preset, device, backends)
-    cfg = PRESETS[preset]
     config = dict(
         preset=preset,
         dtype=str(cfg["dtype"]),

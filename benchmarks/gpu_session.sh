@@ -1,35 +1,64 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install, GPU tests, kernel + end-to-end benchmarks, memcheck.
-# Usage (repository root, on the GPU box): OUT=/some/dir bash benchmarks/gpu_session.sh [quick]
-# Results land in $OUT (JSON + PNG + logs); commit them under benchmarks/results/<device>/.
+# One call on a GPU machine: install, GPU tests, compute-sanitizer, kernel + end-to-end benchmarks.
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [quick|full]
+#
+# Every stage has its own wall-clock cap (a stuck stage cannot eat the others' time) and writes
+# its log into $OUT/logs; JSON + PNG results land in $OUT/results. The whole tree is packed into
+# $OUT/gpu_session.tar.gz as well, for transports that bring back only a few files. Commit the
+# results under benchmarks/results/<device>/. Caps and arguments come from the environment:
+# GPU_TEST_CAP, SELECT_CAP/SELECT_ARGS, RAGGED_CAP/RAGGED_ARGS, E2E_CAP/E2E_ARGS, and SANITIZERS
+# (default "memcheck racecheck initcheck"; empty skips them).
+#   quick: install, GPU tests, sanitizers (a couple of minutes)
+#   full (default): quick + micro-benchmarks + the end-to-end benchmark at LLaDA-8B shape
 set -uo pipefail
+MODE=${1:-full}
 OUT=${OUT:-benchmarks/results/gpu-run}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MASKKV_BENCH_OUT="$OUT"
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
-python3 - <<'PY' | tee "$OUT/env.txt"
-import torch, triton
-print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
+LOGS="$OUT/logs"
+RES="$OUT/results"
+mkdir -p "$LOGS" "$RES"
+export PYTHONUNBUFFERED=1 MASKKV_BENCH_OUT="$RES"
+status=0
+
+stage() {  # stage NAME SECONDS CMD...: run CMD with a cap, log to $LOGS/NAME.log, echo a summary
+  local name=$1 cap=$2
+  shift 2
+  local t0=$SECONDS
+  timeout --kill-after=5 "$cap" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc, $((SECONDS - t0)) s (cap $cap s)"
+  tail -n "${TAIL:-12}" "$LOGS/$name.log"
+  [ $rc -ne 0 ] && status=1
+  return 0
+}
+
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1
+python3 - <<'PY' | tee "$RES/env.txt"
+import subprocess, torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+print(subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
 PY
+
 # 1. Correctness on the GPU (the CPU suite runs in CI).
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-# 2. Memory checker on one small call of each kernel.
+TAIL=25 stage gpu_tests "${GPU_TEST_CAP:-240}" python3 -m pytest -q -m gpu -n 4 -p no:cacheprovider tests
+
+# 2. compute-sanitizer on each kernel: padding, empty segments, forced split-K.
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --print-limit 20 python3 - <<'PY' 2>&1 | tail -8 | tee "$OUT/memcheck.log"
-import torch, maskkv_kernels as mk
-q = torch.randn(2, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
-k = torch.randn(2, 2, 1100, 128, device="cuda", dtype=torch.bfloat16)
-v = torch.randn_like(k)
-lens = torch.tensor([1000, 700])
-for hb in ("uniform", "prompt_preference", "adakv"):
-    c = mk.select_and_gather(q, k, v, 100, prompt_len=1000, prompt_lens=lens, head_budget=hb, backend="triton")
-    mk.ragged_attention(q, c, k[:, :, 1000:], v[:, :, 1000:], backend="triton")
-torch.cuda.synchronize()
-print("memcheck run finished")
-PY
+  for tool in ${SANITIZERS-memcheck racecheck initcheck}; do
+    stage "sanitize_$tool" 120 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      --print-limit 20 python3 benchmarks/sanitize_kernels.py
+  done
 fi
-[ "${1:-}" = quick ] && exit 0
-# 3. Benchmarks (each prints its table last and writes JSON + PNG into $OUT).
-python3 benchmarks/bench_select_and_gather.py 2>&1 | tee "$OUT/bench_select.log" | tail -30
-python3 benchmarks/bench_ragged_attention.py 2>&1 | tee "$OUT/bench_ragged.log" | tail -30
-python3 benchmarks/bench_e2e.py --preset llada-8b 2>&1 | tee "$OUT/bench_e2e.log" | tail -30
+[ "$MODE" = quick ] && { tar -C "$OUT" -czf "$OUT/gpu_session.tar.gz" logs results; exit $status; }
+
+# 3. Micro-benchmarks (each prints its table last and writes JSON + PNG).
+TAIL=30 stage bench_select "${SELECT_CAP:-150}" python3 benchmarks/bench_select_and_gather.py \
+  --out "$RES" ${SELECT_ARGS:-}
+TAIL=30 stage bench_ragged "${RAGGED_CAP:-120}" python3 benchmarks/bench_ragged_attention.py \
+  --out "$RES" ${RAGGED_ARGS:-}
+# 4. End to end at LLaDA-8B shape (random weights).
+TAIL=40 stage bench_e2e "${E2E_CAP:-240}" python3 benchmarks/bench_e2e.py --preset llada-8b \
+  --out "$RES" ${E2E_ARGS:-}
+tar -C "$OUT" -czf "$OUT/gpu_session.tar.gz" logs results
+exit $status

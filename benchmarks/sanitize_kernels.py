@@ -1,0 +1,53 @@
+"""Small calls of every Triton kernel for compute-sanitizer (memcheck, racecheck, initcheck).
+
+    compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_kernels.py
+
+Covers left padding, a prompt row with no real token, budget 0 and budget >= prompt, every head
+mode, both score modes, and ragged attention with empty segments, no tail and forced split-K.
+Prints one line per case; any sanitizer report makes the tool exit non-zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import maskkv_kernels as mk
+from maskkv_kernels.attention.triton_ragged import ragged_attention_triton
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev, dt = ("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16
+    B, Hq, Hkv, D, P, R = 2, 8, 2, 128, 1000, 100
+    q = torch.randn(B, Hq, R, D, device=dev, dtype=dt)
+    k = torch.randn(B, Hkv, P + R, D, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    k_tail, v_tail = k[:, :, P:], v[:, :, P:]
+    cases = []
+    for lens in ([1000, 700], [1000, 0]):
+        prompt_lens = torch.tensor(lens)
+        for head_budget in ("uniform", "prompt_preference", "adakv"):
+            for budget in (0, 100, 5000):
+                cases.append(("mask", q, prompt_lens, head_budget, budget))
+        cases.append(("window", q[:, :, :32], prompt_lens, "uniform", 100))
+    for score, qs, prompt_lens, head_budget, budget in cases:
+        cache = mk.select_and_gather(
+            qs, k, v, budget, prompt_len=P, prompt_lens=prompt_lens, score=score,
+            head_budget=head_budget, backend="triton",
+        )  # fmt: skip
+        for tail in (True, False):
+            kt, vt = (k_tail, v_tail) if tail else (None, None)
+            mk.ragged_attention(q, cache, kt, vt, backend="triton", return_lse=True)
+            for splits in (1, 3):
+                ragged_attention_triton(
+                    q, cache.k, cache.v, cache.cu_seqlens, cache.max_seqlen, Hkv, kt, vt,
+                    D**-0.5, True, num_splits=splits,
+                )  # fmt: skip
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        print(f"ok: {score} lens={prompt_lens.tolist()} {head_budget} budget={budget}", flush=True)
+    print("sanitize run finished")
+
+
+if __name__ == "__main__":
+    main()
