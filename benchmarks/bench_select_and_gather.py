@@ -135,9 +135,18 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
         row[f"{backend}_ms"], row[f"{backend}_mem"] = measure(op(backend, False), device)
         if backend == "triton":
             row["triton_lse_ms"], row["triton_lse_mem"] = measure(op("triton", True), device)
+            # Kernels alone (CUDA-graph replay), as a captured generation step runs them.
+            row["triton_graph_ms"] = common.bench_graph(op("triton", False))
+            row["triton_lse_graph_ms"] = common.bench_graph(op("triton", True))
     sdpa, how = sdpa_forward(q, k, v)
     row["sdpa_ms"], row["sdpa_mem"] = measure(sdpa, device)
     row["sdpa_gqa"] = how
+    if device.type == "cuda":
+        row["sdpa_graph_ms"] = common.bench_graph(sdpa)
+        if row.get("triton_graph_ms") and row["sdpa_graph_ms"]:
+            row["graph_x_sdpa"] = row["triton_graph_ms"] / row["sdpa_graph_ms"]
+        if row.get("triton_lse_graph_ms") and row["sdpa_graph_ms"]:
+            row["graph_x_sdpa_lse"] = row["triton_lse_graph_ms"] / row["sdpa_graph_ms"]
     fast = "triton" if "triton" in backends else "torch"
     if row.get("reference_ms") and row.get(f"{fast}_ms"):
         row["speedup_vs_ref"] = row["reference_ms"] / row[f"{fast}_ms"]
@@ -227,7 +236,8 @@ def main() -> None:
     path = common.save("select_and_gather", device, config, rows, args.out)
     plot(rows, backends, path.with_suffix(".png"))
     cols = ["model", "P", "M"] + [c for c in rows[0] if c.endswith("_ms")]
-    cols += [c for c in ("speedup_vs_ref", "x_sdpa_lse", "x_sdpa") if any(c in r for r in rows)]
+    ratios = ("speedup_vs_ref", "x_sdpa_lse", "x_sdpa", "graph_x_sdpa_lse", "graph_x_sdpa")
+    cols += [c for c in ratios if any(c in r for r in rows)]
     cols += [c for c in rows[0] if c.endswith("_mem")] + ["scores_bytes"]
     common.print_table(rows, cols)
     print(f"wrote {path} and {path.with_suffix('.png').name}")

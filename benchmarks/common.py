@@ -37,6 +37,19 @@ def bench(fn, device: torch.device, *, warmup: int = 3, rep: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def bench_graph(fn) -> float | None:
+    """Median GPU time of ``fn()`` in ms replayed from a CUDA graph: the kernels alone, without
+    the host's launch and Python overhead (which a graph-captured generation step never pays).
+    None where ``fn`` cannot be captured."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception as e:  # e.g. an op that synchronises
+        print(f"(cuda graph timing failed: {type(e).__name__}: {e})")
+        return None
+
+
 def peak_memory(fn, device: torch.device) -> int | None:
     """Peak extra device bytes allocated while ``fn()`` runs (None on CPU)."""
     if device.type != "cuda":

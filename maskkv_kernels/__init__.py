@@ -14,6 +14,7 @@ Every op takes ``backend=`` "auto" (Triton on CUDA, else torch), "triton", "torc
 """
 
 from . import reference
+from ._dispatch import resolve_backend
 from ._ragged import RaggedKV
 from .attention import RaggedAttention, ragged_attention
 from .budgets import allocate_head_budgets
@@ -27,6 +28,7 @@ __all__ = [
     "mask_scores",
     "ragged_attention",
     "reference",
+    "resolve_backend",
     "select_and_gather",
     "topk_gather",
     "window_scores",

@@ -94,7 +94,7 @@ def check_against_reference(q, cache, kt, vt, run, *, bf16_ulp=False):
     return out, lse
 
 
-def triton_run(num_splits=None, return_lse=True, max_seqlen=None):
+def triton_run(num_splits=None, return_lse=True, max_seqlen=None, planner=None):
     from maskkv_kernels.attention.triton_ragged import ragged_attention_triton
 
     def run(q, cache, kt, vt):
@@ -113,6 +113,7 @@ def triton_run(num_splits=None, return_lse=True, max_seqlen=None):
             D**-0.5,
             return_lse,
             num_splits=num_splits,
+            planner=planner,
         )
 
     return run
@@ -161,16 +162,21 @@ def test_triton_shapes(lengths, G, Lq, Lt, D):
     assert (out.cpu()[empty] == 0).all() and torch.isneginf(lse.cpu()[empty]).all()
 
 
+PLANNERS = ["worklist", "grid"]
+
+
 @needs_triton
+@pytest.mark.parametrize("planner", PLANNERS)
 @pytest.mark.parametrize("num_splits", [2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_split_k(num_splits, dtype):
+def test_triton_split_k(num_splits, dtype, planner):
     # Chunks cross the segment/tail boundary; empty segments make empty chunks; max_seqlen is a
     # loose bound (and the last split must still reach the end of every segment).
     q, cache, kt, vt = make_inputs(SKEWED_B2, 4, 2, 11, 16, dtype, DEV, extra_max=9)
-    check_against_reference(q, cache, kt, vt, triton_run(num_splits), bf16_ulp=INTERPRET)
+    run = triton_run(num_splits, planner=planner)
+    check_against_reference(q, cache, kt, vt, run, bf16_ulp=INTERPRET)
     # without LSE too
-    out, _ = triton_run(num_splits, return_lse=False)(q, cache, kt, vt)
+    out, _ = triton_run(num_splits, return_lse=False, planner=planner)(q, cache, kt, vt)
     torch.testing.assert_close(
         out,
         triton_run(1, return_lse=False)(q, cache, kt, vt)[0],
@@ -180,18 +186,39 @@ def test_triton_split_k(num_splits, dtype):
 
 
 @needs_triton
-def test_triton_split_k_row_tiles():
+@pytest.mark.parametrize("planner", PLANNERS)
+def test_triton_split_k_row_tiles(planner):
     # Split-K with two row tiles per KV head (rows 144 > BLOCK_M 128) and batch 2.
     q, cache, kt, vt = make_inputs([[30, 0], [7, 50]], 16, 9, 6, 16, torch.float16, DEV)
-    check_against_reference(q, cache, kt, vt, triton_run(num_splits=3))
+    check_against_reference(q, cache, kt, vt, triton_run(num_splits=3, planner=planner))
 
 
 @needs_triton
-def test_triton_split_k_short_max_seqlen():
-    # The last split owns everything past (splits - 1) * chunk, so a stale max_seqlen bound
-    # (here 4 for segments of up to 64) cannot drop keys.
+@pytest.mark.parametrize("planner", PLANNERS)
+def test_triton_split_k_short_max_seqlen(planner):
+    # A stale max_seqlen bound (here 4 for segments of up to 64) cannot drop keys: the grid
+    # planner's last split owns everything past (splits - 1) * chunk, and the work list is
+    # built from the real lengths.
     q, cache, kt, vt = make_inputs(SKEWED, 1, 3, 2, 16, torch.float32, DEV)
-    check_against_reference(q, cache, kt, vt, triton_run(num_splits=3, max_seqlen=4))
+    run = triton_run(num_splits=3, max_seqlen=4, planner=planner)
+    check_against_reference(q, cache, kt, vt, run)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "lengths, Lt",
+    [
+        ([[0] * 7 + [40]], 0),  # many empty segments, no tail: one-item segments with no key
+        ([[0, 0, 0, 0], [0, 0, 3, 0]], 2),  # many empty segments, tail only
+        ([[2, 90, 1, 0]], 3),  # one huge segment among short ones: only it gets many items
+        ([[5, 30], [0, 12], [17, 1], [40, 3], [8, 8], [0, 0], [25, 2], [1, 33]], 4),  # B 8, skew
+    ],
+)
+def test_triton_worklist_planning(lengths, Lt):
+    q, cache, kt, vt = make_inputs(lengths, 2, 3, Lt, 16, torch.float32, DEV)
+    for num_splits in (2, 4):  # chunks of ceil((max_seqlen + Lt) / num_splits) keys
+        run = triton_run(num_splits=num_splits, planner="worklist")
+        check_against_reference(q, cache, kt, vt, run)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")

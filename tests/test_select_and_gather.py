@@ -586,12 +586,19 @@ def test_gpu_no_host_sync(head_budget):
 
 @gpu
 @needs_cuda
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("head_budget", ["adakv", "uniform"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_cuda_graph_capture(head_budget, padded):
+    # A CPU prompt_lens (as the generation loop passes it) must be capturable: no pageable H2D
+    # copy inside the graph.
     P, M = 4096, 128
-    q, k, v = _gpu_case("dream", P, M)
+    q, k, v = _gpu_case("dream", P, M, B=2)
+    lens = torch.tensor([P, P - 700]) if padded else None
 
     def step():
-        c = mk.select_and_gather(q, k, v, 64, prompt_len=P, head_budget="adakv", backend="triton")
+        c = mk.select_and_gather(
+            q, k, v, 64, prompt_len=P, prompt_lens=lens, head_budget=head_budget, backend="triton"
+        )
         return c.k, c.v, c.cu_seqlens, c.positions
 
     eager = step()  # warm-up (compile, autotune) outside the capture

@@ -62,6 +62,7 @@ def ragged_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    check_inputs: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each KV head's queries over [its kept prompt segment ‖ the dense tail].
 
@@ -75,10 +76,16 @@ def ragged_attention(
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the fp32 natural-log log-sum-exp [B, Hq, Lq].
         backend: "auto" (Triton on CUDA, else torch), "triton", "torch" or "reference".
+        check_inputs: False skips validation and the custom-op dispatch and calls the backend
+            directly: for hot loops whose inputs were built (and validated) by the caller, with
+            ``backend`` already one of "triton" / "torch" / "reference" (``resolve_backend``).
+            Wrong input is then undefined behaviour, so leave it True everywhere else.
     Returns:
         out [B, Hq, Lq, D] in q's dtype (0 for a head with no key at all), and with
         ``return_lse`` also lse [B, Hq, Lq] fp32 (-inf for a head with no key).
     """
+    if not check_inputs:
+        return _ragged_attention_unchecked(q, cache, k_tail, v_tail, scale, return_lse, backend)
     B, Hq, Hkv, Lq, D, Lt = C.check_ragged_attention(q, cache, k_tail, v_tail)
     scale = C.check_scale(scale, D)
     if not isinstance(return_lse, bool):
@@ -103,4 +110,23 @@ def ragged_attention(
         return_lse,
         backend,
     )
+    return (out, lse) if return_lse else out
+
+
+def _ragged_attention_unchecked(q, cache, k_tail, v_tail, scale, return_lse, backend):
+    """``ragged_attention`` minus validation and dispatch (about 10x less host time per call)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "reference":
+        return _ref.ragged_attention(q, cache, k_tail, v_tail, scale=scale, return_lse=return_lse)
+    if k_tail is not None and k_tail.shape[2] == 0:
+        k_tail = v_tail = None
+    if backend == "triton":
+        from .triton_ragged import ragged_attention_triton as impl
+    else:
+        impl = ragged_attention_torch
+    out, lse = impl(
+        q, cache.k, cache.v, cache.cu_seqlens, cache.max_seqlen, cache.num_kv_heads, k_tail,
+        v_tail, scale, return_lse,
+    )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -15,12 +15,15 @@ Grid: (cdiv(G * Lq, BLOCK_M) * B * Hkv, num_splits), row tiles fastest, so the p
 read the same segment run together and share it through L2.
 
 Split-K (flash-decoding): with few row tiles per KV head and long segments the grid cannot fill
-the GPU and the longest segment is the critical path. The key range of every segment is then cut
-into fixed chunks of CHUNK keys (split j takes [j * CHUNK, (j+1) * CHUNK), the last split takes
-the rest, so correctness never depends on ``max_seqlen``); each writes a normalised partial output
-and its log2-sum-exp, and a small combine kernel merges the non-empty chunks of each row. Because
-the chunk size is fixed, a long segment gets many chunks and a short one few: ragged lengths are
-balanced over the whole GPU instead of waiting for the longest head.
+the GPU and the longest segment is the critical path. Keys are then cut into fixed chunks of CHUNK
+keys. The default planner ("worklist") builds, on the device and from the real lengths, one work
+item per (segment, chunk): segment s owns items ITEM_START[s]:ITEM_START[s+1], at least one, so a
+short head costs one program and a long one many, whatever ``max_seqlen`` says. The grid is sized
+from the host bound sum_s n_s // CHUNK + S (no sync); programs past the real item count load
+nothing and store nothing. A one-item segment writes its output directly; the items of a longer
+one write normalised partial outputs and their log2-sum-exp, which a small combine kernel merges.
+The first planner ("grid", kept selectable through ``PLANNER`` for benchmarks) put the splits on
+a second grid axis sized from ``max_seqlen``: with a loose bound most of its programs were empty.
 """
 
 from __future__ import annotations
@@ -74,28 +77,50 @@ def _attend_tile(
 @triton.jit
 def _ragged_attn_fwd(
     Q, K, V, KT, VT, CU,  # q [B, Hq, Lq, D]; k, v [N, D]; k/v_tail [B, Hkv, Lt, D]; cu int32
-    Out, Lse, OPart, LsePart,  # out [B*Hq*Lq, D], lse [B*Hq*Lq]; partials [splits, B*Hq*Lq, (D)]
+    Out, Lse, OPart, LsePart,  # out [B*Hq*Lq, D], lse [B*Hq*Lq]; partials (see the launcher)
+    ITEM_START, NSEG, SEARCH_ITERS,  # work list: int32 [NSEG + 1] first item of each segment
     qk_scale, Lq, Lt, HKV, G, ROWS, ROW_TILES, R_TOTAL, D, CHUNK, NUM_SPLITS,
     s_qb, s_qh, s_qm, s_qd,
     s_kn, s_kd, s_vn, s_vd,
     s_ktb, s_kth, s_ktm, s_ktd,
     s_vtb, s_vth, s_vtm, s_vtd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
+    SPLIT: tl.constexpr, WORKLIST: tl.constexpr, STORE_LSE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Axis 0 folds (segment, row tile) with row tiles fastest (no 65535 limit on B * Hkv).
+    # Axis 0 folds (segment or work item, row tile) with row tiles fastest (no 65535 limit).
     pid = tl.program_id(0)
     pid_m = pid % ROW_TILES
-    seg = pid // ROW_TILES
     split = tl.program_id(1)
+    live_rows = ROWS
+    if WORKLIST:
+        # Work item -> segment by binary search over ITEM_START (strictly increasing: every
+        # segment owns >= 1 item). Items past the real total (the grid is sized from a host bound)
+        # get an empty key range and no live row: no load, no store.
+        item = pid // ROW_TILES
+        seg_lo = pid * 0
+        seg_hi = seg_lo + NSEG
+        for _ in range(SEARCH_ITERS):
+            mid = (seg_lo + seg_hi) // 2
+            right = tl.load(ITEM_START + mid) <= item
+            seg_lo = tl.where(right, mid, seg_lo)
+            seg_hi = tl.where(right, seg_hi, mid)
+        seg = seg_lo
+        first_item = tl.load(ITEM_START + seg)
+        n_items = tl.load(ITEM_START + seg + 1) - first_item
+        live_rows = tl.where(item < tl.load(ITEM_START + NSEG), ROWS, 0)
+    else:
+        seg = pid // ROW_TILES
     b = (seg // HKV).to(tl.int64)
     g = (seg % HKV).to(tl.int64)
 
     seg_start = tl.load(CU + seg).to(tl.int64)
     n_seg = tl.load(CU + seg + 1) - tl.load(CU + seg)  # int32: one segment is < 2^31 rows
     n_tot = n_seg + Lt
-    if SPLIT:
+    if WORKLIST:
+        lo = tl.where(live_rows > 0, (item - first_item) * CHUNK, n_tot)
+        hi = tl.minimum(lo + CHUNK, n_tot)
+    elif SPLIT:
         lo = split * CHUNK
         hi = tl.where(split == NUM_SPLITS - 1, n_tot, tl.minimum(lo + CHUNK, n_tot))
     else:
@@ -104,7 +129,7 @@ def _ragged_attn_fwd(
 
     # GQA-packed rows: row r of KV head g is query i = r % Lq of query head g * G + r // Lq.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < ROWS
+    row_mask = rows < live_rows
     head = g * G + (rows // Lq).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -145,7 +170,21 @@ def _ragged_attn_fwd(
     lse2 = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
     out_rows = seg.to(tl.int64) * ROWS + rows  # == (b * Hq + head) * Lq + query
     io_mask = row_mask[:, None] & d_mask[None, :]
-    if SPLIT:
+    if WORKLIST:
+        # A segment with one item writes its output directly; others write partials (row
+        # r of item w at w * ROWS + r) for the combine kernel. Comparisons against a scalar
+        # threshold, not `mask & scalar_bool` (the interpreter turns that into int32).
+        direct = rows < tl.where(n_items == 1, live_rows, 0)
+        partial = rows < tl.where(n_items == 1, 0, live_rows)
+        tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
+                 mask=direct[:, None] & d_mask[None, :])
+        if STORE_LSE:
+            tl.store(Lse + out_rows, lse2 * 0.6931471805599453, mask=direct)
+        part = item.to(tl.int64) * ROWS + rows
+        tl.store(OPart + part[:, None] * D + offs_d[None, :], o,
+                 mask=partial[:, None] & d_mask[None, :])
+        tl.store(LsePart + part, lse2, mask=partial)
+    elif SPLIT:
         part = split.to(tl.int64) * R_TOTAL + out_rows
         # An empty chunk stores nothing (the combine kernel never reads it). One compare, not
         # `row_mask & (lo < n_tot)`: the interpreter turns a block & scalar-bool into int32.
@@ -202,6 +241,53 @@ def _ragged_attn_combine(
         tl.store(Lse + rows64, lse, mask=row_mask)
 
 
+@triton.jit
+def _ragged_attn_combine_items(
+    OPart, LsePart, ITEM_START, Out, Lse,
+    R_TOTAL, ROWS, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Work-list combine: rows of segments with more than one item merge their items' partials
+    (item w, row r at w * ROWS + r); rows of one-item segments were written directly."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R_TOTAL
+    seg = rows // ROWS
+    first = tl.load(ITEM_START + seg, mask=row_mask, other=0)
+    count = tl.load(ITEM_START + seg + 1, mask=row_mask, other=0) - first
+    count = tl.where(row_mask & (count > 1), count, 0)
+    part_row = (rows % ROWS).to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for j in range(0, tl.max(count, 0)):
+        live = j < count
+        lse_j = tl.load(LsePart + (first + j).to(tl.int64) * ROWS + part_row, mask=live,
+                        other=float("-inf"))
+        m = tl.maximum(m, lse_j)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for j in range(0, tl.max(count, 0)):
+        live = j < count
+        part = (first + j).to(tl.int64) * ROWS + part_row
+        w = tl.exp2(tl.load(LsePart + part, mask=live, other=float("-inf")) - m_safe)
+        o_j = tl.load(OPart + part[:, None] * D + offs_d[None, :],
+                      mask=live[:, None] & d_mask[None, :], other=0.0)
+        acc += w[:, None] * o_j
+        l += w
+    has_key = l > 0
+    l_safe = tl.where(has_key, l, 1.0)
+    o = acc / l_safe[:, None]
+    merged = count > 1
+    tl.store(Out + rows64[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
+             mask=merged[:, None] & d_mask[None, :])
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + rows64, lse, mask=merged)
+
+
 # fmt: on
 
 
@@ -212,8 +298,12 @@ _CONFIGS = [
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (64, 4, 4)]
 ]
 _fwd_tuned = triton.autotune(
-    _CONFIGS, key=["BLOCK_M", "BLOCK_D", "SPLIT", "STORE_LSE", "UPCAST", "PRECISION"]
+    _CONFIGS, key=["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "UPCAST", "PRECISION"]
 )(_ragged_attn_fwd)
+# How split-K is planned: "worklist" (default) cuts every segment into CHUNK-key work items from
+# the real lengths on the device; "grid" is the first version (a [num_splits] grid axis sized
+# from max_seqlen). Kept selectable so that benchmarks can compare both.
+PLANNER = "worklist"
 _INTERPRET_BLOCK_N = 16
 
 
@@ -222,31 +312,44 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_m(rows: int, block_d: int) -> int:
-    """Row tile: as small as the packed rows allow (Lq=1 decode-like steps), 128 for big ones."""
-    cap = 64 if block_d > 128 else 128
+def _block_m(rows: int, block_d: int, dtype: torch.dtype) -> int:
+    """Row tile: as small as the packed rows allow (Lq=1 decode-like steps), else the largest
+    tile that compiles without register spills on sm_90 (``benchmarks/ptx_report.py``): 128 rows
+    only for head dims <= 64, 64 for D = 128 (fp16/bf16), and 32 in fp32, whose ieee dots keep
+    the whole tile in registers."""
+    if dtype == torch.float32:
+        cap = 32
+    else:
+        cap = 128 if block_d <= 64 else 64
     return min(cap, max(16, triton.next_power_of_2(rows)))
 
 
-def split_chunk(row_tiles: int, n_keys: int, max_keys: int, n_sm: int) -> int | None:
+def split_chunk(
+    row_tiles: int, n_keys: int, max_keys: int, n_sm: int, rows: int = 0, block_m: int = 0
+) -> int | None:
     """Keys per split-K chunk, or None to run without split-K. Host ints only (no sync).
 
     Args: ``row_tiles`` per KV head, ``n_keys`` = keys summed over all segments (N + B*Hkv*Lt,
-    from shapes), ``max_keys`` = max_seqlen + Lt, ``n_sm`` = streaming multiprocessors.
+    from shapes), ``max_keys`` = max_seqlen + Lt (an upper bound), ``n_sm`` = streaming
+    multiprocessors, ``rows`` = G * Lq packed query rows per KV head, ``block_m`` = row tile.
 
-    Time model in key-tiles per SM: without split it is at least the longest program
-    (``max_keys``) and at least the even share ``per_sm = row_tiles * n_keys / n_sm``; with
-    chunks of C keys it is about ``max(C, per_sm)`` plus ~10% for the partials and the combine.
-    C is a quarter of the even share (about four waves, so wave quantisation and ragged chunk
-    ends cost little), at least ``_MIN_CHUNK`` keys, and at most ``_MAX_SPLITS`` chunks.
+    Time model in keys per SM: without split it is at least the longest program (``max_keys``)
+    and at least the even share ``per_sm = row_tiles * n_keys / n_sm``; with chunks of C keys it
+    is about ``max(C, per_sm)``, plus ~10% for the combine and the partial outputs: a chunk
+    writes and the combine reads ``block_m`` fp32 rows of D per row tile, as many bytes as
+    ``2 * block_m`` keys of bf16 K and V. C is a quarter of the even share (about four waves),
+    at least ``_MIN_CHUNK`` keys and at least ``4 * rows`` (so the partials of all row tiles of a
+    chunk cost at most half its key traffic), and at most ``_MAX_SPLITS`` chunks of max_keys.
     """
     per_sm = row_tiles * n_keys / max(n_sm, 1)
-    chunk = max(_MIN_CHUNK, math.ceil(per_sm / 4 / _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
-    chunk = max(chunk, math.ceil(max_keys / _MAX_SPLITS / _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    quantum = _CHUNK_QUANTUM
+    chunk = max(_MIN_CHUNK, 4 * rows, math.ceil(per_sm / 4 / quantum) * quantum)
+    chunk = math.ceil(chunk / quantum) * quantum
+    chunk = max(chunk, math.ceil(max_keys / _MAX_SPLITS / quantum) * quantum)
     if chunk >= max_keys:
         return None
     t_plain = max(max_keys, per_sm)
-    t_split = 1.1 * max(chunk, per_sm)
+    t_split = (1.1 + 2 * block_m / chunk) * max(chunk, per_sm)
     return chunk if t_plain > 1.2 * t_split else None
 
 
@@ -263,6 +366,7 @@ def ragged_attention_triton(
     return_lse: bool,
     *,
     num_splits: int | None = None,
+    planner: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the ragged attention kernel (inputs already validated by the public op).
 
@@ -270,7 +374,9 @@ def ragged_attention_triton(
         q: [B, Hq, Lq, D] (any strides); k, v: [N, D]; cu_seqlens: int32 [B * Hkv + 1];
         max_seqlen: host upper bound on a segment's length (sizes the split-K grid only);
         k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale.
-        num_splits: force split-K with this many chunks (tests); None = heuristic, 1 = off.
+        num_splits: force split-K with chunks of ceil((max_seqlen + Lt) / num_splits) keys
+            (tests); None = heuristic, 1 = off.
+        planner: "worklist" or "grid" (see ``PLANNER``, the default).
     Returns:
         out [B, Hq, Lq, D] contiguous in q's dtype, lse fp32 [B, Hq, Lq] or None.
     """
@@ -297,25 +403,41 @@ def ragged_attention_triton(
         k = v = q.new_empty((1, D))
 
     block_d = max(16, triton.next_power_of_2(D))
-    block_m = _block_m(rows, block_d)
+    block_m = _block_m(rows, block_d, q.dtype)
     row_tiles = triton.cdiv(rows, block_m)
     interp = interpreting()
     max_keys = max_seqlen + Lt
     if num_splits is not None:
         chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
     elif q.device.type == "cuda" and not interp:
-        n_keys = k.shape[0] + S * Lt
-        chunk = split_chunk(row_tiles, n_keys, max_keys, _num_sms(q.device.index or 0))
+        n_sm = _num_sms(q.device.index or 0)
+        chunk = split_chunk(row_tiles, k.shape[0] + S * Lt, max_keys, n_sm, rows, block_m)
     else:
         chunk = None
     splits = 1 if chunk is None else max(1, math.ceil(max_keys / chunk))
     split = splits > 1
+    worklist = split and (planner or PLANNER) == "worklist"
 
-    if split:
+    item_start = cu_seqlens  # unused unless worklist
+    search_iters = 0
+    if worklist:
+        # Items per segment from the real lengths (device ops, no sync); the grid and the
+        # partial buffers from the host bound sum_s max(1, ceil(n_s / C)) <= sum_s n_s // C + S.
+        n_tot = (cu_seqlens[1:] - cu_seqlens[:-1]) + Lt
+        items = torch.clamp_min((n_tot + (chunk - 1)) // chunk, 1)
+        item_start = torch.nn.functional.pad(items.cumsum(0, dtype=torch.int32), (1, 0))
+        n_items = (k.shape[0] + S * Lt) // chunk + S
+        search_iters = max(1, math.ceil(math.log2(S + 1)))
+        o_part = torch.empty((n_items, rows, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((n_items, rows), dtype=torch.float32, device=q.device)
+        grid = (row_tiles * n_items, 1)
+    elif split:
         o_part = torch.empty((splits, R, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, R), dtype=torch.float32, device=q.device)
+        grid = (row_tiles * S, splits)
     else:
         o_part = lse_part = out  # unused
+        grid = (row_tiles * S, 1)
     upcast = interp and q.dtype == torch.bfloat16
     # fp32 inputs get true fp32 products (tf32 would miss the 1e-4 LSE contract).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -331,6 +453,9 @@ def ragged_attention_triton(
         lse_arg,
         o_part,
         lse_part,
+        item_start,
+        S,
+        search_iters,
         scale * _LOG2E,
         Lq,
         Lt,
@@ -352,17 +477,23 @@ def ragged_attention_triton(
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         SPLIT=split,
+        WORKLIST=worklist,
         STORE_LSE=lse is not None,
         UPCAST=upcast,
         PRECISION=precision,
     )
-    grid = (row_tiles * S, splits)
     if interp:
         _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
     else:
         _fwd_tuned[grid](*args, **meta)
 
-    if split:
+    if worklist:
+        block_r = 16
+        _ragged_attn_combine_items[(triton.cdiv(R, block_r),)](
+            o_part, lse_part, item_start, out, lse_arg, R, rows, D,
+            BLOCK_R=block_r, BLOCK_D=block_d, STORE_LSE=lse is not None,
+        )  # fmt: skip
+    elif split:
         block_r = 16
         _ragged_attn_combine[(triton.cdiv(R, block_r),)](
             o_part,

@@ -181,14 +181,33 @@ def _(q, k, v, first, budgets, layer_budget, prompt_len, score, head_budget, poo
 # ----------------------------------------------------------------------------- host helpers
 
 
+def _host_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """int32 [len(values)] on ``device`` from host ints, safe inside CUDA-graph capture.
+
+    Equal values are one fill. Otherwise an H2D copy, except while a CUDA graph is being
+    captured: a copy from pageable host memory cannot be captured (and a replay would re-read a
+    buffer that is gone), so each value becomes its own fill, baked into the graph like the sizes
+    that already depend on these values."""
+    if values and all(x == values[0] for x in values):
+        return torch.full((len(values),), values[0], dtype=torch.int32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        out = torch.empty(len(values), dtype=torch.int32, device=device)
+        for i, x in enumerate(values):
+            out[i] = x
+        return out
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
 def _first(prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device) -> torch.Tensor:
     """int32 [B] on ``device``: first real position P - prompt_lens[b] (left padding).
 
-    A CPU ``prompt_lens`` is copied with ``non_blocking=True``: an H2D copy, never a sync."""
+    A CPU ``prompt_lens`` becomes a fill or an H2D copy (never a sync); one on ``device`` is used
+    in place."""
     if prompt_lens is None:
         return torch.zeros(dims.B, dtype=torch.int32, device=device)
-    first = (dims.P - prompt_lens).to(torch.int32)
-    return first.to(device, non_blocking=True)
+    if prompt_lens.device.type == "cpu" and device.type != "cpu":
+        return _host_ints([dims.P - int(x) for x in prompt_lens.tolist()], device)
+    return (dims.P - prompt_lens).to(device=device, dtype=torch.int32)
 
 
 def _host_lens(prompt_lens: torch.Tensor | None, dims: C.Dims) -> list[int]:
@@ -215,13 +234,8 @@ def _explicit_budgets(budget: torch.Tensor, lens: list[int]) -> tuple[int, int]:
 def _uniform_budgets(
     kept: list[int], prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device
 ) -> torch.Tensor:
-    """int32 [B, Hkv] = min(k_l, prompt_lens[b]): a fill (CUDA-graph safe) without padding,
-    else one non-blocking H2D copy."""
-    if prompt_lens is None:
-        value = min(kept) if kept else 0
-        return torch.full((dims.B, dims.Hkv), value, dtype=torch.int32, device=device)
-    host = torch.tensor(kept, dtype=torch.int32)[:, None].expand(dims.B, dims.Hkv).contiguous()
-    return host.to(device, non_blocking=True)
+    """int32 [B, Hkv] = min(k_l, prompt_lens[b]), built CUDA-graph safe (``_host_ints``)."""
+    return _host_ints(kept, device)[:, None].expand(dims.B, dims.Hkv).contiguous()
 
 
 def _window_len(q: torch.Tensor, dims: C.Dims) -> None:

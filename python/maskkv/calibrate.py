@@ -53,7 +53,7 @@ def layer_cosines(
     out = []
     for layer in model.layers:
         q, k, v = layer.qkv(h, cos, sin)
-        h_after = layer.attn_output(h, dense_attention(q, k, v, key_valid, 4096))
+        h_after = layer.attn_output(h, dense_attention(q, k, v, key_valid, 4096)[0])
         c = F.cosine_similarity(h.float(), h_after.float(), dim=-1)  # [B, L]
         out.append((c * key_valid).sum().double() / key_valid.sum())
         h = layer.mlp_block(h_after)

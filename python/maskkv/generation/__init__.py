@@ -45,6 +45,7 @@ def generate(
     eps: float = 1e-3,
     token_chunk: int = 4096,
     backend: str = "auto",
+    cuda_graphs: bool = True,
     seed: int | None = None,
     progress: bool = False,
 ) -> GenerationOutput:
@@ -61,6 +62,7 @@ def generate(
         remasking, cfg_scale: LLaDA options; alg, alg_temp, top_p, top_k, eps: Dream options.
         token_chunk: tokens per chunk in full passes (bounds activations for long prompts).
         backend: ``maskkv_kernels`` backend.
+        cuda_graphs: on CUDA, run every later (cached) step as one replayed CUDA graph.
     Returns:
         ``GenerationOutput`` with ``.sequences`` [B, P + gen_length] and ``.stats``
         (per-step times, peak memory, prompt KV bytes before/after, kept lengths per layer/head).
@@ -96,7 +98,14 @@ def generate(
             1,
         )
     denoiser = Denoiser(
-        model, method, P, full_mask, profile=profile, token_chunk=token_chunk, backend=backend
+        model,
+        method,
+        P,
+        full_mask,
+        profile=profile,
+        token_chunk=token_chunk,
+        backend=backend,
+        cuda_graphs=cuda_graphs,
     )
     if cfg_scale > 0 and full_mask is not None:
         denoiser.attention_mask = torch.cat([full_mask, full_mask])

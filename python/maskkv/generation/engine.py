@@ -38,28 +38,57 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _flash_with_lse_ok(q: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+    """Whether torch's fused flash forward (which also returns the LSE) applies: CUDA, fp16/bf16,
+    head dim <= 256, and no key mask (the flash kernel takes none; padded batches fall back)."""
+    return (
+        q.is_cuda
+        and key_valid is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+    )
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     key_valid: torch.Tensor | None,
     query_chunk: int,
-) -> torch.Tensor:
+    lse_from: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bidirectional attention, q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L].
 
     Runs in query chunks so that no [Hq, T, L] score matrix is ever held at once (SDPA's math
     fallback on CPU would materialise it).
+
+    Returns (out [B, Hq, T, D], lse). With ``lse_from`` set and the fused flash forward available
+    (``_flash_with_lse_ok``), lse is the fp32 natural-log log-sum-exp [B, Hq, T - lse_from] of
+    query rows ``lse_from:`` that the forward computes anyway: ``select_and_gather`` then skips
+    its own pass over K. Otherwise lse is None.
     """
     G = q.shape[1] // k.shape[1]
     if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
         k = k.repeat_interleave(G, 1)
         v = v.repeat_interleave(G, 1)
+    T = q.shape[2]
+    if lse_from is not None and _flash_with_lse_ok(q, key_valid):
+        outs, lses = [], []
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+        for s in range(0, T, query_chunk):
+            out, lse = flash(q[:, :, s : s + query_chunk], k, v, 0.0, False, False)[:2]
+            outs.append(out)
+            if s + query_chunk > lse_from:
+                lses.append(lse[:, :, max(lse_from - s, 0) :])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        return out, (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
     mask = None if key_valid is None else key_valid[:, None, None, :]
     outs = [
         F.scaled_dot_product_attention(q[:, :, s : s + query_chunk], k, v, attn_mask=mask)
-        for s in range(0, q.shape[2], query_chunk)
+        for s in range(0, T, query_chunk)
     ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), None
 
 
 def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -127,6 +156,8 @@ class Denoiser:
         profile: layer-importance profile for MaskKV / SqueezeAttention budgets.
         token_chunk: tokens per chunk for QKV, attention queries and MLP in full passes.
         backend: passed to the ``maskkv_kernels`` ops.
+        cuda_graphs: on CUDA, capture each later step as one CUDA graph (all layers) and replay
+            it; False runs every later step eagerly.
     """
 
     def __init__(
@@ -139,6 +170,7 @@ class Denoiser:
         profile: LayerProfile | None = None,
         token_chunk: int = 4096,
         backend: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.method = method
@@ -150,6 +182,9 @@ class Denoiser:
         self.profile = profile
         self.token_chunk = token_chunk
         self.backend = backend
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, ...], tuple] = {}
+        self._backend = backend  # resolved per device in _setup (the hot path skips the checks)
         self.caches: list[mk.RaggedKV] | None = None
         self.stats = StepStats()
         self._positions: torch.Tensor | None = None
@@ -159,6 +194,7 @@ class Denoiser:
 
     def _setup(self, x: torch.Tensor) -> None:
         B, L = x.shape
+        self._backend = mk.resolve_backend(self.backend, x.device)
         if self.attention_mask is None:
             self._positions = torch.arange(L, device=x.device).expand(B, L)
             self._key_valid = None
@@ -197,23 +233,30 @@ class Denoiser:
         if build_cache and self.method.evicts:
             budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
             self.stats.layer_budgets = list(budgets)
+        # MaskKV scores with the mask rows' LSE, which the step-1 attention returns for free.
+        lse_from = self.P if build_cache and self._mask_scored() else None
         for i, layer in enumerate(model.layers):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            attn = dense_attention(q, k, v, self._key_valid, chunk)
+            attn, lse = dense_attention(q, k, v, self._key_valid, chunk, lse_from)
             if build_cache:
                 self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
-                caches.append(self._prune(q, k, v, None if budgets is None else budgets[i]))
+                budget = None if budgets is None else budgets[i]
+                caches.append(self._prune(q, k, v, budget, lse))
             del q, k, v  # the layer's full KV dies here, before the next layer
             h = layer.attn_output(h, attn)
             del attn
             h = _chunked(layer.mlp_block, h, chunk)
         if build_cache:
             self.caches = caches
+            self._graphs.clear()  # captured later steps read the old caches' addresses
             self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
             self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
         return h
 
-    def _prune(self, q, k, v, layer_budget: int | None) -> mk.RaggedKV:
+    def _mask_scored(self) -> bool:
+        return self.method.evicts and self.method.selector_kwargs().get("score") == "mask"
+
+    def _prune(self, q, k, v, layer_budget: int | None, lse=None) -> mk.RaggedKV:
         Pc, lens = self.Pc, self._lens_cpu
         if layer_budget is None or layer_budget >= Pc:
             return self._keep_all(k, v)  # FullCache, or a budget that covers the prompt
@@ -224,6 +267,7 @@ class Denoiser:
             # recomputed every step and is neither scored nor counted in the budget.
             W = min(max(self.method.window_size(layer_budget), 1), Pc)
             q_sel = q[:, :, Pc - W : Pc]
+            lse = None
         else:
             q_sel = q[:, :, self.P :]  # the mask queries: every response token is [MASK] at step 1
         return mk.select_and_gather(
@@ -233,6 +277,7 @@ class Denoiser:
             layer_budget,
             prompt_len=Pc,
             prompt_lens=lens,
+            lse=lse,
             backend=self.backend,
             **kwargs,
         )
@@ -260,17 +305,50 @@ class Denoiser:
             Hkv,
         )
 
-    def _cached_pass(self, x: torch.Tensor) -> torch.Tensor:
-        """Only the positions after the cached region run; attention reads the pruned cache."""
-        model, Pc, chunk = self.model, self.Pc, self.token_chunk
-        cos, sin = model.rotary(self._positions[:, Pc:])
-        h = model.embed(x[:, Pc:])
+    def _cached_layers(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """ids [B, T] of the positions after the cached region -> hidden states [B, T, d].
+
+        The kernels run unchecked: every input is built here (validated once, at step 1)."""
+        model, chunk = self.model, self.token_chunk
+        h = model.embed(ids)
         for layer, cache in zip(model.layers, self.caches):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            attn = mk.ragged_attention(q, cache, k, v, backend=self.backend)
+            attn = mk.ragged_attention(q, cache, k, v, backend=self._backend, check_inputs=False)
             h = layer.attn_output(h, attn)
             h = _chunked(layer.mlp_block, h, chunk)
         return h
+
+    def _cached_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the positions after the cached region run; attention reads the pruned cache.
+
+        On CUDA each shape is captured once as one CUDA graph (all layers) and replayed: a later
+        step is a few hundred small kernels whose launch cost would otherwise exceed their run
+        time. The graph reads static buffers (token ids in, hidden states out) and the caches,
+        which stay put until the next step-1 pass rebuilds them (that clears the graphs)."""
+        ids = x[:, self.Pc :]
+        key = tuple(ids.shape)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            static_ids, static_h, g = graph
+            static_ids.copy_(ids)
+            g.replay()
+            return static_h
+        cos, sin = self.model.rotary(self._positions[:, self.Pc :])
+        if not (self.cuda_graphs and x.is_cuda):
+            return self._cached_layers(ids, cos, sin)
+        # Warm up on a side stream (Triton compiles and autotunes here, outside the capture).
+        static_ids = ids.clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self._cached_layers(static_ids, cos, sin)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_h = self._cached_layers(static_ids, cos, sin)
+        self._graphs[key] = (static_ids, static_h, g)
+        g.replay()
+        return static_h
 
     # -- the public call --------------------------------------------------------------------------
 
