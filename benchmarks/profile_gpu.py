@@ -107,17 +107,44 @@ def profile_step(P: int, method_name: str) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_step1(P: int) -> None:
+    """Step 1 of MaskKV with the flash forward's LSE vs SDPA + select_and_gather's own LSE pass."""
+    from maskkv import bench, methods
+    from maskkv.generation.engine import Denoiser
+
+    model = bench.build_model("llada-8b", device="cuda", dtype="bfloat16")
+    R = 256
+    x = torch.cat(
+        [bench.random_prompt(model, P), torch.full((1, R), model.config.mask_token_id,
+                                                   device="cuda", dtype=torch.long)], 1)  # fmt: skip
+    need = torch.ones(1, R, dtype=torch.bool, device="cuda")
+    for step1_lse in (True, False, True, False):  # twice each: the first pair warms up
+        den = Denoiser(model, methods.MaskKV(budget=256), P, step1_lse=step1_lse)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        den(x, need)
+        torch.cuda.synchronize()
+        print(f"step 1 step1_lse={step1_lse}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        Denoiser(model, methods.MaskKV(budget=256), P)(x, need)
+        torch.cuda.synchronize()
+    print(_table(prof, "self_cuda_time_total", 16))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-len", type=int, default=32768)
-    ap.add_argument("--parts", default="select,step")
+    ap.add_argument("--parts", default="select,step", help="any of select, step, step1")
     ap.add_argument("--methods", default="maskkv,fullcache")
     args = ap.parse_args()
     print(torch.__version__, torch.cuda.get_device_name())
-    if "select" in args.parts:
+    if "select" in args.parts.split(","):
         profile_select(args.prompt_len)
-    if "step" in args.parts:
+    parts = args.parts.split(",")
+    if "step" in parts:
         profile_step(args.prompt_len, args.methods)
+    if "step1" in parts:
+        profile_step1(args.prompt_len)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,9 @@ class Denoiser:
         backend: passed to the ``maskkv_kernels`` ops.
         cuda_graphs: on CUDA, capture each later step as one CUDA graph (all layers) and replay
             it; False runs every later step eagerly.
+        step1_lse: let the step-1 attention return the mask rows' LSE (torch's fused flash
+            forward) so that mask-query scoring skips its own pass over K; False keeps SDPA's own
+            backend choice and lets ``select_and_gather`` compute the LSE.
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class Denoiser:
         token_chunk: int = 4096,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        step1_lse: bool = True,
     ) -> None:
         self.model = model
         self.method = method
@@ -183,7 +187,8 @@ class Denoiser:
         self.token_chunk = token_chunk
         self.backend = backend
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple[int, ...], tuple] = {}
+        self.step1_lse = step1_lse
+        self._graphs: dict[tuple[int, ...], dict] = {}
         self._backend = backend  # resolved per device in _setup (the hot path skips the checks)
         self.caches: list[mk.RaggedKV] | None = None
         self.stats = StepStats()
@@ -234,7 +239,7 @@ class Denoiser:
             budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
             self.stats.layer_budgets = list(budgets)
         # MaskKV scores with the mask rows' LSE, which the step-1 attention returns for free.
-        lse_from = self.P if build_cache and self._mask_scored() else None
+        lse_from = self.P if build_cache and self.step1_lse and self._mask_scored() else None
         for i, layer in enumerate(model.layers):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
             attn, lse = dense_attention(q, k, v, self._key_valid, chunk, lse_from)
@@ -329,26 +334,10 @@ class Denoiser:
         key = tuple(ids.shape)
         graph = self._graphs.get(key)
         if graph is not None:
-            static_ids, static_h, g = graph
+            static_ids, static_h, g = graph["ids"], graph["h"], graph["graph"]
             static_ids.copy_(ids)
             g.replay()
             return static_h
-        cos, sin = self.model.rotary(self._positions[:, self.Pc :])
-        if not (self.cuda_graphs and x.is_cuda):
-            return self._cached_layers(ids, cos, sin)
-        # Warm up on a side stream (Triton compiles and autotunes here, outside the capture).
-        static_ids = ids.clone()
-        stream = torch.cuda.Stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            self._cached_layers(static_ids, cos, sin)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_h = self._cached_layers(static_ids, cos, sin)
-        self._graphs[key] = (static_ids, static_h, g)
-        g.replay()
-        return static_h
 
     # -- the public call --------------------------------------------------------------------------
 
