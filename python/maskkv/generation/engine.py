@@ -278,7 +278,9 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """x: [B, P + R] token ids; need: bool [B, R] response positions whose logits are wanted.
 
-        Returns fp32 logits [n, vocab] for ``x[:, P:][need]`` in row-major order.
+        Returns logits [n, vocab] for ``x[:, P:][need]`` in row-major order, in the model dtype
+        (the official samplers take their confidences in the logits' dtype, so casting here
+        would change which tokens win in bf16).
         """
         self._sync(x.device)
         t0 = time.perf_counter()
@@ -291,7 +293,7 @@ class Denoiser:
             h, offset = self._full_pass(x, build_cache=True), 0
         else:
             h, offset = self._cached_pass(x), self.Pc
-        logits = self._head_logits(h, need, offset).float()
+        logits = self._head_logits(h, need, offset)
         self._sync(x.device)
         self.stats.step_times.append(time.perf_counter() - t0)
         return logits
