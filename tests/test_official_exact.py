@@ -482,7 +482,7 @@ def test_llada_matches_official(models, dtype, case, batch):
         ids,
         method="nocache",
         seed=11,
-        confidence_dtype=torch.float64 if float64 else None,
+        **(dict(confidence_dtype=torch.float64) if float64 else {}),
         **sched,
         **kw,
     )
