@@ -1,4 +1,4 @@
-"""``maskkv.generate(method="nocache")`` against transcriptions of the official code, in bf16 and
+"""``maskkv.generate(method="nocache")`` against transcriptions of the official code, in bf16, fp16 and
 fp32, greedy and seeded sampling, batch 1 and batch 2 left-padded.
 
 The reference side is written here from the official sources and imports nothing from
@@ -28,7 +28,7 @@ from maskkv import generate
 from maskkv.models import load_checkpoint
 from maskkv.testing import tiny_checkpoint
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHARPEN = 40.0
 
 
