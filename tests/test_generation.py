@@ -1,7 +1,6 @@
-"""Generation on tiny checkpoints: samplers match the official loops, caching is exact where it can
-be, every method runs on both models (GQA, batch 2 left-padded), and the stats tell the truth."""
-
-import math
+"""Generation on tiny checkpoints: caching is exact where it can be, every method runs on both models
+(GQA, batch 2 left-padded), and the stats tell the truth. The samplers against the official code:
+tests/test_official_exact.py."""
 
 import pytest
 import torch
@@ -9,9 +8,7 @@ import torch.nn.functional as F
 
 from maskkv import methods
 from maskkv.generation import generate
-from maskkv.generation.dream import sample_tokens
 from maskkv.generation.engine import Denoiser
-from maskkv.generation.llada import add_gumbel_noise, num_transfer_tokens
 from maskkv.models import load_checkpoint
 from maskkv.testing import tiny_checkpoint
 
@@ -40,73 +37,6 @@ def _prompt(B=1, P=48, seed=0, vocab=250):
     return torch.randint(0, vocab, (B, P), generator=g)
 
 
-def _official_llada(model, prompt, gen_length, block_length, steps):
-    """The official LLaDA generate loop (greedy, low-confidence remasking) on model.forward."""
-    mask_id = model.config.mask_token_id
-    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt
-    P = prompt.shape[1]
-    num_blocks = gen_length // block_length
-    for nb in range(num_blocks):
-        block_mask = x[:, P + nb * block_length : P + (nb + 1) * block_length] == mask_id
-        transfer = num_transfer_tokens(block_mask, steps // num_blocks)
-        for i in range(steps // num_blocks):
-            mask_index = x == mask_id
-            logits = model(x).logits
-            x0 = torch.argmax(add_gumbel_noise(logits, 0.0), dim=-1)
-            p = F.softmax(logits.double(), dim=-1)
-            x0_p = torch.gather(p, -1, x0[..., None])[..., 0]
-            x0_p[:, P + (nb + 1) * block_length :] = -math.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -math.inf)
-            idx = torch.topk(confidence[0], int(transfer[0, i])).indices
-            x[0, idx] = x0[0, idx]
-    return x
-
-
-def _official_dream(model, prompt, gen_length, steps, eps=1e-3, alg="entropy"):
-    """Dream's diffusion_generate loop (greedy, entropy) on model.forward with shifted logits."""
-    mask_id = model.config.mask_token_id
-    x = F.pad(prompt, (0, gen_length), value=mask_id)
-    timesteps = torch.linspace(1, eps, steps + 1)
-    for i in range(steps):
-        mask_index = x == mask_id
-        logits = model(x).logits
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        t, s = timesteps[i], timesteps[i + 1]
-        confidence, x0 = sample_tokens(
-            logits[mask_index].float(),
-            neg_entropy=alg == "entropy",
-            margin_confidence=alg == "topk_margin",
-        )
-        num_mask = mask_index.sum() / mask_index.shape[0]
-        n = int(num_mask * (1 - s / t)) if i < steps - 1 else int(num_mask)
-        full = torch.full_like(x, -torch.inf, dtype=torch.float32)
-        full[mask_index] = confidence
-        if n > 0:
-            idx = torch.topk(full, n).indices
-            x_ = torch.full_like(x, mask_id)
-            x_[mask_index] = x0
-            x[0, idx[0]] = x_[0, idx[0]]
-    return x
-
-
-@pytest.mark.parametrize(
-    "kind,alg",
-    [("llada", None), ("dream", "entropy"), ("dream", "maskgit_plus"), ("dream", "topk_margin")],
-)
-def test_nocache_matches_official_sampler(models, kind, alg):
-    model = models[kind, 3]
-    prompt = _prompt()
-    if kind == "llada":
-        ref = _official_llada(model, prompt, gen_length=16, block_length=8, steps=8)
-        out = generate(model, prompt, method="nocache", gen_length=16, block_length=8, steps=8)
-    else:
-        ref = _official_dream(model, prompt, gen_length=16, steps=8, alg=alg)
-        out = generate(model, prompt, method="nocache", gen_length=16, steps=8, alg=alg)
-    assert torch.equal(out.sequences, ref)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_sampling_is_seeded_and_cfg_caches_exactly(models, kind):
     model = models[kind, 1]
@@ -126,7 +56,7 @@ def test_fullcache_equals_nocache_with_one_layer(models, kind):
     # With one layer the prompt KV depend on prompt embeddings only, so caching them is exact.
     model = models[kind, 1]
     prompt = _prompt(P=40, seed=1)
-    kw = dict(gen_length=16, block_length=8, steps=8)
+    kw = dict(gen_length=16, block_length=8, steps=8, alg="entropy")
     a = generate(model, prompt, method="nocache", **kw)
     b = generate(model, prompt, method="fullcache", **kw)
     assert torch.equal(a.sequences, b.sequences)
@@ -176,7 +106,7 @@ def test_dream_first_token_comes_from_last_prompt_position(models):
 def test_budget_covering_the_prompt_equals_fullcache(models, kind):
     model = models[kind, 3]
     prompt = _prompt(P=40, seed=5)
-    kw = dict(gen_length=16, block_length=8, steps=8)
+    kw = dict(gen_length=16, block_length=8, steps=8, alg="entropy")
     full = generate(model, prompt, method="fullcache", **kw)
     for name in ("maskkv", "snapkv", "adakv"):
         big = generate(model, prompt, method=methods.get(name, budget=64), **kw)
@@ -237,7 +167,7 @@ def test_left_padded_row_equals_unpadded_generation(models, kind):
     batch = torch.cat([_prompt(B=1, P=44, seed=8), padded])
     mask = torch.ones(2, 44, dtype=torch.long)
     mask[1, :10] = 0
-    kw = dict(gen_length=8, block_length=8, steps=4)
+    kw = dict(gen_length=8, block_length=8, steps=4, alg="entropy")
     for name in ("fullcache", "snapkv"):
         method = methods.get(name, budget=12, window=4) if name == "snapkv" else methods.get(name)
         alone = generate(model, short, method=method, **kw)
@@ -269,3 +199,20 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def test_llada_gumbel_noise_follows_the_official_stream_up_to_the_cap(monkeypatch):
+    # Below FULL_NOISE_MAX_BYTES the noise is the official [B, L, V] draw indexed at the needed
+    # rows; above it only [n, V] is drawn (no [B, L, V] tensor at long prompts).
+    from maskkv.generation import llada
+
+    rows = (torch.tensor([0, 1, 1]), torch.tensor([5, 2, 7]))
+    torch.manual_seed(0)
+    official = torch.rand((2, 9, 11), dtype=torch.float64)[rows]
+    torch.manual_seed(0)
+    assert torch.equal(llada.gumbel_uniforms(rows, (2, 9, 11), torch.device("cpu")), official)
+    monkeypatch.setattr(llada, "FULL_NOISE_MAX_BYTES", 2 * 9 * 11 * 8 - 1)
+    torch.manual_seed(0)
+    small = llada.gumbel_uniforms(rows, (2, 9, 11), torch.device("cpu"))
+    torch.manual_seed(0)
+    assert small.shape == (3, 11) and torch.equal(small, torch.rand((3, 11), dtype=torch.float64))

@@ -100,14 +100,36 @@ def _generate(args: argparse.Namespace) -> None:
         else {}
     )
     method = methods.get(args.method, **params)
+    if getattr(model, "dllm_kind", "llada") == "llada" and not hasattr(
+        model.config, "eot_token_id"
+    ):
+        # --confidence-eos-eot-inf acts on <|eot_id|>: take its id from the tokenizer
+        eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+            model.config.eot_token_id = eot
+    block_length = args.block_length
+    if block_length is None:  # the official scripts' 32, or the whole response if shorter
+        block_length = min(32, args.gen_length)
     out = generate(
         model,
         ids,
         method=method,
         gen_length=args.gen_length,
-        block_length=args.block_length,
+        block_length=block_length,
         steps=args.steps,
         temperature=args.temperature,
+        remasking=args.remasking,
+        cfg_scale=args.cfg_scale,
+        logits_eos_inf=args.logits_eos_inf,
+        confidence_eos_eot_inf=args.confidence_eos_eot_inf,
+        alg=args.alg,
+        alg_temp=args.alg_temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        confidence_dtype=None
+        if args.confidence_dtype == "logits"
+        else getattr(torch, args.confidence_dtype),
+        seed=args.seed,
         backend=args.backend,
         progress=True,
     )
@@ -117,6 +139,31 @@ def _generate(args: argparse.Namespace) -> None:
         answer = answer[: int((answer == eos).nonzero()[0])]
     print(tokenizer.decode(answer.tolist(), skip_special_tokens=True))
     print(_format_stats(method, ids.shape[1], out.stats), file=sys.stderr)
+
+
+_CONFIDENCE_DTYPES = ["logits", "float32", "float64"]
+
+
+def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, kind=float):
+    """argparse type: a number in [lo, hi] ((lo, hi] with lo_open); the error names the range
+    (argparse prefixes the option name)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            lo_text = f"({lo}" if lo_open else f"[{lo}"
+            hi_text = f"{hi}]" if hi is not None else "inf)"
+            raise argparse.ArgumentTypeError(
+                f"expected a value in {lo_text}, {hi_text}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 def _format_stats(method, prompt_len: int, stats) -> str:
@@ -259,12 +306,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     gen.add_argument("--gen-length", type=int, default=128)
     gen.add_argument(
-        "--block-length", type=int, default=None, help="LLaDA block length (default: gen length)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: LLaDA gen length, Dream 512 as the official config)",
     )
+    gen.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy (default)")
     gen.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: gen length)"
+        "--confidence-dtype",
+        default="logits",
+        choices=_CONFIDENCE_DTYPES,
+        help="softmax dtype of the confidences: the logits' dtype (official, default) or "
+        "float64 (LLaDA before June 2025, Fast-dLLM)",
     )
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None, help="torch.manual_seed before sampling")
+    llada = gen.add_argument_group("LLaDA sampling (official generate.py)")
+    llada.add_argument(
+        "--block-length",
+        type=_number(1, kind=int),
+        default=None,
+        help="semi-autoregressive block length (default 32 as the official scripts, or the "
+        "whole response if shorter)",
+    )
+    llada.add_argument(
+        "--remasking", default="low_confidence", choices=["low_confidence", "random"]
+    )
+    llada.add_argument(
+        "--cfg-scale", type=_number(0.0), default=0.0, help="classifier-free guidance (0 = off)"
+    )
+    llada.add_argument(
+        "--logits-eos-inf", action="store_true", help="never propose EOS (LLaDA paper, B.4)"
+    )
+    llada.add_argument(
+        "--confidence-eos-eot-inf",
+        action="store_true",
+        help="give EOS / EOT no confidence (LLaDA paper, B.4)",
+    )
+    dream = gen.add_argument_group("Dream sampling (official diffusion_generate)")
+    dream.add_argument(
+        "--alg",
+        default="origin",
+        choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+        help="default origin (official default); recommended: entropy with --temperature 0.2 "
+        "--top-p 0.95",
+    )
+    dream.add_argument(
+        "--alg-temp", type=_number(0.0), default=None, help="sample positions at this temperature"
+    )
+    dream.add_argument("--top-p", type=_number(0.0, 1.0, lo_open=True), default=None)
+    dream.add_argument("--top-k", type=_number(1, kind=int), default=None)
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"])
     gen.set_defaults(func=_generate)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..methods import LayerProfile, Method, get
-from .dream import sample_dream
+from .dream import ALGORITHMS, sample_dream
 from .engine import Denoiser, StepStats
-from .llada import sample_llada
+from .llada import LLADA_EOT_TOKEN_ID, REMASKING, sample_llada
 
 __all__ = ["GenerationOutput", "StepStats", "generate"]
 
@@ -25,6 +26,52 @@ class GenerationOutput:
         return self.sequences[:, self.sequences.shape[1] - self.stats.gen_length :]
 
 
+DREAM_DEFAULT_STEPS = 512  # DreamGenerationConfig's default
+
+
+def _check_options(
+    *,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    alg: str,
+    alg_temp: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    eps: float,
+    confidence_dtype: torch.dtype | None,
+) -> None:
+    """ValueError naming the first bad sampling option (NaN fails every range check)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale: expected a number >= 0, got {cfg_scale!r}")
+    if alg not in ALGORITHMS:
+        raise ValueError(f"alg: expected one of {ALGORITHMS}, got {alg!r}")
+    if alg_temp is not None and (
+        isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or not alg_temp >= 0
+    ):
+        raise ValueError(f"alg_temp: expected None or a number >= 0, got {alg_temp!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or a positive int, got {top_k!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+        raise ValueError(f"eps: expected a number in [0, 1), got {eps!r}")
+    if confidence_dtype is not None and (
+        not isinstance(confidence_dtype, torch.dtype) or not confidence_dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"confidence_dtype: expected None or a floating torch.dtype, got {confidence_dtype!r}"
+        )
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -38,11 +85,14 @@ def generate(
     profile: LayerProfile | None = None,
     remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
-    alg: str = "entropy",
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    alg: str = "origin",
     alg_temp: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
     eps: float = 1e-3,
+    confidence_dtype: torch.dtype | None = None,
     token_chunk: int = 4096,
     backend: str = "auto",
     cuda_graphs: bool = True,
@@ -51,18 +101,59 @@ def generate(
 ) -> GenerationOutput:
     """Generate ``gen_length`` tokens after ``input_ids`` [B, P] (left-padded when batched).
 
+    With ``method="nocache"`` the output is the official samplers' output token for token, in
+    bf16 and fp16 as in fp32 (LLaDA's ``generate.py``, Dream's ``diffusion_generate``), except
+    where noted below. Every default is the official one; the official recommended settings are
+    ``block_length=32`` for LLaDA and ``alg="entropy", temperature=0.2, top_p=0.95`` for Dream.
+
     Args:
         model: ``LLaDAModelLM`` or ``DreamModelLM`` (``model.dllm_kind`` picks the sampler).
         method: a ``maskkv.methods.Method`` or its name (``"maskkv"`` = ``MaskKV(budget=256)``).
-        gen_length, block_length, steps: LLaDA's semi-autoregressive schedule (block_length
-            defaults to gen_length, steps to gen_length); Dream ignores ``block_length``.
-        attention_mask: [B, P] (1 = real token) for left-padded batches.
+        gen_length: response length.
+        block_length, steps: LLaDA's semi-autoregressive schedule; ``block_length`` defaults to
+            ``gen_length`` and ``steps`` to ``gen_length`` (the official defaults, 128 and 128, at
+            the default ``gen_length``). Dream ignores ``block_length``; its ``steps`` defaults
+            to 512, as ``DreamGenerationConfig``.
+        temperature: 0 is greedy.
+        attention_mask: [B, P] (1 = real token) for left-padded batches. Positions count real
+            tokens only (a padded row generates what it would alone); the official LLaDA code
+            counts the padding too, so in a padded LLaDA batch the padded rows' logits differ
+            from it in rounding.
         profile: MaskKV / SqueezeAttention layer profile; default: the one saved next to the
             model (``maskkv calibrate``), if any.
-        remasking, cfg_scale: LLaDA options; alg, alg_temp, top_p, top_k, eps: Dream options.
+        remasking: LLaDA: ``"low_confidence"`` or ``"random"``.
+        cfg_scale: LLaDA classifier-free guidance scale (>= 0; 0 = off).
+        logits_eos_inf: LLaDA: EOS never becomes a candidate (its logit is -inf).
+        confidence_eos_eot_inf: LLaDA: EOS and EOT (``config.eot_token_id``, default 126348)
+            get no confidence. Reproduces the official line exactly: at ``temperature > 0`` only
+            EOT is removed from the confidence softmax (the official write to EOS lands on the
+            noisy copy, after the argmax).
+        alg: Dream: ``"origin"`` (official default), ``"maskgit_plus"``, ``"topk_margin"`` or
+            ``"entropy"``.
+        alg_temp: Dream: positions are drawn from softmax(confidence / alg_temp) instead of
+            taken top-k (None or 0: top-k).
+        top_p: Dream: nucleus sampling, in (0, 1]. top_k: Dream: positive int.
+        eps: Dream's final timestep.
+        confidence_dtype: None (official): confidences in the logits' dtype, the current
+            official LLaDA and Dream code. ``torch.float64``: LLaDA's code before June 2025 and
+            Fast-dLLM, which take a float64 softmax (for Dream: the whole token sampler runs on
+            logits cast to this dtype).
         token_chunk: tokens per chunk in full passes (bounds activations for long prompts).
         backend: ``maskkv_kernels`` backend.
         cuda_graphs: on CUDA, run every later (cached) step as one replayed CUDA graph.
+        seed: None draws from torch's global generators, as the official code. An int runs the
+            loop inside ``torch.random.fork_rng`` after ``torch.manual_seed(seed)``: the same
+            draws as ``torch.manual_seed(seed)`` followed by the official loop, and the caller's
+            generator states are restored afterwards.
+        progress: show a progress bar.
+
+    Random streams: Dream's (``origin``'s uniform draw, Categorical sampling, the ``alg_temp``
+    multinomial) and LLaDA's random remasking ([B, L] uniforms per step) are the official ones.
+    LLaDA's Gumbel noise at ``temperature > 0`` is the official float64 [B, L, V] draw while that
+    tensor is at most ``maskkv.generation.llada.FULL_NOISE_MAX_BYTES`` (1 GiB; B * L <= 1061 with
+    LLaDA's vocabulary); above, noise is drawn for the masked positions of the current block only
+    (same distribution, not the official stream), so long prompts cost no [B, L, V] tensor.
+
     Returns:
         ``GenerationOutput`` with ``.sequences`` [B, P + gen_length] and ``.stats``
         (per-step times, peak memory, prompt KV bytes before/after, kept lengths per layer/head).
@@ -82,9 +173,35 @@ def generate(
         )
     if not isinstance(gen_length, int) or gen_length < 1:
         raise ValueError(f"gen_length: expected a positive int, got {gen_length!r}")
-    steps = gen_length if steps is None else steps
+    _check_options(
+        temperature=temperature,
+        remasking=remasking,
+        cfg_scale=cfg_scale,
+        alg=alg,
+        alg_temp=alg_temp,
+        top_p=top_p,
+        top_k=top_k,
+        eps=eps,
+        confidence_dtype=confidence_dtype,
+    )
+    is_dream = getattr(model, "dllm_kind", "llada") == "dream"
+    if steps is None:
+        steps = DREAM_DEFAULT_STEPS if is_dream else gen_length
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
+        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    vocab = model.config.vocab_size
+    eos_id = model.config.eos_token_id
+    eot_id = getattr(model.config, "eot_token_id", None)
+    eot_id = LLADA_EOT_TOKEN_ID if eot_id is None else eot_id
+    if not is_dream and (logits_eos_inf or confidence_eos_eot_inf):
+        for name, tok in (("eos_token_id", eos_id), ("eot_token_id", eot_id)):
+            if not isinstance(tok, int) or not 0 <= tok < vocab:
+                raise ValueError(
+                    f"model.config.{name}: expected a token id in [0, {vocab}) for "
+                    f"logits_eos_inf / confidence_eos_eot_inf, got {tok!r}"
+                )
     if profile is None and getattr(model, "name_or_path", None):
         profile = LayerProfile.find(model.name_or_path)
     device = input_ids.device
@@ -109,9 +226,6 @@ def generate(
     )
     if cfg_scale > 0 and full_mask is not None:
         denoiser.attention_mask = torch.cat([full_mask, full_mask])
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -120,37 +234,47 @@ def generate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     mask_id = model.config.mask_token_id
+    rng = contextlib.nullcontext()
+    if seed is not None:
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        if getattr(model, "dllm_kind", "llada") == "dream":
-            seqs = sample_dream(
-                denoiser,
-                input_ids,
-                mask_id=mask_id,
-                gen_length=gen_length,
-                steps=steps,
-                temperature=temperature,
-                alg=alg,
-                alg_temp=alg_temp,
-                top_p=top_p,
-                top_k=top_k,
-                eps=eps,
-                generator=generator,
-                progress=bar.update if bar else None,
-            )
-        else:
-            seqs = sample_llada(
-                denoiser,
-                input_ids,
-                mask_id=mask_id,
-                gen_length=gen_length,
-                block_length=block_length or gen_length,
-                steps=steps,
-                temperature=temperature,
-                remasking=remasking,
-                cfg_scale=cfg_scale,
-                generator=generator,
-                progress=bar.update if bar else None,
-            )
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            if is_dream:
+                seqs = sample_dream(
+                    denoiser,
+                    input_ids,
+                    mask_id=mask_id,
+                    gen_length=gen_length,
+                    steps=steps,
+                    temperature=temperature,
+                    alg=alg,
+                    alg_temp=alg_temp,
+                    top_p=top_p,
+                    top_k=top_k,
+                    eps=eps,
+                    confidence_dtype=confidence_dtype,
+                    progress=bar.update if bar else None,
+                )
+            else:
+                seqs = sample_llada(
+                    denoiser,
+                    input_ids,
+                    mask_id=mask_id,
+                    gen_length=gen_length,
+                    block_length=block_length or gen_length,
+                    steps=steps,
+                    temperature=temperature,
+                    remasking=remasking,
+                    cfg_scale=cfg_scale,
+                    confidence_dtype=confidence_dtype,
+                    logits_eos_inf=logits_eos_inf,
+                    confidence_eos_eot_inf=confidence_eos_eot_inf,
+                    eos_id=eos_id,
+                    eot_id=eot_id,
+                    progress=bar.update if bar else None,
+                )
     finally:
         if bar is not None:
             bar.close()

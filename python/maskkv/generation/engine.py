@@ -338,6 +338,24 @@ class Denoiser:
             static_ids.copy_(ids)
             g.replay()
             return static_h
+        cos, sin = self.model.rotary(self._positions[:, self.Pc :])
+        if not (self.cuda_graphs and x.is_cuda):
+            return self._cached_layers(ids, cos, sin)
+        # Warm up on a side stream (Triton compiles and autotunes here, outside the capture).
+        static_ids = ids.clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self._cached_layers(static_ids, cos, sin)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_h = self._cached_layers(static_ids, cos, sin)
+        # The graph reads every input by address: keep each one alive as long as the graph (a
+        # freed cos/sin block would be reused by the allocator and replays would read garbage).
+        self._graphs[key] = dict(graph=g, ids=static_ids, h=static_h, cos=cos, sin=sin)
+        g.replay()
+        return static_h
 
     # -- the public call --------------------------------------------------------------------------
 
@@ -345,7 +363,9 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """x: [B, P + R] token ids; need: bool [B, R] response positions whose logits are wanted.
 
-        Returns fp32 logits [n, vocab] for ``x[:, P:][need]`` in row-major order.
+        Returns logits [n, vocab] for ``x[:, P:][need]`` in row-major order, in the model dtype
+        (the official samplers take their confidences in the logits' dtype, so casting here
+        would change which tokens win in bf16).
         """
         self._sync(x.device)
         t0 = time.perf_counter()
@@ -358,7 +378,7 @@ class Denoiser:
             h, offset = self._full_pass(x, build_cache=True), 0
         else:
             h, offset = self._cached_pass(x), self.Pc
-        logits = self._head_logits(h, need, offset).float()
+        logits = self._head_logits(h, need, offset)
         self._sync(x.device)
         self.stats.step_times.append(time.perf_counter() - t0)
         return logits

@@ -85,16 +85,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys in fp32 and cast back.
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool = True
+) -> torch.Tensor:
+    """Rotate queries or keys.
 
     x: [B, H, T, D] (any float dtype); cos, sin: fp32 [B, T, D] (or [1, T, D])
     -> [B, H, T, D] in x.dtype.
-    LLaDA (rope_full_precision) rotates in fp32 too; Dream's reference code rotates in the model
-    dtype, which only differs in bf16 rounding.
+    full_precision=True rotates in fp32 and casts back once, as LLaDA does (`rope_full_precision`).
+    full_precision=False casts cos/sin to x.dtype and rotates in that dtype, as Qwen2 and the
+    official Dream code do; in bf16 each product and the sum round separately, so the two differ
+    in the last bit, and only this order reproduces Dream's bf16 logits bit for bit.
     """
-    xf = x.float()
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    if not full_precision:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+    xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 

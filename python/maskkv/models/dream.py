@@ -171,7 +171,12 @@ class DreamDecoderLayer(nn.Module):
         q = split_heads(attn.q_proj(x), attn.num_heads)
         k = split_heads(attn.k_proj(x), attn.num_kv_heads)
         v = split_heads(attn.v_proj(x), attn.num_kv_heads)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        # Qwen2-style RoPE: cos/sin cast to the model dtype, rotation in that dtype.
+        return (
+            apply_rotary(q, cos, sin, full_precision=False),
+            apply_rotary(k, cos, sin, full_precision=False),
+            v,
+        )
 
     def attn_output(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, d] (the layer input); attn: [B, Hq, T, D] -> [B, T, d]."""
