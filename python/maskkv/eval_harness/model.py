@@ -153,9 +153,7 @@ def parse_model_args(**kwargs: Any) -> dict[str, Any]:
         if not isinstance(opts[key], (int, float)) or isinstance(opts[key], bool) or opts[key] < 0:
             raise ValueError(f"{key}: expected a number >= 0, got {opts[key]!r}")
     if opts["remasking"] not in ("low_confidence", "random"):
-        raise ValueError(
-            f"remasking: expected low_confidence or random, got {opts['remasking']!r}"
-        )
+        raise ValueError(f"remasking: expected low_confidence or random, got {opts['remasking']!r}")
     if not isinstance(opts["add_bos_token"], bool):
         raise ValueError(f"add_bos_token: expected true or false, got {opts['add_bos_token']!r}")
     opts["batch_size"] = _batch_size(opts["batch_size"])
@@ -271,7 +269,9 @@ class MaskKVLM(LM):
             device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's --device defaults to cuda; on a CPU-only box run on the CPU (as HFLM).
-                warnings.warn(f"device: {device} requested but CUDA is unavailable; using cpu")
+                warnings.warn(
+                    f"device: {device} requested but CUDA is unavailable; using cpu", stacklevel=2
+                )
                 device = "cpu"
         self._device = torch.device(device)
         dtype = opts["dtype"]
@@ -562,4 +562,3 @@ class MaskKVLM(LM):
             "maskkv_profile": None if self.profile is None else self.profile.importance,
             "maskkv_dtype": str(next(self.model.parameters()).dtype),
         }
-
