@@ -207,3 +207,44 @@ def test_accelerate_two_processes(tmp_path, reference_accuracy):
     assert sorted(r["doc_id"] for r in rows) == list(range(n))
     got = _results(tmp_path)["maskkv_passkey"]["exact_match,strip"]
     assert got == pytest.approx(reference_accuracy("passkey", n), abs=1e-12)
+
+
+def test_chat_template_is_the_checkpoints(lm):
+    """lm-eval's --apply_chat_template text is the tokenizer's own template, and its tokens
+    start with exactly one BOS (the template's; add_bos_token adds no second one)."""
+    chat = [{"role": "user", "content": "code?"}]
+    text = lm.apply_chat_template(chat)
+    assert text == lm.tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    ids = lm._encode(text)
+    assert ids[0] == task_lib.BOS_ID and ids[1] != task_lib.BOS_ID
+    assert lm.tokenizer.decode(ids) == text
+
+
+def test_cache_policy_args_map_onto_generate_when_the_feature_exists(monkeypatch):
+    """The plug-in point: with the cache-policy names present (stand-ins here), cache= and
+    threshold= become maskkv.generate's cache= and decoding= arguments."""
+    import maskkv
+
+    def fake_generate(model, input_ids, *, cache=None, decoding=None): ...
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    monkeypatch.setattr(maskkv, "generate", fake_generate)
+    names = ("PromptCache", "PrefixCache", "DualCache", "DLLMCache", "Threshold", "Factor")
+    stubs = {n: type(n, (Stub,), {}) for n in names}
+    for n, cls in stubs.items():
+        monkeypatch.setattr(maskkv, n, cls, raising=False)
+    opts = parse_model_args(pretrained=TINY, cache="dual", refresh_prompt=True, threshold=0.9)
+    kw = opts["policy_kwargs"]
+    assert type(kw["cache"]) is stubs["DualCache"] and kw["cache"].kwargs == {
+        "refresh_prompt": True
+    }
+    assert type(kw["decoding"]) is stubs["Threshold"] and kw["decoding"].args == (0.9,)
+    with pytest.raises(ValueError, match="cache: expected one of"):
+        parse_model_args(pretrained=TINY, cache="quad")
+    with pytest.raises(ValueError, match="threshold, factor"):
+        parse_model_args(pretrained=TINY, threshold=0.9, factor=1.0)

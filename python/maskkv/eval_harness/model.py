@@ -20,7 +20,9 @@ steps               denoising steps for ``gen_length`` tokens (default: gen_leng
 temperature,        sampler options of ``maskkv.generate`` (greedy by default); a request's
 remasking, seed     ``temperature`` (with ``do_sample``) wins
 cfg                 classifier-free guidance scale (generation and likelihood), default 0
-add_bos_token       prepend the tokenizer's BOS to every context (default False)
+add_bos_token       true: every context starts with the tokenizer's BOS; false: no special
+                    tokens added; default: the tokenizer's own rule (unless the text already
+                    starts with BOS, e.g. from a chat template)
 mc_num,             Monte Carlo samples per likelihood and rows per forward (default 128, 32)
 mc_batch_size
 max_length          longest context + continuation scored (default: the config's
@@ -78,7 +80,7 @@ MODEL_ARGS: dict[str, Any] = {
     "remasking": "low_confidence",
     "seed": None,
     "cfg": 0.0,
-    "add_bos_token": False,
+    "add_bos_token": None,
     "mc_num": 128,
     "mc_batch_size": 32,
     "max_length": None,
@@ -154,7 +156,7 @@ def parse_model_args(**kwargs: Any) -> dict[str, Any]:
             raise ValueError(f"{key}: expected a number >= 0, got {opts[key]!r}")
     if opts["remasking"] not in ("low_confidence", "random"):
         raise ValueError(f"remasking: expected low_confidence or random, got {opts['remasking']!r}")
-    if not isinstance(opts["add_bos_token"], bool):
+    if opts["add_bos_token"] is not None and not isinstance(opts["add_bos_token"], bool):
         raise ValueError(f"add_bos_token: expected true or false, got {opts['add_bos_token']!r}")
     opts["batch_size"] = _batch_size(opts["batch_size"])
     opts["policy_kwargs"] = _cache_policy_kwargs({k: opts[k] for k in CACHE_POLICY_KEYS})
@@ -293,6 +295,7 @@ class MaskKVLM(LM):
         self.max_length = opts["max_length"] or getattr(
             config, "max_sequence_length", getattr(config, "max_position_embeddings", None)
         )
+        self._warned_gen_kwargs: set[str] = set()
         self.generator = (
             None
             if opts["seed"] is None
@@ -354,9 +357,13 @@ class MaskKVLM(LM):
     # -- tokens ---------------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of ``text`` under the ``add_bos_token`` rule (see the module docstring)."""
+        flag, bos_text = self.opts["add_bos_token"], self.tokenizer.bos_token
+        starts_with_bos = bos_text is not None and text.startswith(bos_text)
+        ids = self.tokenizer(text, add_special_tokens=flag is None and not starts_with_bos)
+        ids = list(ids["input_ids"])
         bos = self.tokenizer.bos_token_id
-        if self.opts["add_bos_token"] and bos is not None and (not ids or ids[0] != bos):
+        if flag and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 
@@ -404,6 +411,14 @@ class MaskKVLM(LM):
             temperature = float(gen_kwargs.pop("temperature", self.opts["temperature"]))
             if sample is False:
                 temperature = 0.0
+            ignored = sorted(set(gen_kwargs) - self._warned_gen_kwargs)
+            if ignored:  # e.g. top_p: maskkv.generate's LLaDA sampler has no such option
+                self._warned_gen_kwargs.update(ignored)
+                warnings.warn(
+                    f"generation_kwargs: {', '.join(ignored)} not supported by the maskkv model; "
+                    "ignored",
+                    stacklevel=2,
+                )
             ids = self._encode(context)
             jobs.append((i, ids, until, gen_length, temperature))
         groups: dict[tuple[int, float], list] = {}
