@@ -33,8 +33,11 @@ setup(
     packages=find_packages(where="python")
     + find_packages(include=["maskkv_kernels", "maskkv_kernels.*"]),
     package_dir={"": "python", "maskkv_kernels": "maskkv_kernels"},
-    # The tiny trained model of the quality suite (`maskkv eval`) ships with the package.
-    package_data={"maskkv": ["assets/*/*"]},
+    # The tiny trained model of the quality suite (`maskkv eval`) and the lm-eval tasks over its
+    # data (YAML + the utils.py their `!function` tags load) ship with the package.
+    package_data={
+        "maskkv": ["assets/*/*", "quality/lm_eval_tasks/*.yaml", "quality/lm_eval_tasks/*.py"]
+    },
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),
 )
