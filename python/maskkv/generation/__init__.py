@@ -7,11 +7,26 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import LayerProfile, Method, get
+from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import sample_dream
 from .engine import Denoiser, StepStats
 from .llada import sample_llada
+from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
 
-__all__ = ["GenerationOutput", "StepStats", "generate"]
+__all__ = [
+    "CachePolicy",
+    "DLLMCache",
+    "DecodingRule",
+    "DualCache",
+    "Factor",
+    "FixedSteps",
+    "GenerationOutput",
+    "PrefixCache",
+    "PromptCache",
+    "StepStats",
+    "Threshold",
+    "generate",
+]
 
 
 @dataclass
@@ -30,6 +45,8 @@ def generate(
     input_ids: torch.Tensor,
     *,
     method: Method | str = "maskkv",
+    cache: CachePolicy | str | None = None,
+    decoding: DecodingRule | str | None = None,
     gen_length: int = 128,
     block_length: int | None = None,
     steps: int | None = None,
@@ -53,8 +70,13 @@ def generate(
     Args:
         model: ``LLaDAModelLM`` or ``DreamModelLM`` (``model.dllm_kind`` picks the sampler).
         method: a ``maskkv.methods.Method`` or its name (``"maskkv"`` = ``MaskKV(budget=256)``).
-        gen_length, block_length, steps: LLaDA's semi-autoregressive schedule (block_length
-            defaults to gen_length, steps to gen_length); Dream ignores ``block_length``.
+        cache: what each step recomputes: ``PromptCache()`` (default), ``PrefixCache()``,
+            ``DualCache()``, ``DLLMCache()`` or their names ``prompt | prefix | dual | dllm``.
+        decoding: how many tokens a step reveals: ``FixedSteps()`` (default), ``Threshold(tau)``,
+            ``Factor(f)``. With an adaptive rule ``steps`` only fixes the block count check and
+            each block runs until it has no mask left.
+        gen_length, block_length, steps: the semi-autoregressive schedule (block_length
+            defaults to gen_length, steps to gen_length); Dream decodes block by block too.
         attention_mask: [B, P] (1 = real token) for left-padded batches.
         profile: MaskKV / SqueezeAttention layer profile; default: the one saved next to the
             model (``maskkv calibrate``), if any.
@@ -67,6 +89,8 @@ def generate(
     """
     if isinstance(method, str):
         method = get(method)
+    policy = get_policy(cache)
+    rule = get_rule(decoding)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids: expected a [B, P] tensor of token ids, got {getattr(input_ids, 'shape', input_ids)}"
@@ -96,7 +120,14 @@ def generate(
             1,
         )
     denoiser = Denoiser(
-        model, method, P, full_mask, profile=profile, token_chunk=token_chunk, backend=backend
+        model,
+        method,
+        P,
+        full_mask,
+        profile=profile,
+        token_chunk=token_chunk,
+        backend=backend,
+        cache=policy,
     )
     if cfg_scale > 0 and full_mask is not None:
         denoiser.attention_mask = torch.cat([full_mask, full_mask])
@@ -127,6 +158,9 @@ def generate(
                 eps=eps,
                 generator=generator,
                 progress=bar.update if bar else None,
+                block_length=block_length or gen_length,
+                decoding=rule,
+                on_reveal=denoiser.stats.tokens_per_step.append,
             )
         else:
             seqs = sample_llada(
@@ -141,6 +175,8 @@ def generate(
                 cfg_scale=cfg_scale,
                 generator=generator,
                 progress=bar.update if bar else None,
+                decoding=rule,
+                on_reveal=denoiser.stats.tokens_per_step.append,
             )
     finally:
         if bar is not None:

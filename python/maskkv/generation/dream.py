@@ -3,6 +3,13 @@
 
 Dream predicts token i from position i - 1 (the denoiser handles the shift). Timesteps run
 ``linspace(1, eps, steps + 1)``; at step i a fraction 1 - s/t of the masked tokens is revealed.
+
+Block-wise decoding (Fast-dLLM's ``generation_utils_block.py``): with ``block_length`` <
+``gen_length`` the response is decoded block by block, each block getting ``steps // num_blocks``
+steps of the same schedule over its own masks (positions after the block are not revealed);
+``block_length = gen_length`` (the default) is Dream's original loop. Unlike Fast-dLLM, the block
+start pass reveals by the same rule as the other steps (Fast-dLLM forces the block's first token).
+With an adaptive rule (``Threshold``, ``Factor``) a block runs until it has no mask left.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .decoding import DecodingRule, FixedSteps, select_top
 
 __all__ = ["sample_dream", "sample_tokens"]
 
@@ -77,21 +86,69 @@ def sample_dream(
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
     progress: Callable[[], None] | None = None,
+    block_length: int | None = None,
+    decoding: DecodingRule | None = None,
+    on_reveal: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
-    """Returns token ids [B, P + gen_length]; ``denoise(x, need)`` as in the LLaDA sampler."""
+    """Returns token ids [B, P + gen_length]; ``denoise(x, need)``, ``decoding`` and
+    ``on_reveal`` as in the LLaDA sampler; ``block_length`` defaults to ``gen_length``."""
     if alg not in ALGORITHMS:
         raise ValueError(f"alg: expected one of {ALGORITHMS}, got {alg!r}")
+    block_length = gen_length if block_length is None else block_length
+    if not isinstance(block_length, int) or block_length < 1 or gen_length % block_length:
+        raise ValueError(
+            f"block_length: expected a divisor of gen_length={gen_length}, got {block_length}"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps: expected a multiple of the number of blocks ({num_blocks}), got {steps}"
+        )
+    rule = decoding if decoding is not None else FixedSteps()
+    if not rule.fixed and alg_temp:
+        raise ValueError(f"alg_temp: not supported with decoding={rule!r} (use FixedSteps)")
+    begin_block = getattr(denoise, "begin_block", None)
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :P] = prompt
+    for nb in range(num_blocks):
+        lo, hi = nb * block_length, (nb + 1) * block_length
+        if begin_block is not None:
+            begin_block(lo, hi)
+        _sample_block(
+            denoise, x, P, lo, hi, steps // num_blocks, mask_id, temperature, alg, alg_temp,
+            top_p, top_k, eps, generator, progress, rule, on_reveal,
+        )  # fmt: skip
+    return x
+
+
+def _sample_block(
+    denoise, x, P, lo, hi, steps, mask_id, temperature, alg, alg_temp, top_p, top_k, eps,
+    generator, progress, rule, on_reveal,
+) -> None:  # fmt: skip
+    """Decode response positions [lo, hi) of ``x`` in place (Dream's schedule over the block)."""
+    B = x.shape[0]
     timesteps = torch.linspace(1, eps, steps + 1)
-    for i in range(steps):
+    i = 0
+    while i < steps if rule.fixed else bool((x[:, P + lo : P + hi] == mask_id).any()):
         need = x[:, P:] == mask_id
+        need[:, :lo] = False
+        need[:, hi:] = False
         if not need.any():
             if progress is not None:
                 progress()
+            i += 1
             continue
+        masked_before = need.sum()
         logits = denoise(x, need)
+        if not rule.fixed:
+            _reveal_adaptive(x, P, need, logits, temperature, alg, top_p, top_k, generator, rule)
+            if on_reveal is not None:
+                on_reveal(float(masked_before - (x[:, P + lo : P + hi] == mask_id).sum()) / B)
+            if progress is not None:
+                progress()
+            i += 1
+            continue
         t, s = timesteps[i].item(), timesteps[i + 1].item()
         resp = x[:, P:]
         if alg == "origin":
@@ -130,6 +187,36 @@ def sample_dream(
                 rows = torch.arange(B, device=x.device)[:, None].expand_as(idx)
                 resp[rows, idx] = cand[rows, idx]
         x[:, P:] = resp
+        if on_reveal is not None:
+            on_reveal(float(masked_before - (x[:, P + lo : P + hi] == mask_id).sum()) / B)
         if progress is not None:
             progress()
-    return x
+        i += 1
+
+
+def _reveal_adaptive(x, P, need, logits, temperature, alg, top_p, top_k, generator, rule):
+    """One step of an adaptive rule: the rule counts by the candidate's probability, the
+    algorithm's confidence (``origin``: a random draw) chooses which positions."""
+    cand = x[:, P:].clone()
+    if alg == "origin":
+        _, x0 = sample_tokens(logits, temperature, top_p, top_k, generator=generator)
+        rank = torch.rand(x0.shape, device=x.device, generator=generator)
+    else:
+        rank, x0 = sample_tokens(
+            logits,
+            temperature,
+            top_p,
+            top_k,
+            margin_confidence=alg == "topk_margin",
+            neg_entropy=alg == "entropy",
+            generator=generator,
+        )
+    scaled = logits / temperature if temperature > 0 else logits
+    p = torch.softmax(scaled.float(), -1).gather(-1, x0[:, None])[:, 0]
+    prob = torch.zeros(need.shape, dtype=torch.float64, device=x.device)
+    prob[need] = p.double()
+    conf = torch.full(need.shape, -torch.inf, dtype=torch.float64, device=x.device)
+    conf[need] = rank.double()
+    chosen = select_top(conf, rule.count(prob, need))
+    cand[need] = x0
+    x[:, P:][chosen] = cand[chosen]
