@@ -117,7 +117,7 @@ def select_top(confidence: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     confidence: [B, R], -inf outside the candidates (so they are only picked when a row asks for
     more positions than it has candidates, which the rules never do); count: int64 [B].
     """
-    order = confidence.argsort(-1, descending=True, stable=True)
+    order = confidence.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return rank < count[:, None]
