@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench.add_bench_arguments(parser)
     args = parser.parse_args(argv)
+    if args.whole:  # python benchmarks/bench_e2e.py --whole --preset cpu --threads 1
+        bench.run_whole_from_args(args)
+        return
     result = bench.run_from_args(args)
     device = torch.device(result.config["device"])
     config, rows = bench.result_payload(result)

@@ -146,3 +146,29 @@ def test_step_floor_formula() -> None:
         sum(q.numel() for q in model.parameters()) - p.vocab * p.hidden
     )
     assert f["floor_s"] == max(f["weight_bytes"], flops) / 1e9
+
+
+def test_whole_generation_benchmark(tmp_path) -> None:
+    from maskkv.bench_whole import CONFIGURATIONS, plot_whole, report_whole, run_whole
+
+    result = run_whole(
+        "tiny", gen_length=16, block_length=8, tokens_per_step=2, progress=False, threads=1
+    )
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == [c[0] for c in CONFIGURATIONS]
+    assert result["config"]["tokens_per_step"] == 2 and result["config"]["steps"] == 8
+    for r in result["rows"]:
+        assert r["nfe"] == 8 and r["total_s"] > 0
+        assert r["mean_tokens_per_step"] == 2  # the same fixed schedule everywhere
+    assert rows["NoCache"]["extrapolated"] and rows["NoCache"]["speedup_vs_nocache"] == 1
+    fast = rows["Fast-dLLM (FullCache + DualCache refresh_prompt)"]
+    assert fast["passes"] == {"full": 2, "tail": 6}  # one refresh per block
+    dual = rows["MaskKV + DualCache"]
+    assert dual["passes"] == {"full": 1, "tail": 7} and dual["response_kv_bytes"] > 0
+    assert dual["prompt_kv_bytes"] < fast["prompt_kv_bytes"]
+    assert {t["target"] for t in result["targets"]} == {
+        "MaskKV + DualCache vs Fast-dLLM config",
+        "MaskKV + DualCache vs NoCache",
+    }
+    assert "x Fast-dLLM" in report_whole(result)
+    assert plot_whole(result, tmp_path / "w.png").stat().st_size > 0

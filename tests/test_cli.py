@@ -35,6 +35,32 @@ def test_generate_prints_answer_and_stats(tmp_path, capsys, kind):
     assert "method SnapKV(budget=8" in err and "prompt KV" in err and "later steps" in err
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cache", "dual", "--threshold", "0.9", "--block-length", "4"],
+        ["--cache", "prefix", "--refresh-prompt", "--factor", "1.0", "--block-length", "4"],
+        ["--cache", "dllm", "--prompt-interval", "4", "--response-interval", "2"],
+    ],
+)
+def test_generate_with_cache_policy_and_rule(tmp_path, capsys, extra):
+    path = tiny_checkpoint("llada", tmp_path / "m")
+    argv = ["generate", "--model", str(path), "--prompt", "a b c d " * 8, "--method", "snapkv"]
+    argv += ["--budget", "8", "--gen-length", "8", "--steps", "4", *extra]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "forward passes" in err and "tokens per step" in err and "cached response KV" in err
+
+
+def test_generate_rejects_two_rules_and_bad_threshold(tmp_path):
+    path = tiny_checkpoint("llada", tmp_path / "m")
+    argv = ["generate", "--model", str(path), "--prompt", "a b", "--gen-length", "4"]
+    with pytest.raises(SystemExit, match="at most one of --threshold and --factor"):
+        main([*argv, "--threshold", "0.9", "--factor", "1"])
+    with pytest.raises(SystemExit, match="tau: expected a number in"):
+        main([*argv, "--threshold", "1.5"])
+
+
 def test_calibrate_writes_a_profile_that_maskkv_finds(tmp_path, capsys):
     path = tiny_checkpoint("llada", tmp_path / "m", n_layers=3)
     prompts = tmp_path / "prompts.jsonl"

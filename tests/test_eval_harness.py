@@ -53,7 +53,10 @@ def _results(out_dir: Path) -> dict:
         ({"pretrained": TINY, "budget": 0}, "budget"),
         ({"pretrained": TINY, "gen_length": 8, "block_length": 3}, "block_length"),
         ({"pretrained": TINY, "dtype": "float8"}, "dtype"),
-        ({"pretrained": TINY, "cache": "dual", "threshold": 0.9}, "cache-policy feature"),
+        ({"pretrained": TINY, "cache": "h2o"}, "cache"),
+        ({"pretrained": TINY, "cache": "prompt", "refresh_prompt": True}, "refresh_prompt"),
+        ({"pretrained": TINY, "cache": "dual", "threshold": 1.5}, "tau"),
+        ({"pretrained": TINY, "threshold": 0.9, "factor": 1.0}, "threshold"),
         ({}, "pretrained"),
     ],
 )
@@ -222,28 +225,17 @@ def test_chat_template_is_the_checkpoints(lm):
     assert lm.tokenizer.decode(ids) == text
 
 
-def test_cache_policy_args_map_onto_generate_when_the_feature_exists(monkeypatch):
-    """The plug-in point: with the cache-policy names present (stand-ins here), cache= and
-    threshold= become maskkv.generate's cache= and decoding= arguments."""
+def test_cache_policy_args_map_onto_generate():
+    """cache= / refresh_prompt= / threshold= become maskkv.generate's cache= and decoding=."""
     import maskkv
 
-    def fake_generate(model, input_ids, *, cache=None, decoding=None): ...
-
-    class Stub:
-        def __init__(self, *args, **kwargs):
-            self.args, self.kwargs = args, kwargs
-
-    monkeypatch.setattr(maskkv, "generate", fake_generate)
-    names = ("PromptCache", "PrefixCache", "DualCache", "DLLMCache", "Threshold", "Factor")
-    stubs = {n: type(n, (Stub,), {}) for n in names}
-    for n, cls in stubs.items():
-        monkeypatch.setattr(maskkv, n, cls, raising=False)
     opts = parse_model_args(pretrained=TINY, cache="dual", refresh_prompt=True, threshold=0.9)
     kw = opts["policy_kwargs"]
-    assert type(kw["cache"]) is stubs["DualCache"] and kw["cache"].kwargs == {
-        "refresh_prompt": True
-    }
-    assert type(kw["decoding"]) is stubs["Threshold"] and kw["decoding"].args == (0.9,)
+    assert kw["cache"] == maskkv.DualCache(refresh_prompt=True)
+    assert kw["decoding"] == maskkv.Threshold(0.9)
+    kw = parse_model_args(pretrained=TINY, cache="dllm", prompt_interval=10, factor=1.0)
+    assert kw["policy_kwargs"]["cache"] == maskkv.DLLMCache(prompt_interval=10)
+    assert kw["policy_kwargs"]["decoding"] == maskkv.Factor(1.0)
     with pytest.raises(ValueError, match="cache: expected one of"):
         parse_model_args(pretrained=TINY, cache="quad")
     with pytest.raises(ValueError, match="threshold, factor"):

@@ -8,7 +8,17 @@
 """
 
 from . import methods
-from .generation import GenerationOutput, generate
+from .generation import (
+    DLLMCache,
+    DualCache,
+    Factor,
+    FixedSteps,
+    GenerationOutput,
+    PrefixCache,
+    PromptCache,
+    Threshold,
+    generate,
+)
 from .methods import (
     AdaKV,
     FullCache,
@@ -25,8 +35,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaKV",
+    "DLLMCache",
     "DreamConfig",
     "DreamModelLM",
+    "DualCache",
+    "Factor",
+    "FixedSteps",
     "FullCache",
     "GenerationOutput",
     "LLaDAConfig",
@@ -34,9 +48,12 @@ __all__ = [
     "LayerProfile",
     "MaskKV",
     "NoCache",
+    "PrefixCache",
+    "PromptCache",
     "PyramidKV",
     "SnapKV",
     "SqueezeAttention",
+    "Threshold",
     "generate",
     "load_checkpoint",
     "methods",

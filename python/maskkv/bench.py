@@ -949,6 +949,17 @@ def _fmt(x: Any, scale: float | None) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
 
 
+def format_rows(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, float | None]]
+) -> str:
+    """Fixed-width table: ``columns`` are (header, row key, scale or None for as-is); columns
+    without any value are left out."""
+    cols = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+    cells = [[c[0] for c in cols]] + [[_fmt(r.get(k), s) for _, k, s in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+
+
 def format_table(rows: Sequence[dict[str, Any]], timing: str = "median") -> str:
     """A compact fixed-width table of the rows (columns without any value are left out);
     ``timing`` picks the later-step column (median or min)."""
@@ -1146,6 +1157,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--whole",
+        action="store_true",
+        help="whole-generation benchmark instead: total time of NoCache, the Fast-dLLM "
+        "configuration, MaskKV + DLLMCache / PromptCache / DualCache (gen 256, block 32 unless "
+        "given; the first of --prompt-lens)",
+    )
+    parser.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=4,
+        help="--whole: tokens revealed per step, the same for every configuration",
+    )
     return parser
 
 
@@ -1190,7 +1214,40 @@ def result_payload(result: BenchResult) -> tuple[dict[str, Any], list[dict[str, 
     return config, result.rows
 
 
+def run_whole_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """``--whole``: run ``maskkv.bench_whole.run_whole`` and write whole_<preset>.json + .png."""
+    from .bench_whole import plot_whole, report_whole, run_whole
+
+    preset = args.preset or ("llada-8b" if torch.cuda.is_available() else "cpu")
+    result = run_whole(
+        preset,
+        prompt_len=args.prompt_lens[0] if args.prompt_lens else None,
+        gen_length=args.gen_length or 256,
+        block_length=args.block_length or 32,
+        tokens_per_step=args.tokens_per_step,
+        budget=args.budget,
+        threads=args.threads,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    device = torch.device(result["config"]["device"])
+    folder = Path(args.out or Path("benchmarks") / "results" / device_name(device))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"whole_{preset}.json"
+    payload = {"env": environment(device), "config": result["config"], "rows": result["rows"]}
+    payload["config"]["targets"] = result["targets"]
+    path.write_text(json.dumps(payload, indent=1))
+    print(report_whole(result))
+    print(f"\nwrote {path}")
+    if not args.no_plot:
+        print(f"wrote {plot_whole(result, path.with_suffix('.png'))}")
+    return result, path
+
+
 def _cli(args: argparse.Namespace) -> None:
+    if args.whole:
+        run_whole_from_args(args)
+        return
     result = run_from_args(args)
     device = torch.device(result.config["device"])
     folder = Path(args.out or Path("benchmarks") / "results" / device_name(device))

@@ -114,6 +114,8 @@ def _generate(args: argparse.Namespace) -> None:
         model,
         ids,
         method=method,
+        cache=_cache_policy(args),
+        decoding=_decoding_rule(args),
         gen_length=args.gen_length,
         block_length=block_length,
         steps=args.steps,
@@ -166,12 +168,44 @@ def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, kind=f
     return parse
 
 
+def _cache_policy(args: argparse.Namespace):
+    from .generation import DLLMCache, DualCache, PrefixCache, PromptCache
+
+    if args.cache == "prefix":
+        return PrefixCache(refresh_prompt=args.refresh_prompt)
+    if args.cache == "dual":
+        return DualCache(refresh_prompt=args.refresh_prompt)
+    if args.cache == "dllm":
+        return DLLMCache(args.prompt_interval, args.response_interval, args.transfer_ratio)
+    return PromptCache()
+
+
+def _decoding_rule(args: argparse.Namespace):
+    from .generation import Factor, FixedSteps, Threshold
+
+    if args.threshold is not None and args.factor is not None:
+        raise SystemExit("maskkv generate: give at most one of --threshold and --factor")
+    try:
+        if args.threshold is not None:
+            return Threshold(args.threshold)
+        if args.factor is not None:
+            return Factor(args.factor)
+    except ValueError as err:
+        raise SystemExit(f"maskkv generate: {err}") from None
+    return FixedSteps()
+
+
 def _format_stats(method, prompt_len: int, stats) -> str:
     s = stats.summary()
     lines = [
         f"method {method!r}, prompt {prompt_len} tokens, {s['steps']} steps",
         f"step 1 {1e3 * s['first_step_s']:.1f} ms, later steps {1e3 * s['later_step_s']:.1f} ms (median)",
+        f"total {s['total_s']:.3f} s (refreshes {s['refresh_s']:.3f} s, inner steps "
+        f"{s['inner_s']:.3f} s), {s['nfe']} forward passes, "
+        f"{s['mean_tokens_per_step']:.2f} tokens per step",
     ]
+    if s["response_kv_bytes"]:
+        lines.append(f"cached response KV {s['response_kv_bytes'] / 2**20:.2f} MiB")
     if s["prompt_kv_bytes_full"]:
         lines.append(
             f"prompt KV {s['prompt_kv_bytes_full'] / 2**20:.2f} MiB -> {s['prompt_kv_bytes_kept'] / 2**20:.2f} MiB, "
@@ -355,6 +389,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     dream.add_argument("--top-p", type=_number(0.0, 1.0, lo_open=True), default=None)
     dream.add_argument("--top-k", type=_number(1, kind=int), default=None)
+
+    gen.add_argument(
+        "--cache",
+        default="prompt",
+        choices=["prompt", "prefix", "dual", "dllm"],
+        help="what each step recomputes: prompt (pruned prompt frozen, whole response), prefix / "
+        "dual (Fast-dLLM block caches), dllm (dLLM-Cache interval refresh)",
+    )
+    gen.add_argument(
+        "--refresh-prompt",
+        action="store_true",
+        help="prefix/dual: recompute (and re-select) the prompt at every block start",
+    )
+    gen.add_argument("--prompt-interval", type=int, default=50, help="dllm: prompt refresh")
+    gen.add_argument("--response-interval", type=int, default=5, help="dllm: response refresh")
+    gen.add_argument(
+        "--transfer-ratio", type=float, default=0.25, help="dllm: share recomputed in between"
+    )
+    gen.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="reveal every masked token of the block with probability >= this (Fast-dLLM)",
+    )
+    gen.add_argument("--factor", type=float, default=None, help="Fast-dLLM's factor rule")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"])
     gen.set_defaults(func=_generate)
 

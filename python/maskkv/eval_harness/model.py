@@ -27,8 +27,8 @@ mc_num,             Monte Carlo samples per likelihood and rows per forward (def
 mc_batch_size
 max_length          longest context + continuation scored (default: the config's
                     ``max_sequence_length`` / ``max_position_embeddings``)
-cache, threshold,   cache policy and decoding rule (see ``CACHE_POLICY_KEYS``): need the
-factor, ...         cache-policy feature of ``maskkv.generate``
+cache, threshold,   cache policy (prompt, prefix, dual, dllm and their options) and decoding
+factor, ...         rule, passed to ``maskkv.generate(cache=..., decoding=...)``
 ==================  ===========================================================================
 
 Every key and value is checked, and the checkpoint directory looked at, before the model loads.
@@ -103,8 +103,8 @@ def parse_model_args(**kwargs: Any) -> dict[str, Any]:
     """Validate lm-eval model_args (already typed by lm-eval's parser) without loading anything.
 
     Returns the full option dict (defaults filled in) plus ``method_obj`` (the built
-    ``maskkv.methods.Method``) and ``policy_kwargs`` (extra ``maskkv.generate`` arguments of the
-    cache-policy feature). Raises ``ValueError`` naming the offending key or path.
+    ``maskkv.methods.Method``) and ``policy_kwargs`` (``maskkv.generate``'s ``cache`` and
+    ``decoding`` arguments). Raises ``ValueError`` naming the offending key or path.
     """
     from maskkv import methods
 
@@ -178,44 +178,41 @@ def _batch_size(value: Any) -> int:
 def _cache_policy_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     """Map the cache-policy / decoding model_args onto ``maskkv.generate(cache=..., decoding=...)``.
 
-    >>> PLUG-IN POINT for the cache-policy feature (``PromptCache`` / ``PrefixCache`` /
-    >>> ``DualCache`` / ``DLLMCache`` and ``Threshold`` / ``Factor``, DESIGN "Cache policies").
-    This is the only place that knows those classes. While this maskkv build lacks them (no
-    ``cache`` / ``decoding`` parameter on ``maskkv.generate``), any of these keys is rejected here,
-    before a model loads.
+    ``cache=prompt|prefix|dual|dllm`` picks the policy, ``refresh_prompt`` (prefix, dual) and
+    ``prompt_interval`` / ``response_interval`` / ``transfer_ratio`` (dllm) are its fields;
+    ``threshold`` or ``factor`` picks the decoding rule. Each object validates its own values
+    (``ValueError`` naming the field); an option the chosen policy has no field for is an error.
     """
-    given = {k: v for k, v in options.items() if v is not None}
-    if not given:
-        return {}
-    import inspect
+    import dataclasses
 
     import maskkv
 
-    names = ("PromptCache", "PrefixCache", "DualCache", "DLLMCache", "Threshold", "Factor")
-    params = inspect.signature(maskkv.generate).parameters
-    if not ({"cache", "decoding"} <= set(params) and all(hasattr(maskkv, n) for n in names)):
-        raise ValueError(
-            f"{', '.join(given)}: these model_args need the cache-policy feature "
-            "(maskkv.generate(..., cache=PrefixCache()/DualCache()/DLLMCache(), "
-            "decoding=Threshold()/Factor())), which this maskkv build does not have"
-        )
+    given = {k: v for k, v in options.items() if v is not None}
     out: dict[str, Any] = {}
-    policy = given.pop("cache", None)
     policies = {
         "prompt": maskkv.PromptCache,
         "prefix": maskkv.PrefixCache,
         "dual": maskkv.DualCache,
         "dllm": maskkv.DLLMCache,
     }
+    policy = given.pop("cache", None)
     policy_options = {
         k: given.pop(k)
         for k in ("refresh_prompt", "prompt_interval", "response_interval", "transfer_ratio")
         if k in given
     }
     if policy is not None:
-        if str(policy).lower() not in policies:
+        cls = policies.get(str(policy).lower())
+        if cls is None:
             raise ValueError(f"cache: expected one of {', '.join(policies)}, got {policy!r}")
-        out["cache"] = policies[str(policy).lower()](**policy_options)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(policy_options) - fields)
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)}: not an option of cache={policy} "
+                f"(its options: {', '.join(sorted(fields)) or 'none'})"
+            )
+        out["cache"] = cls(**policy_options)
     elif policy_options:
         raise ValueError(f"{', '.join(policy_options)}: need cache=prefix|dual|dllm")
     if "threshold" in given and "factor" in given:

@@ -8,11 +8,26 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import LayerProfile, Method, get
+from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import ALGORITHMS, sample_dream
 from .engine import Denoiser, StepStats
 from .llada import LLADA_EOT_TOKEN_ID, REMASKING, sample_llada
+from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
 
-__all__ = ["GenerationOutput", "StepStats", "generate"]
+__all__ = [
+    "CachePolicy",
+    "DLLMCache",
+    "DecodingRule",
+    "DualCache",
+    "Factor",
+    "FixedSteps",
+    "GenerationOutput",
+    "PrefixCache",
+    "PromptCache",
+    "StepStats",
+    "Threshold",
+    "generate",
+]
 
 
 @dataclass
@@ -77,6 +92,8 @@ def generate(
     input_ids: torch.Tensor,
     *,
     method: Method | str = "maskkv",
+    cache: CachePolicy | str | None = None,
+    decoding: DecodingRule | str | None = None,
     gen_length: int = 128,
     block_length: int | None = None,
     steps: int | None = None,
@@ -109,11 +126,17 @@ def generate(
     Args:
         model: ``LLaDAModelLM`` or ``DreamModelLM`` (``model.dllm_kind`` picks the sampler).
         method: a ``maskkv.methods.Method`` or its name (``"maskkv"`` = ``MaskKV(budget=256)``).
+        cache: what each step recomputes: ``PromptCache()`` (default), ``PrefixCache()``,
+            ``DualCache()``, ``DLLMCache()`` or their names ``prompt | prefix | dual | dllm``.
+        decoding: how many tokens a step reveals: ``FixedSteps()`` (default), ``Threshold(tau)``,
+            ``Factor(f)``. With an adaptive rule ``steps`` only fixes the block count check and
+            each block runs until it has no mask left.
         gen_length: response length.
-        block_length, steps: LLaDA's semi-autoregressive schedule; ``block_length`` defaults to
-            ``gen_length`` and ``steps`` to ``gen_length`` (the official defaults, 128 and 128, at
-            the default ``gen_length``). Dream ignores ``block_length``; its ``steps`` defaults
-            to 512, as ``DreamGenerationConfig``.
+        block_length, steps: the semi-autoregressive schedule; ``block_length`` defaults to
+            ``gen_length`` and ``steps`` to ``gen_length`` for LLaDA (the official defaults, 128
+            and 128, at the default ``gen_length``). Dream decodes block by block too
+            (``block_length = gen_length`` is its official loop); its ``steps`` defaults to 512,
+            as ``DreamGenerationConfig``.
         temperature: 0 is greedy.
         attention_mask: [B, P] (1 = real token) for left-padded batches. Positions count real
             tokens only (a padded row generates what it would alone); the official LLaDA code
@@ -160,6 +183,8 @@ def generate(
     """
     if isinstance(method, str):
         method = get(method)
+    policy = get_policy(cache)
+    rule = get_rule(decoding)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids: expected a [B, P] tensor of token ids, got {getattr(input_ids, 'shape', input_ids)}"
@@ -223,6 +248,7 @@ def generate(
         token_chunk=token_chunk,
         backend=backend,
         cuda_graphs=cuda_graphs,
+        cache=policy,
     )
     if cfg_scale > 0 and full_mask is not None:
         denoiser.attention_mask = torch.cat([full_mask, full_mask])
@@ -256,6 +282,9 @@ def generate(
                     eps=eps,
                     confidence_dtype=confidence_dtype,
                     progress=bar.update if bar else None,
+                    block_length=block_length or gen_length,
+                    decoding=rule,
+                    on_reveal=denoiser.stats.tokens_per_step.append,
                 )
             else:
                 seqs = sample_llada(
@@ -274,6 +303,8 @@ def generate(
                     eos_id=eos_id,
                     eot_id=eot_id,
                     progress=bar.update if bar else None,
+                    decoding=rule,
+                    on_reveal=denoiser.stats.tokens_per_step.append,
                 )
     finally:
         if bar is not None:

@@ -17,6 +17,13 @@ gives the same tokens in bf16 as in fp32:
 The one deliberate difference: when a row has fewer masked positions than the step reveals (the
 official count is averaged over the batch) the official code writes [MASK] over -inf positions,
 prompt included; here those positions keep their token.
+
+Block-wise decoding (Fast-dLLM's ``generation_utils_block.py``): with ``block_length`` <
+``gen_length`` the response is decoded block by block, each block getting ``steps // num_blocks``
+steps of the same schedule over its own masks (positions after the block are not revealed);
+``block_length = gen_length`` (the default) is Dream's original loop. Unlike Fast-dLLM, the block
+start pass reveals by the same rule as the other steps (Fast-dLLM forces the block's first token).
+With an adaptive rule (``Threshold``, ``Factor``) a block runs until it has no mask left.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ALGORITHMS", "sample_dream", "sample_tokens", "select_positions", "transfer_count"]
+
+from .decoding import DecodingRule, FixedSteps, select_top
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -123,50 +132,100 @@ def sample_dream(
     eps: float = 1e-3,
     confidence_dtype: torch.dtype | None = None,
     progress: Callable[[], None] | None = None,
+    block_length: int | None = None,
+    decoding: DecodingRule | None = None,
+    on_reveal: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
-    """Returns token ids [B, P + gen_length]; ``denoise(x, need)`` as in the LLaDA sampler.
+    """Returns token ids [B, P + gen_length]; ``denoise(x, need)``, ``decoding`` and
+    ``on_reveal`` as in the LLaDA sampler; ``block_length`` defaults to ``gen_length``.
 
     confidence_dtype: None runs ``sample_tokens`` in the logits' dtype (official); a dtype casts
     the logits first. Random draws come from the global generator in the official order.
     """
     if alg not in ALGORITHMS:
         raise ValueError(f"alg: expected one of {ALGORITHMS}, got {alg!r}")
+    block_length = gen_length if block_length is None else block_length
+    if not isinstance(block_length, int) or block_length < 1 or gen_length % block_length:
+        raise ValueError(
+            f"block_length: expected a divisor of gen_length={gen_length}, got {block_length}"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps: expected a multiple of the number of blocks ({num_blocks}), got {steps}"
+        )
+    rule = decoding if decoding is not None else FixedSteps()
+    if not rule.fixed and alg_temp:
+        raise ValueError(f"alg_temp: not supported with decoding={rule!r} (use FixedSteps)")
+    begin_block = getattr(denoise, "begin_block", None)
     B, P = prompt.shape
     L = P + gen_length
     device = prompt.device
     x = torch.full((B, L), mask_id, dtype=torch.long, device=device)
     x[:, :P] = prompt
+    for nb in range(num_blocks):
+        lo, hi = nb * block_length, (nb + 1) * block_length
+        if begin_block is not None:
+            begin_block(lo, hi)
+        _sample_block(
+            denoise, x, P, lo, hi, steps // num_blocks, mask_id, alg, alg_temp, eps,
+            confidence_dtype, dict(temperature=temperature, top_p=top_p, top_k=top_k), progress,
+            rule, on_reveal, whole=num_blocks == 1,
+        )  # fmt: skip
+    return x
+
+
+def _sample_block(
+    denoise, x, P, lo, hi, steps, mask_id, alg, alg_temp, eps, confidence_dtype, sampling,
+    progress, rule, on_reveal, whole,
+) -> None:  # fmt: skip
+    """Decode response positions [lo, hi) of ``x`` in place: Dream's schedule over the block.
+
+    ``whole``: the block is the whole response, where the masked count is the official one over
+    the whole sequence (the official loop counts every [MASK] in ``x``)."""
+    B, L = x.shape
+    device = x.device
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
-    for i in range(steps):
+    i = 0
+    while i < steps if rule.fixed else bool((x[:, P + lo : P + hi] == mask_id).any()):
         need = x[:, P:] == mask_id
+        need[:, :lo] = False
+        need[:, hi:] = False
         if not need.any():  # nothing left: the official step changes nothing and draws nothing
             if progress is not None:
                 progress()
+            i += 1
             continue
+        masked_before = need.sum()
         logits = denoise(x, need)
         if confidence_dtype is not None:
             logits = logits.to(confidence_dtype)
-        t, s = timesteps[i], timesteps[i + 1]
         rows = need.nonzero(as_tuple=True)
         rows = (rows[0], rows[1] + P)  # sequence coordinates
-        last = i == steps - 1
-        if alg == "origin":
-            p_transfer = 1 if last else 1 - s / t
+        if not rule.fixed:
+            _reveal_adaptive(x, need, logits, alg, sampling, rule)
+        elif alg == "origin":
+            t, s = timesteps[i], timesteps[i + 1]
+            p_transfer = 1 if i == steps - 1 else 1 - s / t
             x0 = torch.full((logits.shape[0],), mask_id, dtype=torch.long, device=device)
             draw = torch.rand(x0.shape, device=device) < p_transfer
             if draw.any():
                 x0[draw] = sample_tokens(logits[draw], **sampling)[1]
             x[rows] = x0
         else:
+            t, s = timesteps[i], timesteps[i + 1]
             conf, x0 = sample_tokens(
                 logits,
                 **sampling,
                 margin_confidence=alg == "topk_margin",
                 neg_entropy=alg == "entropy",
             )
-            mask_index = x == mask_id
-            n = transfer_count(mask_index, t, s, last)
+            if whole:
+                mask_index = x == mask_id
+            else:
+                mask_index = torch.zeros_like(x, dtype=torch.bool)
+                mask_index[:, P + lo : P + hi] = x[:, P + lo : P + hi] == mask_id
+            n = transfer_count(mask_index, t, s, i == steps - 1)
             if n > 0:
                 confidence = torch.full((B, L), -torch.inf, dtype=logits.dtype, device=device)
                 confidence[rows] = conf
@@ -175,6 +234,32 @@ def sample_dream(
                 candidates[rows] = x0
                 batch = torch.arange(B, device=device)[:, None].expand_as(idx)
                 x[batch, idx] = candidates[batch, idx]
+        if on_reveal is not None:
+            on_reveal(float(masked_before - (x[:, P + lo : P + hi] == mask_id).sum()) / B)
         if progress is not None:
             progress()
-    return x
+        i += 1
+
+
+def _reveal_adaptive(x, need, logits, alg, sampling, rule) -> None:
+    """One step of an adaptive rule: the rule counts by the candidate's probability, the
+    algorithm's confidence (``origin``: a random draw) chooses which positions."""
+    if alg == "origin":
+        _, x0 = sample_tokens(logits, **sampling)
+        rank = torch.rand(x0.shape, device=x.device)
+    else:
+        rank, x0 = sample_tokens(
+            logits, **sampling, margin_confidence=alg == "topk_margin", neg_entropy=alg == "entropy"
+        )
+    temperature = sampling["temperature"]
+    scaled = logits / temperature if temperature > 0 else logits
+    p = torch.softmax(scaled.float(), -1).gather(-1, x0[:, None])[:, 0]
+    prob = torch.zeros(need.shape, dtype=torch.float64, device=x.device)
+    prob[need] = p.double()
+    conf = torch.full(need.shape, -torch.inf, dtype=torch.float64, device=x.device)
+    conf[need] = rank.double()
+    chosen = select_top(conf, rule.count(prob, need))
+    P = x.shape[1] - need.shape[1]
+    cand = x[:, P:].clone()
+    cand[need] = x0
+    x[:, P:][chosen] = cand[chosen]

@@ -13,6 +13,13 @@ sequence". How the answer is computed is the method's business:
 Dream predicts token i from position i-1, so for Dream the last prompt position is recomputed
 with the response at every step and stays outside the cache (and outside the budget).
 
+What each step recomputes is the cache policy's business (``policies.py``): the denoiser asks
+``policy.plan(...)`` before every pass and runs one of three passes ("full", "tail" over a range
+of tail positions, dLLM-Cache's "partial"). Attention of a tail pass is always one
+``ragged_attention`` call over [pruned prompt ‖ tail], where the dense tail is either the
+computed tokens alone (PromptCache) or the stored response KV with the computed tokens written
+into their slots (Prefix/Dual/DLLMCache): no prompt concatenation, no new kernel.
+
 Approximation inherent to caching a bidirectional model: prompt keys/values at layers > 0 also
 depend on the response tokens, which change between steps; the cache freezes them at step 1
 (as the MaskKV paper does). With a single layer the cached and uncached paths agree exactly.
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
+from .policies import CachePolicy, PromptCache, StepPlan
 
 __all__ = ["Denoiser", "StepStats", "dense_attention", "position_ids_from_mask"]
 
@@ -119,6 +127,34 @@ class StepStats:
     layer_budgets: list[int] | None = None
     peak_memory_bytes: int | None = None  # CUDA only
     gen_length: int = 0
+    step_kinds: list[str] = field(default_factory=list)  # "full" | "tail" | "partial" per pass
+    step_refresh: list[bool] = field(default_factory=list)  # pass refreshed a cache
+    tokens_per_step: list[float] = field(default_factory=list)  # revealed per step, mean over rows
+    response_kv_bytes: int = 0  # bytes of cached response KV (+ dLLM-Cache features), all layers
+
+    @property
+    def nfe(self) -> int:
+        """Number of forward passes (function evaluations)."""
+        return len(self.step_times)
+
+    @property
+    def total_time(self) -> float:
+        return float(sum(self.step_times))
+
+    @property
+    def refresh_time(self) -> float:
+        """Seconds in passes that refresh a cache (step 1, block starts, interval refreshes)."""
+        return float(sum(t for t, r in zip(self.step_times, self.step_refresh) if r))
+
+    @property
+    def inner_time(self) -> float:
+        """Seconds in the other passes (inside a block / between refreshes)."""
+        return self.total_time - self.refresh_time
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        n = self.tokens_per_step
+        return sum(n) / len(n) if n else float("nan")
 
     @property
     def first_step_time(self) -> float:
@@ -138,6 +174,12 @@ class StepStats:
             "prompt_kv_bytes_full": self.prompt_kv_bytes_full,
             "prompt_kv_bytes_kept": self.prompt_kv_bytes_kept,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "nfe": self.nfe,
+            "total_s": self.total_time,
+            "refresh_s": self.refresh_time,
+            "inner_s": self.inner_time,
+            "mean_tokens_per_step": self.mean_tokens_per_step,
+            "response_kv_bytes": self.response_kv_bytes,
         }
         if self.kept_lengths is not None:
             out["kept_per_head_mean"] = float(self.kept_lengths.float().mean())
@@ -156,11 +198,13 @@ class Denoiser:
         profile: layer-importance profile for MaskKV / SqueezeAttention budgets.
         token_chunk: tokens per chunk for QKV, attention queries and MLP in full passes.
         backend: passed to the ``maskkv_kernels`` ops.
-        cuda_graphs: on CUDA, capture each later step as one CUDA graph (all layers) and replay
-            it; False runs every later step eagerly.
+        cuda_graphs: on CUDA, capture each later step that runs without stored response KV
+            (PromptCache) as one CUDA graph (all layers) and replay it; False runs it eagerly.
         step1_lse: let the step-1 attention return the mask rows' LSE (torch's fused flash
             forward) so that mask-query scoring skips its own pass over K; False keeps SDPA's own
             backend choice and lets ``select_and_gather`` compute the LSE.
+        cache: the cache policy (default ``PromptCache()``). A method that caches nothing
+            (NoCache) runs a full pass at every step whatever the policy.
     """
 
     def __init__(
@@ -175,9 +219,11 @@ class Denoiser:
         backend: str = "auto",
         cuda_graphs: bool = True,
         step1_lse: bool = True,
+        cache: CachePolicy | None = None,
     ) -> None:
         self.model = model
         self.method = method
+        self.policy = cache if cache is not None else PromptCache()
         self.P = prompt_len
         self.shift = 1 if getattr(model, "dllm_kind", "llada") == "dream" else 0
         # The cached region: the prompt, less Dream's last position (recomputed every step).
@@ -188,12 +234,24 @@ class Denoiser:
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         self.step1_lse = step1_lse
-        self._graphs: dict[tuple[int, ...], dict] = {}
+        self._graphs: dict[tuple[int, ...], dict] = {}  # (B, T, lo, hi) -> graph
         self._backend = backend  # resolved per device in _setup (the hot path skips the checks)
         self.caches: list[mk.RaggedKV] | None = None
         self.stats = StepStats()
         self._positions: torch.Tensor | None = None
         self._lens_cpu: torch.Tensor | None = None  # real prompt tokens inside the cached region
+        # Response (tail) caches kept by Prefix/Dual/DLLMCache, one entry per layer:
+        self.tail_k: list[torch.Tensor] | None = None  # [B, Hkv, T, D] after RoPE
+        self.tail_v: list[torch.Tensor] | None = None  # [B, Hkv, T, D]
+        self.tail_attn: list[torch.Tensor] | None = None  # [B, T, d] attention block output
+        self.tail_mlp: list[torch.Tensor] | None = None  # [B, T, d] MLP block output
+        self._block: tuple[int, int] | None = None  # current block, tail coordinates
+        self._block_step = 0
+
+    def begin_block(self, lo: int, hi: int) -> None:
+        """The sampler starts decoding response positions [lo, hi) (a block start)."""
+        self._block = (lo, hi)
+        self._block_step = 0
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -226,18 +284,43 @@ class Denoiser:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # -- the two kinds of pass --------------------------------------------------------------------
+    def _keep_tail(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store layer i's tail K/V (a full pass or a whole-tail refresh)."""
+        if self.tail_k is None:
+            n = len(self.model.layers)
+            self.tail_k, self.tail_v = [None] * n, [None] * n
+        self.tail_k[i], self.tail_v[i] = k.contiguous(), v.contiguous()
+
+    def _keep_features(self, i: int, attn_out: torch.Tensor, mlp_out: torch.Tensor) -> None:
+        if self.tail_attn is None:
+            n = len(self.model.layers)
+            self.tail_attn, self.tail_mlp = [None] * n, [None] * n
+        self.tail_attn[i], self.tail_mlp[i] = attn_out, mlp_out
+
+    def _response_bytes(self) -> int:
+        total = 0
+        for group in (self.tail_k, self.tail_v, self.tail_attn, self.tail_mlp):
+            if group is not None:
+                total += sum(t.nbytes for t in group if t is not None)
+        return total
+
+    # -- the three kinds of pass ------------------------------------------------------------------
 
     def _full_pass(self, x: torch.Tensor, build_cache: bool) -> torch.Tensor:
-        """All L tokens through every layer; optionally build the per-layer prompt caches."""
+        """All L tokens through every layer; optionally (re)build the per-layer prompt caches
+        (re-selecting the prompt for an eviction method) and store the tail's KV/features."""
         model, Pc, chunk = self.model, self.Pc, self.token_chunk
+        keep_kv = build_cache and self.policy.keeps_response_kv
+        keep_feat = build_cache and self.policy.keeps_response_features
         cos, sin = model.rotary(self._positions)
         h = model.embed(x)
         caches: list[mk.RaggedKV] = []
         budgets = None
-        if build_cache and self.method.evicts:
-            budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
-            self.stats.layer_budgets = list(budgets)
+        if build_cache:
+            self.stats.prompt_kv_bytes_full = 0
+            if self.method.evicts:
+                budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
+                self.stats.layer_budgets = list(budgets)
         # MaskKV scores with the mask rows' LSE, which the step-1 attention returns for free.
         lse_from = self.P if build_cache and self.step1_lse and self._mask_scored() else None
         for i, layer in enumerate(model.layers):
@@ -247,10 +330,15 @@ class Denoiser:
                 self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
                 budget = None if budgets is None else budgets[i]
                 caches.append(self._prune(q, k, v, budget, lse))
+            if keep_kv:  # copies, so that the layer's full KV can die
+                self._keep_tail(i, k[:, :, Pc:].clone(), v[:, :, Pc:].clone())
             del q, k, v  # the layer's full KV dies here, before the next layer
-            h = layer.attn_output(h, attn)
+            h_attn = layer.attn_output(h, attn)
             del attn
-            h = _chunked(layer.mlp_block, h, chunk)
+            h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
+            if keep_feat:
+                self._keep_features(i, h_attn[:, Pc:] - h[:, Pc:], h_mlp[:, Pc:] - h_attn[:, Pc:])
+            h = h_mlp
         if build_cache:
             self.caches = caches
             self._graphs.clear()  # captured later steps read the old caches' addresses
@@ -274,7 +362,9 @@ class Denoiser:
             q_sel = q[:, :, Pc - W : Pc]
             lse = None
         else:
-            q_sel = q[:, :, self.P :]  # the mask queries: every response token is [MASK] at step 1
+            # The response queries: all [MASK] at step 1; at a later re-selection (a prompt
+            # refresh) the partly decoded response votes, as Fast-dLLM's refresh would see it.
+            q_sel = q[:, :, self.P :]
         return mk.select_and_gather(
             q_sel,
             k,
@@ -311,7 +401,8 @@ class Denoiser:
         )
 
     def _cached_layers(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """ids [B, T] of the positions after the cached region -> hidden states [B, T, d].
+        """ids [B, T] of tail positions -> hidden states [B, T, d], attending to the pruned
+        prompt and to themselves (no stored response KV).
 
         The kernels run unchecked: every input is built here (validated once, at step 1)."""
         model, chunk = self.model, self.token_chunk
@@ -323,22 +414,108 @@ class Denoiser:
             h = _chunked(layer.mlp_block, h, chunk)
         return h
 
-    def _cached_pass(self, x: torch.Tensor) -> torch.Tensor:
-        """Only the positions after the cached region run; attention reads the pruned cache.
+    def _tail_pass(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Tail positions [lo, hi) run against the pruned prompt.
 
-        On CUDA each shape is captured once as one CUDA graph (all layers) and replayed: a later
-        step is a few hundred small kernels whose launch cost would otherwise exceed their run
-        time. The graph reads static buffers (token ids in, hidden states out) and the caches,
-        which stay put until the next step-1 pass rebuilds them (that clears the graphs)."""
-        ids = x[:, self.Pc :]
-        key = tuple(ids.shape)
+        Without stored response KV (PromptCache) the dense tail of ``ragged_attention`` is the
+        computed tokens themselves. With stored response KV the computed K/V overwrite their
+        slots and the dense tail is the whole stored response: [cached ‖ computed ‖ cached].
+        A whole-tail pass refreshes the stored KV (and dLLM-Cache's features).
+        """
+        model, Pc, chunk = self.model, self.Pc, self.token_chunk
+        T = x.shape[1] - Pc
+        whole = lo == 0 and hi == T
+        stored = self.policy.keeps_response_kv and self.tail_k is not None
+        keep_feat = whole and self.policy.keeps_response_features
+        if not (stored or keep_feat):
+            return self._cached_pass(x, lo, hi)
+        cos, sin = model.rotary(self._positions[:, Pc + lo : Pc + hi])
+        h = model.embed(x[:, Pc + lo : Pc + hi])
+        for i, (layer, cache) in enumerate(zip(model.layers, self.caches)):
+            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+            if stored and whole:
+                self._keep_tail(i, k, v)
+                k_tail, v_tail = k, v
+            elif stored:
+                self.tail_k[i][:, :, lo:hi] = k
+                self.tail_v[i][:, :, lo:hi] = v
+                k_tail, v_tail = self.tail_k[i], self.tail_v[i]
+            else:
+                k_tail, v_tail = k, v
+            attn = mk.ragged_attention(
+                q, cache, k_tail, v_tail, backend=self._backend, check_inputs=False
+            )
+            h_attn = layer.attn_output(h, attn)
+            h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
+            if keep_feat:
+                self._keep_features(i, h_attn - h, h_mlp - h_attn)
+            h = h_mlp
+        return h
+
+    def _partial_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """dLLM-Cache's in-between step over the whole tail.
+
+        Per layer: the tail's value vectors are computed for every token; the
+        ``int(T * transfer_ratio)`` tokens whose values drifted most from the cached ones (lowest
+        cosine similarity, per row) are recomputed (their queries attend to [pruned prompt ‖
+        stored tail KV], their attention and MLP outputs replace the cached ones); the stored
+        values take the new values of every token, the stored keys those of the recomputed ones;
+        every other token adds its cached attention and MLP outputs to its current residual.
+        """
+        model, Pc, chunk = self.model, self.Pc, self.token_chunk
+        cos, sin = model.rotary(self._positions[:, Pc:])
+        h = model.embed(x[:, Pc:])
+        B, T, d = h.shape
+        n = int(T * self.policy.transfer_ratio)
+        for i, (layer, cache) in enumerate(zip(model.layers, self.caches)):
+            if n == 0:
+                h = h + self.tail_attn[i]
+                h = h + self.tail_mlp[i]
+                continue
+            # The layer protocol projects q, k, v together; only v is needed for every token.
+            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+            new_v = v.transpose(1, 2).reshape(B, T, -1)
+            old_v = self.tail_v[i].transpose(1, 2).reshape(B, T, -1)
+            drift = F.cosine_similarity(new_v.float(), old_v.float(), dim=-1)  # [B, T]
+            idx = drift.topk(n, -1, largest=False).indices  # [B, n]
+            head_idx = idx[:, None, :, None]
+            self.tail_v[i] = v.contiguous()
+            self.tail_k[i].scatter_(
+                2,
+                head_idx.expand(-1, k.shape[1], -1, k.shape[3]),
+                k.gather(2, head_idx.expand(-1, k.shape[1], -1, k.shape[3])),
+            )
+            q_sel = q.gather(2, head_idx.expand(-1, q.shape[1], -1, q.shape[3]))
+            attn = mk.ragged_attention(
+                q_sel, cache, self.tail_k[i], self.tail_v[i], backend=self._backend,
+                check_inputs=False,
+            )  # fmt: skip
+            tok_idx = idx[:, :, None].expand(-1, -1, d)
+            h_sel = h.gather(1, tok_idx)
+            self.tail_attn[i].scatter_(1, tok_idx, layer.attn_output(h_sel, attn) - h_sel)
+            h = h + self.tail_attn[i]
+            h_sel = h.gather(1, tok_idx)
+            self.tail_mlp[i].scatter_(1, tok_idx, layer.mlp_block(h_sel) - h_sel)
+            h = h + self.tail_mlp[i]
+        return h
+
+    def _cached_pass(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Tail positions [lo, hi) run against the pruned prompt and themselves.
+
+        On CUDA each (shape, lo, hi) is captured once as one CUDA graph (all layers) and
+        replayed: a later step is a few hundred small kernels whose launch cost would otherwise
+        exceed their run time. The graph reads static buffers (token ids in, hidden states out)
+        and the prompt caches, which stay put until a full pass rebuilds them (that clears the
+        graphs)."""
+        ids = x[:, self.Pc + lo : self.Pc + hi]
+        key = (*ids.shape, lo, hi)
         graph = self._graphs.get(key)
         if graph is not None:
             static_ids, static_h, g = graph["ids"], graph["h"], graph["graph"]
             static_ids.copy_(ids)
             g.replay()
             return static_h
-        cos, sin = self.model.rotary(self._positions[:, self.Pc :])
+        cos, sin = self.model.rotary(self._positions[:, self.Pc + lo : self.Pc + hi])
         if not (self.cuda_graphs and x.is_cuda):
             return self._cached_layers(ids, cos, sin)
         # Warm up on a side stream (Triton compiles and autotunes here, outside the capture).
@@ -359,6 +536,14 @@ class Denoiser:
 
     # -- the public call --------------------------------------------------------------------------
 
+    def plan(self, x: torch.Tensor) -> StepPlan:
+        """The policy's plan for the next pass over ``x`` [B, P + R]."""
+        if not self.method.caches_prompt:
+            return StepPlan("full", refresh=True)
+        T = x.shape[1] - self.Pc
+        lo, hi = self._block if self._block is not None else (0, T)
+        return self.policy.plan(len(self.stats.step_times), self._block_step, lo, hi, T)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """x: [B, P + R] token ids; need: bool [B, R] response positions whose logits are wanted.
@@ -371,14 +556,22 @@ class Denoiser:
         t0 = time.perf_counter()
         if self._positions is None:
             self._setup(x)
-        first = not self.stats.step_times
-        if not self.method.caches_prompt:
-            h, offset = self._full_pass(x, build_cache=False), 0
-        elif first:
-            h, offset = self._full_pass(x, build_cache=True), 0
+        plan = self.plan(x)
+        if plan.kind == "full":
+            h, offset = self._full_pass(x, build_cache=self.method.caches_prompt), 0
+        elif plan.kind == "tail":
+            T = x.shape[1] - self.Pc
+            hi = T if plan.hi is None else plan.hi
+            h, offset = self._tail_pass(x, plan.lo, hi), self.Pc + plan.lo
+        elif plan.kind == "partial":
+            h, offset = self._partial_pass(x), self.Pc
         else:
-            h, offset = self._cached_pass(x), self.Pc
+            raise ValueError(f"plan.kind: expected 'full', 'tail' or 'partial', got {plan.kind!r}")
         logits = self._head_logits(h, need, offset)
         self._sync(x.device)
         self.stats.step_times.append(time.perf_counter() - t0)
+        self.stats.step_kinds.append(plan.kind)
+        self.stats.step_refresh.append(plan.refresh)
+        self.stats.response_kv_bytes = max(self.stats.response_kv_bytes, self._response_bytes())
+        self._block_step += 1
         return logits

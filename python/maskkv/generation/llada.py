@@ -20,6 +20,10 @@ same model gives the same tokens in bf16 as well as fp32:
 Only the logits of the current block's masked positions are ever computed (the others carry -inf
 confidence or keep their token), so the candidates and confidences are [n, V] / [n] tensors; the
 [B, L] tensors are cheap.
+
+With an adaptive decoding rule (``Threshold``, ``Factor``) a block runs until it has no mask left,
+as Fast-dLLM's loops do; the rule decides how many tokens each step reveals (counting by the
+candidates' probabilities), the official confidence ranking which ones.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .decoding import DecodingRule, FixedSteps
 
 __all__ = [
     "FULL_NOISE_MAX_BYTES",
@@ -142,6 +148,8 @@ def sample_llada(
     eos_id: int | None = None,
     eot_id: int = LLADA_EOT_TOKEN_ID,
     progress: Callable[[], None] | None = None,
+    decoding: DecodingRule | None = None,
+    on_reveal: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Returns token ids [B, P + gen_length].
 
@@ -151,7 +159,13 @@ def sample_llada(
     shapes of the official loop (see ``gumbel_uniforms`` for the one exception).
     logits_eos_inf / confidence_eos_eot_inf: the official options (LLaDA paper, Appendix B.4)
     against too short answers; ``eos_id`` / ``eot_id`` are the ids they act on.
+    When ``denoise`` has a ``begin_block(lo, hi)`` method it is called at each block start
+    (response coordinates). ``decoding``: the rule deciding how many tokens a step reveals
+    (default ``FixedSteps()``); ``on_reveal(n)`` gets the mean number of tokens revealed per row
+    after each step.
     """
+    rule = decoding if decoding is not None else FixedSteps()
+    begin_block = getattr(denoise, "begin_block", None)
     if gen_length % block_length:
         raise ValueError(
             f"block_length: expected a divisor of gen_length={gen_length}, got {block_length}"
@@ -174,7 +188,10 @@ def sample_llada(
     for nb in range(num_blocks):
         lo, hi = nb * block_length, (nb + 1) * block_length  # response coordinates
         transfer_counts = num_transfer_tokens(x[:, P + lo : P + hi] == mask_id, steps_per_block)
-        for i in range(steps_per_block):
+        if begin_block is not None:
+            begin_block(lo, hi)
+        i = 0
+        while i < steps_per_block if rule.fixed else bool((x[:, P + lo : P + hi] == mask_id).any()):
             # Logits are needed only at masked positions of the current block: the others either
             # keep their token or carry -inf confidence.
             need = x[:, P:] == mask_id
@@ -208,10 +225,26 @@ def sample_llada(
                 conf = torch.rand((B, L), device=device)[rows]  # the official [B, L] draw
             confidence = torch.full((B, L), -torch.inf, dtype=conf.dtype, device=device)
             confidence[rows] = conf
-            transfer = select_transfer(confidence, transfer_counts[:, i])
+            masked_before = need.sum()
+            if rule.fixed:
+                counts = transfer_counts[:, i]
+            else:
+                # The rules count tokens by probability (Fast-dLLM's threshold / factor); with
+                # random remasking the ranking stays random.
+                if remasking == "low_confidence":
+                    prob = confidence[:, P:]
+                else:
+                    prob = torch.zeros(need.shape, dtype=logits.dtype, device=device)
+                    prob[need] = low_confidence(logits, x0, confidence_dtype).to(prob.dtype)
+                counts = rule.count(prob, need)
+            transfer = select_transfer(confidence, counts)
             candidates = torch.full_like(x, mask_id)
             candidates[rows] = x0
             x[transfer] = candidates[transfer]
+            if on_reveal is not None:
+                revealed = masked_before - (x[:, P + lo : P + hi] == mask_id).sum()
+                on_reveal(float(revealed) / B)
             if progress is not None:
                 progress()
+            i += 1
     return x

@@ -1,0 +1,249 @@
+"""Whole-generation benchmark: total time of a full response under each (method, cache policy).
+
+DESIGN "Performance contract", whole generation: NoCache, the Fast-dLLM configuration (no
+eviction, ``DualCache(refresh_prompt=True)``), the MaskKV paper's configuration (MaskKV +
+``DLLMCache(50, 5, 0.25)``), MaskKV + ``PromptCache`` and MaskKV + ``DualCache``, side by side on
+one random-weight model.
+
+Random weights give meaningless confidences, so a threshold rule would reveal a different,
+arbitrary number of tokens per step in each configuration. Every configuration therefore runs
+the same fixed schedule (``FixedSteps`` with ``gen_length / tokens_per_step`` steps), standing in
+for the threshold rule of the real runs; the JSON states it. NoCache recomputes everything at
+every step, so its total is the median of a few full passes times the step count (stated as
+extrapolated).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CONFIGURATIONS", "plot_whole", "report_whole", "run_whole"]
+
+# (label, method name, cache policy factory name, refresh_prompt / DLLMCache args)
+CONFIGURATIONS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("NoCache", "nocache", "prompt", {}),
+    ("Fast-dLLM (FullCache + DualCache refresh_prompt)", "fullcache", "dual",
+     {"refresh_prompt": True}),
+    ("paper (MaskKV + DLLMCache 50/5/0.25)", "maskkv", "dllm",
+     {"prompt_interval": 50, "response_interval": 5, "transfer_ratio": 0.25}),
+    ("MaskKV + PromptCache", "maskkv", "prompt", {}),
+    ("MaskKV + DualCache", "maskkv", "dual", {}),
+]  # fmt: skip
+
+
+def _policy(name: str, kwargs: dict[str, Any]):
+    from .generation import DLLMCache, DualCache, PrefixCache, PromptCache
+
+    return {"prompt": PromptCache, "prefix": PrefixCache, "dual": DualCache, "dllm": DLLMCache}[
+        name
+    ](**kwargs)
+
+
+def run_whole(
+    preset: str = "cpu",
+    *,
+    prompt_len: int | None = None,
+    gen_length: int = 256,
+    block_length: int = 32,
+    tokens_per_step: int = 4,
+    budget: int | None = None,
+    nocache_passes: int = 2,
+    threads: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Total generation time of every configuration in ``CONFIGURATIONS``.
+
+    Args:
+        preset: a ``maskkv.bench.PRESETS`` name (model shape, device, dtype, default budget).
+        prompt_len: default the preset's longest prompt length.
+        gen_length, block_length: the response and its blocks (the DESIGN run: 256, 32).
+        tokens_per_step: tokens revealed per step, the same for every configuration.
+        nocache_passes: full passes timed for NoCache's extrapolated total.
+        threads: ``torch.set_num_threads`` (CPU).
+    Returns:
+        ``{"config": ..., "rows": [...], "targets": [...]}`` ready for a result file.
+    """
+    from . import bench, methods
+    from .calibrate import calibrate
+    from .generation import generate
+    from .generation.engine import Denoiser
+
+    p = bench.PRESETS[preset]
+    device = torch.device(p.device)
+    dtype = bench._dtype(p.dtype)
+    prompt_len = prompt_len or max(p.prompt_lens)
+    budget = p.budget if budget is None else budget
+    if gen_length % block_length or gen_length % tokens_per_step:
+        raise ValueError(
+            f"block_length, tokens_per_step: expected divisors of gen_length={gen_length}, got "
+            f"{block_length}, {tokens_per_step}"
+        )
+    steps = gen_length // tokens_per_step
+    if steps % (gen_length // block_length):
+        raise ValueError(
+            f"tokens_per_step: {tokens_per_step} gives {steps} steps, not a multiple of the "
+            f"{gen_length // block_length} blocks"
+        )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = bench.build_model(p, device=device, dtype=dtype, seed=seed)
+    profile = calibrate(
+        model, [bench.random_prompt(model, 512, seed=seed + 1)], gen_length=gen_length
+    )
+    ids = bench.random_prompt(model, prompt_len, seed=seed + prompt_len, device=device)
+    rows: list[dict[str, Any]] = []
+    for label, name, cache_name, cache_kwargs in CONFIGURATIONS:
+        method = methods.get(name, budget=budget)
+        policy = _policy(cache_name, cache_kwargs)
+        if progress:
+            print(f"[whole] {label} ...", flush=True)
+        row: dict[str, Any] = {
+            "config": label,
+            "method": method.name,
+            "cache": repr(policy),
+            "decoding": f"FixedSteps ({tokens_per_step} tokens per step)",
+        }
+        if not method.caches_prompt:
+            x = torch.nn.functional.pad(ids, (0, gen_length), value=model.config.mask_token_id)
+            need = torch.zeros(1, gen_length, dtype=torch.bool, device=device)
+            need[:, :block_length] = True
+            den = Denoiser(model, method, prompt_len, token_chunk=4096)
+            for _ in range(nocache_passes):
+                den(x, need)
+            per = sorted(den.stats.step_times)[len(den.stats.step_times) // 2]
+            row.update(
+                total_s=per * steps,
+                extrapolated=True,
+                nfe=steps,
+                per_pass_s=per,
+                refresh_s=per * steps,
+                inner_s=0.0,
+                mean_tokens_per_step=tokens_per_step,
+                response_kv_bytes=0,
+                prompt_kv_bytes=0,
+            )
+        else:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", methods.MissingProfileWarning)
+                out = generate(
+                    model,
+                    ids,
+                    method=method,
+                    cache=policy,
+                    gen_length=gen_length,
+                    block_length=block_length,
+                    steps=steps,
+                    profile=profile,
+                )
+            wall = time.perf_counter() - t0
+            s = out.stats
+            row.update(
+                total_s=s.total_time,
+                wall_s=wall,
+                extrapolated=False,
+                nfe=s.nfe,
+                first_step_s=s.first_step_time,
+                refresh_s=s.refresh_time,
+                inner_s=s.inner_time,
+                passes={k: s.step_kinds.count(k) for k in sorted(set(s.step_kinds))},
+                mean_tokens_per_step=s.mean_tokens_per_step,
+                response_kv_bytes=s.response_kv_bytes,
+                prompt_kv_bytes=s.prompt_kv_bytes_kept,
+            )
+        rows.append(row)
+        if progress:
+            print(f"[whole]   total {row['total_s']:.2f} s, {row['nfe']} passes", flush=True)
+    by = {r["config"]: r["total_s"] for r in rows}
+    nocache, fast = by[CONFIGURATIONS[0][0]], by[CONFIGURATIONS[1][0]]
+    for r in rows:
+        r["speedup_vs_nocache"] = nocache / r["total_s"]
+        r["speedup_vs_fastdllm"] = fast / r["total_s"]
+    ours = next(r for r in rows if r["config"] == "MaskKV + DualCache")
+    targets = [
+        _target("MaskKV + DualCache vs Fast-dLLM config", ours["speedup_vs_fastdllm"], 5),
+        _target("MaskKV + DualCache vs NoCache", ours["speedup_vs_nocache"], 100),
+    ]
+    config = {
+        "preset": p.name,
+        "shape": {k: getattr(p, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn")},
+        "device": str(device),
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "prompt_len": prompt_len,
+        "gen_length": gen_length,
+        "block_length": block_length,
+        "budget": budget,
+        "steps": steps,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_step_note": "fixed and identical for every configuration: random weights "
+        "give meaningless confidences, so this fixed schedule stands in for Threshold(0.9)",
+        "nocache_note": f"NoCache total = median of {nocache_passes} full passes x {steps} steps",
+    }
+    return {"config": config, "rows": rows, "targets": targets}
+
+
+def _target(what: str, measured: float, bound: float) -> dict[str, Any]:
+    return {
+        "target": what,
+        "measured": measured,
+        "bound": f">= {bound}",
+        "status": "PASS" if measured >= bound else "MISS",
+    }
+
+
+def report_whole(result: dict[str, Any]) -> str:
+    """A plain-text table of the rows and the targets."""
+    from .bench import format_rows
+
+    cols = [
+        ("config", "config", None),
+        ("total s", "total_s", 1.0),
+        ("passes", "nfe", None),
+        ("refresh s", "refresh_s", 1.0),
+        ("inner s", "inner_s", 1.0),
+        ("resp KV MiB", "response_kv_bytes", 2.0**-20),
+        ("x NoCache", "speedup_vs_nocache", 1.0),
+        ("x Fast-dLLM", "speedup_vs_fastdllm", 1.0),
+    ]
+    lines = [format_rows(result["rows"], cols), ""]
+    for t in result["targets"]:
+        lines.append(f"{t['status']}  {t['target']}: {t['measured']:.1f}x ({t['bound']})")
+    return "\n".join(lines)
+
+
+def plot_whole(result: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of total generation time per configuration (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [r["config"].replace(" (", "\n(") for r in rows]
+    bars = ax.barh(labels, [r["total_s"] for r in rows], color="tab:blue")
+    for bar, r in zip(bars, rows):
+        note = " (extrapolated)" if r.get("extrapolated") else ""
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {r['total_s']:.1f} s{note}", va="center", fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    c = result["config"]
+    ax.set_xlabel("total generation time (s, log)")
+    ax.set_title(
+        f"{c['preset']}: prompt {c['prompt_len']}, gen {c['gen_length']}, block "
+        f"{c['block_length']}, {c['tokens_per_step']} tokens/step, budget {c['budget']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
