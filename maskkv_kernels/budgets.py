@@ -35,12 +35,17 @@ def valid_prompt_mask(B: int, P: int, prompt_lens: torch.Tensor | None, device) 
 
 
 def rank_within(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Order of the last dim, best first: eligible before not, then higher score (NaN lowest),
-    then lower index. Two stable sorts give the lexicographic order without a composite key."""
-    key = torch.nan_to_num(scores.float(), nan=-math.inf)
+    """Order of the last dim, best first: eligible before not, then higher score (NaN below
+    -inf), then lower index. Two stable sorts give the lexicographic order without a composite
+    key: by score (NaN as -inf, +-inf untouched), then by class (eligible number, eligible NaN,
+    not eligible)."""
+    nan = torch.isnan(scores)
+    key = torch.where(nan, -math.inf, scores.float())
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    elig_sorted = torch.gather(eligible, -1, order)
-    second = torch.sort(elig_sorted.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    rank_class = eligible.to(torch.int8) * 2 - (eligible & nan).to(torch.int8)  # 2, 1 or 0
+    second = torch.sort(
+        torch.gather(rank_class, -1, order), dim=-1, descending=True, stable=True
+    ).indices
     return torch.gather(order, -1, second)
 
 

@@ -147,10 +147,14 @@ def window_scores(
 
 
 def _rank_order(scores: torch.Tensor) -> torch.Tensor:
-    """Indices of a 1-D score vector, best first: higher score, NaN lowest, ties lower index."""
-    key = torch.nan_to_num(scores.double(), nan=-math.inf)
-    # A stable sort keeps equal keys in index order; -inf ties (NaN) also keep index order.
-    return torch.sort(key, descending=True, stable=True).indices
+    """Indices of a 1-D score vector, best first: higher score, NaN below -inf, ties lower index."""
+    values = scores.double().tolist()
+
+    def key(i: int) -> tuple[bool, float]:  # NaN after every number, then descending value
+        return (True, 0.0) if math.isnan(values[i]) else (False, -values[i])
+
+    # Python's sort is stable: equal keys (and all NaNs) keep index order.
+    return torch.tensor(sorted(range(len(values)), key=key), dtype=torch.long)
 
 
 def _integerize(targets: torch.Tensor, total: int, cap: int) -> torch.Tensor:
