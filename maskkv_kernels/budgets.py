@@ -112,10 +112,8 @@ def allocate_head_budgets(
     alpha = C.check_alpha(alpha, mode)
     if mode == "prompt_preference":
         C.check_mask_mass(mask_mass, B, Hkv, scores)
-    if prompt_lens is not None and (
-        not isinstance(prompt_lens, torch.Tensor) or prompt_lens.shape != (B,)
-    ):
-        raise C.fail("prompt_lens", f"an int tensor [B={B}]", C.describe(prompt_lens))
+    if prompt_lens is not None:  # values checked when free to read (a CPU tensor)
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     device = scores.device
     lens = (
         torch.full((B,), P, dtype=torch.long, device=device)

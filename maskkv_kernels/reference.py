@@ -81,8 +81,10 @@ def mask_scores(
     logits = logits.masked_fill(~valid, -math.inf)
     if lse is None:
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no valid key is all-NaN
-    else:
-        probs = torch.exp(logits - lse[..., None])
+    else:  # a row whose LSE is -inf (no valid key) carries no mass, as in the fast paths
+        no_key = ~(lse > -math.inf)[..., None]
+        probs = torch.exp(logits - lse.masked_fill(no_key[..., 0], 0.0)[..., None])
+        probs = probs.masked_fill(no_key, 0.0)
     mass = _sum_over_group(probs.sum(2), Hkv)  # [B, Hkv, L]
     return mass[..., :P].contiguous(), mass[..., P:].sum(-1)
 
@@ -220,6 +222,8 @@ def allocate_head_budgets(
     alpha = C.check_alpha(alpha, mode)
     if mode == "prompt_preference":
         C.check_mask_mass(mask_mass, B, Hkv, scores)
+    if prompt_lens is not None:
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     lens = [P] * B if prompt_lens is None else [int(x) for x in prompt_lens.tolist()]
 
     out = torch.zeros(B, Hkv, dtype=torch.int32)
@@ -275,6 +279,8 @@ def topk_gather(
     B, Hkv, P = C.check_scores(scores)
     if k.dim() != 4 or k.shape[:2] != (B, Hkv) or k.shape[2] < P or v.shape != k.shape:
         raise C.fail("k", f"[B={B}, Hkv={Hkv}, L>={P}, D] (and v alike)", C.describe(k))
+    if prompt_lens is not None:
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     lens = [P] * B if prompt_lens is None else [int(x) for x in prompt_lens.tolist()]
     budgets = budgets.cpu().long()
     ks, vs, ps, counts = [], [], [], []

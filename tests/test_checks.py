@@ -79,7 +79,10 @@ BAD_SELECT = [
         lambda q, k, v, kw: (q, k, v, {**kw, "score": "window", "lse": torch.zeros(B, Hq, M)}),
         r"lse: expected None with score='window'",
     ),
-    (lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}), r"scale: expected a positive float"),
+    (
+        lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}),
+        r"scale: expected a finite positive float",
+    ),
     (
         lambda q, k, v, kw: (q, k, v, {**kw, "alpha": 2.0, "head_budget": "adakv"}),
         r"alpha: expected a float in \[0, 1\]",
