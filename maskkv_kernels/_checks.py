@@ -4,9 +4,9 @@ Every error is a ``ValueError`` that names the argument and the expected shape, 
 silently broadcast, truncated or lost. The checks only read shapes, dtypes and devices, plus the
 values of small CPU tensors (free to read): they never synchronise with the device.
 
-Under ``torch.compile`` the value checks stay in the graph: the values are unbacked symbolic ints
-there, and each check becomes a runtime assert of the compiled graph (``torch._check_with``), so
-tracing never guards on data.
+Under ``torch.compile`` no check guards on data: the ``prompt_lens`` values that size outputs are
+checked by a small custom op (``maskkv::check_prompt_lens``) that runs inside the compiled graph
+and raises the same ``ValueError`` at run time.
 """
 
 from __future__ import annotations
@@ -97,18 +97,44 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, prompt_l
     return Dims(B, Hq, Hkv, M, D, L, prompt_len)
 
 
-def check_prompt_len_values(lens: list[int], P: int) -> list[int]:
-    """Host values of ``prompt_lens``, each in [0, P]; returns ``lens``.
+def _bad_prompt_lens(lens: list[int], P: int) -> ValueError | None:
+    if any(not 0 <= x <= P for x in lens):
+        return fail("prompt_lens", f"values in [0, prompt_len={P}]", lens)
+    return None
 
-    Graph-safe: under ``torch.compile`` the values are unbacked symbolic ints, and the check is a
-    runtime assert of the graph instead of a data-dependent guard."""
+
+@torch.library.custom_op(
+    "maskkv::check_prompt_lens", mutates_args=(), schema="(Tensor prompt_lens, SymInt P) -> Tensor"
+)
+def _check_prompt_lens_op(prompt_lens, P):
+    """The value check as a graph node: raises ValueError when the compiled graph runs."""
+    error = _bad_prompt_lens(prompt_lens.tolist(), P)
+    if error is not None:
+        raise error
+    return prompt_lens.clone()
+
+
+@_check_prompt_lens_op.register_fake
+def _(prompt_lens, P):
+    return torch.empty_like(prompt_lens)
+
+
+def host_prompt_lens(prompt_lens: torch.Tensor, P: int) -> list[int]:
+    """Values of an int [B] ``prompt_lens`` on the host (a CUDA tensor: one sync), each checked
+    to be in [0, P].
+
+    Graph-safe: under ``torch.compile`` the check runs as a node of the graph before the values
+    are read (they are unbacked symbolic ints there), so tracing never guards on data."""
     if torch.compiler.is_compiling():
-        for x in lens:
-            torch._check_with(
-                ValueError, (x >= 0) & (x <= P), lambda: f"prompt_lens: expected values in [0, {P}]"
-            )
-    elif any(not 0 <= x <= P for x in lens):
-        raise fail("prompt_lens", f"values in [0, prompt_len={P}]", lens)
+        lens = _check_prompt_lens_op(prompt_lens, P).tolist()
+        for x in lens:  # already checked at run time; tells the tracer the sizes' range
+            torch._check(x >= 0)
+            torch._check(x <= P)
+        return lens
+    lens = [int(x) for x in prompt_lens.tolist()]
+    error = _bad_prompt_lens(lens, P)
+    if error is not None:
+        raise error
     return lens
 
 
@@ -126,11 +152,10 @@ def check_prompt_lens_tensor(
     # On the host it costs nothing to read (sizes outputs without a sync); on q's device is fine too.
     if prompt_lens.device not in (device, torch.device("cpu")):
         raise fail("prompt_lens", f"a tensor on the CPU or on {device}", describe(prompt_lens))
-    if prompt_lens.device.type == "cpu":
+    # Under torch.compile the values are checked where they are read (host_prompt_lens).
+    if prompt_lens.device.type == "cpu" and not torch.compiler.is_compiling():
         lens = prompt_lens.tolist()
-        if torch.compiler.is_compiling():
-            check_prompt_len_values(lens, P)
-        elif any(not 0 <= x <= P for x in lens):
+        if any(not 0 <= x <= P for x in lens):
             raise fail("prompt_lens", f"values in [0, {what}={P}]", lens)
 
 

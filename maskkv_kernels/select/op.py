@@ -195,8 +195,7 @@ def _host_lens(prompt_lens: torch.Tensor | None, dims: C.Dims) -> list[int]:
     """Real prompt lengths on the host. A device tensor costs one sync (documented)."""
     if prompt_lens is None:
         return [dims.P] * dims.B
-    lens = [int(x) for x in prompt_lens.tolist()]  # .tolist() of a CUDA tensor: one sync
-    return C.check_prompt_len_values(lens, dims.P)  # graph-safe under torch.compile
+    return C.host_prompt_lens(prompt_lens, dims.P)  # graph-safe under torch.compile
 
 
 def _explicit_budgets(budget: torch.Tensor, lens: list[int]) -> tuple[int, int]:
