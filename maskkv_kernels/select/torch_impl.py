@@ -65,9 +65,19 @@ def score_keys(
     rc, kc = _chunks(B * Hkv, GM, key_end, max_elems)
 
     def logits(r0: int, k0: int, k1: int) -> torch.Tensor:  # fp32 [B, Hkv, k1 - k0, rc]
+        # Row-major operands whatever the input strides: BLAS picks its kernel from the layout,
+        # and a different kernel rounds differently (non-contiguous inputs must equal
+        # contiguous ones bit for bit).
         kc_ = k[:, :, k0:k1].float()
-        qt = rows[:, :, r0 : r0 + rc].float().transpose(-1, -2)
-        s = torch.matmul(kc_, qt) * scale
+        if kc_.stride(-1) != 1 or kc_.stride(-2) != kc_.shape[-1]:
+            kc_ = kc_.contiguous()
+        qc = rows[:, :, r0 : r0 + rc].float().contiguous()
+        if qc.shape[2] == 1 and qc.shape[0] * qc.shape[1] == 1:
+            # A single query row would be a GEMV, whose tail rows round differently from the
+            # others; an inner-dim sum rounds every key alike (and costs the same memory pass).
+            s = (kc_ * qc).sum(-1, keepdim=True) * scale
+        else:
+            s = torch.matmul(kc_, qc.transpose(-1, -2)) * scale
         return s.masked_fill(~key_ok[:, None, k0:k1, None], -math.inf)  # padding keys
 
     def probs(s: torch.Tensor, lse_c: torch.Tensor, r0: int) -> torch.Tensor:
