@@ -181,6 +181,11 @@ def _(q, k, v, first, budgets, layer_budget, prompt_len, score, head_budget, poo
 # ----------------------------------------------------------------------------- host helpers
 
 
+def _compiling() -> bool:
+    """Under torch.compile host values are symbolic: keep tensor ops (traced as one H2D copy)."""
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
 def _host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     """int32 [len(values)] on ``device`` from host ints, safe inside CUDA-graph capture.
 
@@ -205,7 +210,7 @@ def _first(prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device)
     in place."""
     if prompt_lens is None:
         return torch.zeros(dims.B, dtype=torch.int32, device=device)
-    if prompt_lens.device.type == "cpu" and device.type != "cpu":
+    if prompt_lens.device.type == "cpu" and device.type != "cpu" and not _compiling():
         return _host_ints([dims.P - int(x) for x in prompt_lens.tolist()], device)
     return (dims.P - prompt_lens).to(device=device, dtype=torch.int32)
 
