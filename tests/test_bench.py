@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from maskkv import bench
+from maskkv.bench.runner import _add_ratios as add_ratios
 
 METHODS = ["nocache", "fullcache", "maskkv", "snapkv"]
 
@@ -119,9 +120,9 @@ def test_min_timing_ratios() -> None:
          "later_step_min_s": lo}
         for m, med, lo in (("nocache", 8.0, 6.0), ("fullcache", 2.0, 1.0), ("maskkv", 1.0, 0.5))
     ]  # fmt: skip
-    bench._add_ratios(rows, "min")
+    add_ratios(rows, "min")
     assert rows[2]["speedup_vs_nocache"] == 12.0 and rows[2]["speedup_vs_fullcache"] == 2.0
-    bench._add_ratios(rows, "median")
+    add_ratios(rows, "median")
     assert rows[2]["speedup_vs_nocache"] == 8.0 and rows[2]["speedup_vs_fullcache"] == 2.0
 
 
@@ -149,7 +150,7 @@ def test_step_floor_formula() -> None:
 
 
 def test_whole_generation_benchmark(tmp_path) -> None:
-    from maskkv.bench_whole import CONFIGURATIONS, plot_whole, report_whole, run_whole
+    from maskkv.bench.whole import CONFIGURATIONS, plot_whole, report_whole, run_whole
 
     result = run_whole(
         "tiny", gen_length=16, block_length=8, tokens_per_step=2, progress=False, threads=1

@@ -37,7 +37,7 @@ CONFIGURATIONS: list[tuple[str, str, str, dict[str, Any]]] = [
 
 
 def _policy(name: str, kwargs: dict[str, Any]):
-    from .generation import DLLMCache, DualCache, PrefixCache, PromptCache
+    from ..generation import DLLMCache, DualCache, PrefixCache, PromptCache
 
     return {"prompt": PromptCache, "prefix": PrefixCache, "dual": DualCache, "dllm": DLLMCache}[
         name
@@ -69,14 +69,15 @@ def run_whole(
     Returns:
         ``{"config": ..., "rows": [...], "targets": [...]}`` ready for a result file.
     """
-    from . import bench, methods
-    from .calibrate import calibrate
-    from .generation import generate
-    from .generation.engine import Denoiser
+    from .. import bench, methods
+    from ..calibrate import calibrate
+    from ..generation import generate
+    from ..generation.engine import Denoiser
+    from .presets import _dtype
 
     p = bench.PRESETS[preset]
     device = torch.device(p.device)
-    dtype = bench._dtype(p.dtype)
+    dtype = _dtype(p.dtype)
     prompt_len = prompt_len or max(p.prompt_lens)
     budget = p.budget if budget is None else budget
     if gen_length % block_length or gen_length % tokens_per_step:
@@ -200,7 +201,7 @@ def _target(what: str, measured: float, bound: float) -> dict[str, Any]:
 
 def report_whole(result: dict[str, Any]) -> str:
     """A plain-text table of the rows and the targets."""
-    from .bench import format_rows
+    from .report import format_rows
 
     cols = [
         ("config", "config", None),
