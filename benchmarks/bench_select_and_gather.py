@@ -138,6 +138,17 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
             # Kernels alone (CUDA-graph replay), as a captured generation step runs them.
             row["triton_graph_ms"] = common.bench_graph(op("triton", False))
             row["triton_lse_graph_ms"] = common.bench_graph(op("triton", True))
+            # The K-streaming pass 2 (Q resident), side by side with the key-resident one.
+            from maskkv_kernels.select import triton_scores
+
+            triton_scores.SCORE_KERNEL = "k_streaming"
+            try:
+                op("triton", True)()  # compile + autotune outside the graph capture
+                op("triton", False)()
+                row["triton_ks_graph_ms"] = common.bench_graph(op("triton", False))
+                row["triton_ks_lse_graph_ms"] = common.bench_graph(op("triton", True))
+            finally:
+                triton_scores.SCORE_KERNEL = "key_resident"
     sdpa, how = sdpa_forward(q, k, v)
     row["sdpa_ms"], row["sdpa_mem"] = measure(sdpa, device)
     row["sdpa_gqa"] = how

@@ -155,10 +155,12 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                         " +lse" if with_lse else ""
                     )
                     qs = q[:, :, :32] if window else q
-                    scores, _ = triton_scores.score_keys(
-                        qs, k, first, prompt_len=P, window=window,
-                        lse=lse if with_lse else None, scale=D**-0.5, need_mass=not window,
-                    )  # fmt: skip
+                    for kernel in ("key_resident", "k_streaming"):
+                        scores, _ = triton_scores.score_keys(
+                            qs, k, first, prompt_len=P, window=window,
+                            lse=lse if with_lse else None, scale=D**-0.5, need_mass=not window,
+                            kernel=kernel,
+                        )  # fmt: skip
                     if window:
                         triton_scores.pool_window(scores, first, 32, "max", 7)
                 budgets = torch.full((1, Hkv), budget, dtype=torch.int32)

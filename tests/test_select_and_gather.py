@@ -161,6 +161,67 @@ def test_triton_lse_split_across_programs(splits):
     torch.testing.assert_close(mass, want_mass, rtol=1e-4, atol=1e-6)
 
 
+@needs_triton_cpu
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"{str(c[0])[6:]}-G{c[2] // c[3]}")
+def test_triton_k_streaming_score_kernel(case):
+    """The K-streaming pass 2 (Q resident, keys streamed, row tiles summed in order) gives the
+    reference scores and mask mass, like the key-resident kernel."""
+    from maskkv_kernels.select import triton_scores
+
+    dtype, B, Hq, Hkv, M, D, P, R, padded, with_lse = case
+    q, k, _ = make_inputs(B, Hq, Hkv, M, D, P, R, dtype, seed=1)
+    lens = torch.tensor([P, P // 2][:B]) if padded else None
+    lse = natural_lse(q, k, P, lens) if with_lse else None
+    first = torch.zeros(B, dtype=torch.int32) if lens is None else (P - lens).int()
+    want, want_mass = ref.mask_scores(q, k, prompt_len=P, prompt_lens=lens, lse=lse)
+    for need_mass, splits in ((True, None), (False, None), (True, 3)):
+        scores, mass = triton_scores.score_keys(
+            q, k, first, prompt_len=P, window=False, lse=lse, scale=D**-0.5,
+            need_mass=need_mass, kernel="k_streaming", num_splits=splits,
+        )  # fmt: skip
+        assert_scores_close(scores, want)
+        if need_mass:
+            torch.testing.assert_close(mass, want_mass, rtol=1e-4, atol=1e-6)
+        else:
+            assert mass is None
+    raw, _ = triton_scores.score_keys(
+        q[:, :, : min(M, 4)], k, first, prompt_len=P, window=True, lse=None, scale=D**-0.5,
+        need_mass=False, kernel="k_streaming",
+    )  # fmt: skip
+    want_raw, _ = torch_impl_scores(q[:, :, : min(M, 4)], k, first, P)
+    assert_scores_close(raw, want_raw)
+
+
+def torch_impl_scores(q, k, first, P):
+    from maskkv_kernels.select import torch_impl
+
+    return torch_impl.score_keys(
+        q, k, first, prompt_len=P, window=True, lse=None, scale=q.shape[-1] ** -0.5,
+        need_mass=False,
+    )  # fmt: skip
+
+
+@needs_triton_cpu
+def test_select_and_gather_with_k_streaming_switch(monkeypatch):
+    from maskkv_kernels.select import triton_scores
+
+    monkeypatch.setattr(triton_scores, "SCORE_KERNEL", "k_streaming")
+    q, k, v = make_inputs(2, 4, 2, 6, 16, 90, 6, torch.float32, seed=5)
+    lens = torch.tensor([90, 41])
+    for head_budget in ("prompt_preference", "adakv"):
+        cache, scores = mk.select_and_gather(
+            q, k, v, 12, prompt_len=90, prompt_lens=lens, head_budget=head_budget,
+            return_scores=True, backend="triton",
+        )  # fmt: skip
+        want, want_scores = ref.select_and_gather(
+            q, k, v, 12, prompt_len=90, prompt_lens=lens, head_budget=head_budget,
+            return_scores=True,
+        )  # fmt: skip
+        assert_scores_close(scores, want_scores)
+        assert_no_near_ties(want_scores, want.lengths().cpu(), lens)
+        assert_cache_equal(cache, want, k, v)
+
+
 @pytest.mark.parametrize("window", [False, True])
 def test_torch_backend_chunked_two_pass(window):
     """A tiny chunk budget forces the two-pass (LSE, then probabilities) chunked path."""

@@ -15,6 +15,11 @@ Launch plan (all on the device, no host sync):
 2. ``_score_kernel``: grid (key blocks, B*Hkv). Key block resident, query tiles streamed, the
    column sum is a row reduction of the transposed logits [BLOCK_N, BLOCK_M] (warp-local).
    Response-key blocks (mask mode) write one partial mass each: S_m per head, summed in torch.
+   ``SCORE_KERNEL = "k_streaming"`` swaps in ``_score_kstream_kernel``: grid (row tiles, key
+   splits, B*Hkv), the row tile's Q^T resident and the keys of its split streamed through a
+   pipelined loop, so Q is read once per program instead of once per key block; each tile writes
+   its column sums to a [row tiles, B*Hkv, L] buffer that ``_score_rows_combine_kernel`` sums in
+   order (deterministic). It stays opt-in until a GPU run shows it faster.
 3. ``_pool_kernel`` (window mode): same-padded max / avg pooling over [0, P - W), +inf on the
    window, 0 on padding. A light pass over [B, Hkv, P].
 
@@ -62,6 +67,19 @@ _SCORE_CONFIGS = _configs(
     {"BLOCK_M": 16, "BLOCK_N": 32},
     [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4)],
 )
+# Pass 2, K-streaming variant: BLOCK_M query rows resident, keys streamed (pipelined loads).
+# One BLOCK_M for every config: the partial buffer has one row per row tile, and a config tried
+# by the autotuner must not leave tiles that the chosen one does not overwrite.
+_KSTREAM_CONFIGS = _configs(
+    {"BLOCK_M": 16, "BLOCK_N": 32},
+    [(64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4)],
+)
+_KSTREAM_BLOCK_M = _KSTREAM_CONFIGS[0].kwargs["BLOCK_M"]
+assert all(c.kwargs["BLOCK_M"] == _KSTREAM_BLOCK_M for c in _KSTREAM_CONFIGS)
+# Which pass-2 kernel the launcher uses: "key_resident" (``_score_kernel``, measured on an H200)
+# or "k_streaming" (``_score_kstream_kernel``, written for the next GPU comparison: it reads Q
+# once per program instead of once per key block). Benchmarks flip it.
+SCORE_KERNEL = "key_resident"
 # Partial mask mass: one slot per _MASS_SLOT response keys, whatever BLOCK_N the autotuner picks.
 _MASS_SLOT = min(c.kwargs["BLOCK_N"] for c in _SCORE_CONFIGS)
 _MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _SCORE_CONFIGS)
@@ -228,6 +246,92 @@ def _score_kernel(
         tl.store(dst + slot, mass)
 
 
+@triton.autotune(configs=_KSTREAM_CONFIGS, key=["BLOCK_D", "WINDOW"])
+@triton.jit
+def _score_kstream_kernel(
+    Q, K, FIRST, LSE, PART,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    H_KV, G, M, P, KEY_END, SPLIT_LEN, HEAD_DIM, qk_scale,
+    BLOCK_D: tl.constexpr, WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Column sums of exp2(q.k * scale*log2e - lse2) of one row tile over one key range.
+
+    Grid (row tiles, key splits, B*Hkv), row tiles fastest so that the tiles of one key range
+    share its K through L2. The row tile's Q^T [D, BLOCK_M] and LSE stay in registers; each key
+    block's column sums over the tile go to PART[row tile, b*Hkv + g, key] (keys [0, KEY_END),
+    prompt and response alike); ``_score_rows_combine_kernel`` sums the row tiles in order."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    bg = tl.program_id(2)
+    b = bg // H_KV
+    g = bg % H_KV
+    GM = G * M
+    first = tl.load(FIRST + b)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GM
+    mm = rows % M
+    if WINDOW:  # window query i sits at prompt position P - M + i; padding queries vote nothing
+        row_ok = row_ok & (P - M + mm >= first)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (g * G + rows // M).to(tl.int64) * stride_qh + mm.to(tl.int64) * stride_qm
+    qt_ptrs = Q + b.to(tl.int64) * stride_qb + q_rows[None, :] + offs_d[:, None] * stride_qd
+    qt = tl.load(qt_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    lse = tl.load(LSE + bg.to(tl.int64) * GM + rows, mask=row_ok, other=0.0)
+    if LSE_NATURAL:  # a given lse is natural-log (attention forward); kernels work in log2
+        lse = lse * 1.4426950408889634
+    row_ok = row_ok & (lse > float("-inf"))  # a row without any valid key has no mass
+    lse = tl.where(row_ok, lse, 0.0)
+
+    k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+    part_base = PART + (pid_m * tl.num_programs(2) + bg).to(tl.int64) * KEY_END
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, KEY_END)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n >= first) & (offs_n < hi)
+        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE:  # [BLOCK_N, BLOCK_M]; fp32 operands: no TF32
+            s = tl.dot(k, qt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(k, qt) * qk_scale
+        p = tl.exp2(s - lse[None, :])
+        p = tl.where(key_ok[:, None] & row_ok[None, :], p, 0.0)
+        tl.store(part_base + offs_n, tl.sum(p, 1), mask=offs_n < hi)
+
+
+@triton.jit
+def _score_rows_combine_kernel(
+    PART, FIRST, SCORES, MASS_PART, H_KV, P, KEY_END, ROW_TILES, NUM_MASS,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Sum the row tiles' column sums in a fixed order (deterministic): prompt keys -> scores
+    (0 on left padding), response keys -> one partial mask mass per program."""
+    pid = tl.program_id(0)
+    bg = tl.program_id(1)
+    first = tl.load(FIRST + bg // H_KV)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < KEY_END
+    acc = tl.zeros([BLOCK], tl.float32)
+    n_bg = tl.num_programs(1)
+    for t in range(0, ROW_TILES):
+        acc += tl.load(PART + (t * n_bg + bg).to(tl.int64) * KEY_END + offs, mask=ok, other=0.0)
+    acc = tl.where(offs >= first, acc, 0.0)
+    tl.store(SCORES + bg.to(tl.int64) * P + offs, acc, mask=offs < P)
+    if NUM_MASS > 0:
+        mass = tl.sum(tl.where(ok & (offs >= P), acc, 0.0), 0)
+        tl.store(MASS_PART + bg.to(tl.int64) * NUM_MASS + pid, mass)
+
+
 @triton.jit
 def _pool_kernel(
     RAW, FIRST, OUT, H_KV, P, W,
@@ -287,6 +391,7 @@ def score_keys(
     scale: float,
     need_mass: bool,
     num_splits: int | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw column-sum scores (before window pooling) and the mask mass.
 
@@ -296,6 +401,8 @@ def score_keys(
         lse: natural-log fp32 [B, Hq, M] over all valid keys (mask mode only) or None.
         need_mass: also score the response keys [P, L) (mask mode) for S_m.
         num_splits: key splits of the LSE pass (default: a heuristic; tests force it).
+        kernel: pass-2 kernel, "key_resident" or "k_streaming" (default ``SCORE_KERNEL``); the
+            latter also splits its keys ``num_splits`` ways when that is given.
     Returns:
         scores fp32 [B, Hkv, P] (0 at padding), mask_mass fp32 [B, Hkv] (None unless need_mass).
     """
@@ -348,6 +455,10 @@ def score_keys(
     else:
         lse_arg, natural = lse.contiguous(), True
 
+    if (kernel or SCORE_KERNEL) == "k_streaming":
+        return _score_k_streaming(
+            q, k, first, lse_arg, scores, P, R, qk_scale, natural, common, need_mass, num_splits
+        )
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_N"]) + triton.cdiv(R, meta["BLOCK_N"]), BH)
     _score_kernel[grid](
         q, k, first, lse_arg, scores, scores if mass_part is None else mass_part,
@@ -356,6 +467,35 @@ def score_keys(
         LSE_NATURAL=natural, MASS_SLOT=_MASS_SLOT, **common,
     )  # fmt: skip
     return scores, mass and mass()
+
+
+def _score_k_streaming(
+    q, k, first, lse_arg, scores, P, R, qk_scale, natural, common, need_mass, num_splits
+):
+    """Pass 2 as ``_score_kstream_kernel`` + the row-tile combine (see SCORE_KERNEL)."""
+    B, Hq, M, D = q.shape
+    Hkv = k.shape[1]
+    G, BH = Hq // Hkv, B * Hkv
+    GM, key_end = G * M, P + R
+    row_tiles = triton.cdiv(GM, _KSTREAM_BLOCK_M)  # every config has this BLOCK_M
+    part = torch.empty(row_tiles, BH, key_end, dtype=torch.float32, device=q.device)
+    # Key splits: ~2 waves of programs, >= 1024 keys each, multiples of 256 keys.
+    splits = num_splits or _num_splits(BH * row_tiles, _KSTREAM_BLOCK_M, key_end, q.device)
+    quantum = 256 if num_splits is None else 32  # tests force small splits on small prompts
+    split_len = triton.cdiv(triton.cdiv(key_end, splits), quantum) * quantum
+    splits = triton.cdiv(key_end, split_len)
+    _score_kstream_kernel[(row_tiles, splits, BH)](
+        q, k, first, lse_arg, part, *q.stride(), *k.stride(),
+        Hkv, G, M, P, key_end, split_len, D, qk_scale, LSE_NATURAL=natural, **common,
+    )  # fmt: skip
+    block = 1024
+    n_blocks = triton.cdiv(key_end, block)
+    mass_part = torch.empty(BH, n_blocks, dtype=torch.float32, device=q.device)
+    _score_rows_combine_kernel[(n_blocks, BH)](
+        part, first, scores, mass_part, Hkv, P, key_end, row_tiles,
+        n_blocks if need_mass else 0, BLOCK=block,
+    )  # fmt: skip
+    return scores, (mass_part.sum(-1).view(B, Hkv) if need_mass else None)
 
 
 def pool_window(
