@@ -7,10 +7,14 @@
 # its log into $OUT/logs; JSON + PNG results land in $OUT/results. The whole tree is packed into
 # $OUT/gpu_session.tar.gz as well, for transports that bring back only a few files. Commit the
 # results under benchmarks/results/<device>/. Caps and arguments come from the environment:
-# GPU_TEST_CAP, SELECT_CAP/SELECT_ARGS, RAGGED_CAP/RAGGED_ARGS, E2E_CAP/E2E_ARGS, and SANITIZERS
+# GPU_TEST_CAP, SELECT_CAP/SELECT_ARGS, RAGGED_CAP/RAGGED_ARGS, E2E_CAP/E2E_ARGS,
+# WHOLE_CAP/WHOLE_ARGS, and SANITIZERS
 # (default "memcheck racecheck initcheck"; empty skips them).
 #   quick: install, GPU tests, sanitizers (a couple of minutes)
-#   full (default): quick + micro-benchmarks + the end-to-end benchmark at LLaDA-8B shape
+#   full (default): quick + micro-benchmarks + the end-to-end and whole-generation benchmarks
+#   at LLaDA-8B shape. Order of priority when time is short: the engine GPU tests
+#   (tests/test_gpu_engine.py), then bench_ragged (work-list vs grid planner), bench_select
+#   (key-resident vs K-streaming score pass), bench_e2e, bench_whole.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-benchmarks/results/gpu-run}
@@ -60,5 +64,9 @@ TAIL=30 stage bench_ragged "${RAGGED_CAP:-120}" python3 benchmarks/bench_ragged_
 # 4. End to end at LLaDA-8B shape (random weights).
 TAIL=40 stage bench_e2e "${E2E_CAP:-240}" python3 benchmarks/bench_e2e.py --preset llada-8b \
   --out "$RES" ${E2E_ARGS:-}
+# 5. Whole generation at LLaDA-8B shape (NoCache, Fast-dLLM configuration, the paper's, MaskKV +
+#    PromptCache / DualCache), total time, the same tokens per step for all.
+TAIL=30 stage bench_whole "${WHOLE_CAP:-300}" python3 benchmarks/bench_e2e.py --whole \
+  --preset llada-8b --prompt-lens 32768 --out "$RES" ${WHOLE_ARGS:-}
 tar -C "$OUT" -czf "$OUT/gpu_session.tar.gz" logs results
 exit $status
