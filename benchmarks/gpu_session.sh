@@ -45,7 +45,10 @@ print(subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=Tru
 PY
 
 # 1. Correctness on the GPU (the CPU suite runs in CI).
-TAIL=25 stage gpu_tests "${GPU_TEST_CAP:-240}" python3 -m pytest -q -m gpu -n 4 -p no:cacheprovider tests
+# -v: every result is logged with its name as it happens (a capped run still says which failed);
+# the engine tests first.
+TAIL=25 stage gpu_tests "${GPU_TEST_CAP:-240}" python3 -m pytest -v -m gpu -n 4 \
+  -p no:cacheprovider --timeout 120 -rfE tests/test_gpu_engine.py tests
 
 # 2. compute-sanitizer on each kernel: padding, empty segments, forced split-K.
 if command -v compute-sanitizer >/dev/null; then
