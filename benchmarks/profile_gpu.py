@@ -63,16 +63,21 @@ def profile_select(P: int) -> None:
             print(_table(prof, "self_cuda_time_total", 14))
 
 
-def profile_step(P: int, method_name: str) -> None:
-    from maskkv import bench, methods
-    from maskkv.generation.engine import Denoiser
+def _llada_step_inputs(P: int, R: int = 256):
+    """A random-weight LLaDA-8B, [prompt ‖ R masks] ids and the all-True logits mask."""
+    from maskkv import bench
 
     model = bench.build_model("llada-8b", device="cuda", dtype="bfloat16")
-    R = 256
-    x = torch.cat(
-        [bench.random_prompt(model, P), torch.full((1, R), model.config.mask_token_id,
-                                                   device="cuda", dtype=torch.long)], 1)  # fmt: skip
-    need = torch.ones(1, R, dtype=torch.bool, device="cuda")
+    masks = torch.full((1, R), model.config.mask_token_id, device="cuda", dtype=torch.long)
+    x = torch.cat([bench.random_prompt(model, P), masks], 1)
+    return model, x, torch.ones(1, R, dtype=torch.bool, device="cuda")
+
+
+def profile_step(P: int, method_name: str) -> None:
+    from maskkv import methods
+    from maskkv.generation.engine import Denoiser
+
+    model, x, need = _llada_step_inputs(P)
     for name in method_name.split(","):
         den = Denoiser(model, methods.get(name), P)
         den(x, need)  # step 1
@@ -109,15 +114,10 @@ def profile_step(P: int, method_name: str) -> None:
 
 def profile_step1(P: int) -> None:
     """Step 1 of MaskKV with the flash forward's LSE vs SDPA + select_and_gather's own LSE pass."""
-    from maskkv import bench, methods
+    from maskkv import methods
     from maskkv.generation.engine import Denoiser
 
-    model = bench.build_model("llada-8b", device="cuda", dtype="bfloat16")
-    R = 256
-    x = torch.cat(
-        [bench.random_prompt(model, P), torch.full((1, R), model.config.mask_token_id,
-                                                   device="cuda", dtype=torch.long)], 1)  # fmt: skip
-    need = torch.ones(1, R, dtype=torch.bool, device="cuda")
+    model, x, need = _llada_step_inputs(P)
     for step1_lse in (True, False, True, False):  # twice each: the first pair warms up
         den = Denoiser(model, methods.MaskKV(budget=256), P, step1_lse=step1_lse)
         torch.cuda.synchronize()

@@ -199,33 +199,21 @@ def _ragged_attn_fwd(
 
 
 @triton.jit
-def _ragged_attn_combine(
-    OPart, LsePart, CU, Out, Lse,
-    R_TOTAL, ROWS, Lt, D, CHUNK, NUM_SPLITS,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """Merge the non-empty split-K chunks of BLOCK_R output rows (log-sum-exp weighting)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R_TOTAL
-    seg = rows // ROWS
-    n_tot = tl.load(CU + seg + 1, mask=row_mask, other=0) - tl.load(CU + seg, mask=row_mask, other=0)
-    n_tot = n_tot + Lt
-    n_valid = tl.minimum((n_tot + CHUNK - 1) // CHUNK, NUM_SPLITS)
-    n_valid = tl.where(row_mask, n_valid, 0)
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-
+def _merge_partials(OPart, LsePart, base, stride, count, offs_d, d_mask, D,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Log-sum-exp merge of ``count`` partial outputs per row: partial j of a row sits at
+    ``base + j * stride``. Returns (out [BLOCK_R, BLOCK_D] fp32, natural-log lse, -inf where
+    the row has no key)."""
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for j in range(0, tl.max(n_valid, 0)):
-        lse_j = tl.load(LsePart + j * R_TOTAL + rows64, mask=j < n_valid, other=float("-inf"))
+    for j in range(0, tl.max(count, 0)):
+        lse_j = tl.load(LsePart + base + j * stride, mask=j < count, other=float("-inf"))
         m = tl.maximum(m, lse_j)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for j in range(0, tl.max(n_valid, 0)):
-        live = j < n_valid
-        part = j * R_TOTAL + rows64
+    for j in range(0, tl.max(count, 0)):
+        live = j < count
+        part = base + j * stride
         w = tl.exp2(tl.load(LsePart + part, mask=live, other=float("-inf")) - m_safe)
         o_j = tl.load(OPart + part[:, None] * D + offs_d[None, :],
                       mask=live[:, None] & d_mask[None, :], other=0.0)
@@ -233,11 +221,32 @@ def _ragged_attn_combine(
         l += w
     has_key = l > 0
     l_safe = tl.where(has_key, l, 1.0)
-    o = acc / l_safe[:, None]
+    lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
+def _ragged_attn_combine(
+    OPart, LsePart, CU, Out, Lse,
+    R_TOTAL, ROWS, Lt, D, CHUNK, NUM_SPLITS,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Grid planner: merge the non-empty split-K chunks of BLOCK_R output rows (partial j of
+    row r at j * R_TOTAL + r)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R_TOTAL
+    seg = rows // ROWS
+    n_tot = tl.load(CU + seg + 1, mask=row_mask, other=0) - tl.load(CU + seg, mask=row_mask, other=0)
+    n_valid = tl.minimum((n_tot + Lt + CHUNK - 1) // CHUNK, NUM_SPLITS)
+    n_valid = tl.where(row_mask, n_valid, 0)
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    o, lse = _merge_partials(OPart, LsePart, rows64, R_TOTAL, n_valid, offs_d, d_mask, D,
+                             BLOCK_R, BLOCK_D)
     tl.store(Out + rows64[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
              mask=row_mask[:, None] & d_mask[None, :])
     if STORE_LSE:
-        lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + rows64, lse, mask=row_mask)
 
 
@@ -255,36 +264,16 @@ def _ragged_attn_combine_items(
     first = tl.load(ITEM_START + seg, mask=row_mask, other=0)
     count = tl.load(ITEM_START + seg + 1, mask=row_mask, other=0) - first
     count = tl.where(row_mask & (count > 1), count, 0)
-    part_row = (rows % ROWS).to(tl.int64)
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for j in range(0, tl.max(count, 0)):
-        live = j < count
-        lse_j = tl.load(LsePart + (first + j).to(tl.int64) * ROWS + part_row, mask=live,
-                        other=float("-inf"))
-        m = tl.maximum(m, lse_j)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    l = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for j in range(0, tl.max(count, 0)):
-        live = j < count
-        part = (first + j).to(tl.int64) * ROWS + part_row
-        w = tl.exp2(tl.load(LsePart + part, mask=live, other=float("-inf")) - m_safe)
-        o_j = tl.load(OPart + part[:, None] * D + offs_d[None, :],
-                      mask=live[:, None] & d_mask[None, :], other=0.0)
-        acc += w[:, None] * o_j
-        l += w
-    has_key = l > 0
-    l_safe = tl.where(has_key, l, 1.0)
-    o = acc / l_safe[:, None]
+    base = first.to(tl.int64) * ROWS + (rows % ROWS).to(tl.int64)
+    o, lse = _merge_partials(OPart, LsePart, base, ROWS, count, offs_d, d_mask, D,
+                             BLOCK_R, BLOCK_D)
     merged = count > 1
     tl.store(Out + rows64[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
              mask=merged[:, None] & d_mask[None, :])
     if STORE_LSE:
-        lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + rows64, lse, mask=merged)
 
 

@@ -90,7 +90,30 @@ def _check_bool(name: str, value) -> None:
 
 
 @dataclass(frozen=True)
-class PrefixCache(CachePolicy):
+class _BlockCache(CachePolicy):
+    """Fast-dLLM's block caches: a refresh pass at every block start (the whole sequence with
+    ``refresh_prompt``, else the tail against the pruned prompt), then ``_inner`` per step."""
+
+    refresh_prompt: bool = False
+    keeps_response_kv = True
+    block_wise = True
+
+    def __post_init__(self):
+        _check_bool("refresh_prompt", self.refresh_prompt)
+
+    def plan(self, step, block_step, lo, hi, tail_len):
+        if step == 0 or (block_step == 0 and self.refresh_prompt):
+            return StepPlan("full", refresh=True)
+        if block_step == 0:
+            return StepPlan("tail", 0, tail_len, refresh=True)
+        return StepPlan("tail", lo, self._inner_end(hi, tail_len))
+
+    def _inner_end(self, hi: int, tail_len: int) -> int:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PrefixCache(_BlockCache):
     """Fast-dLLM's prefix cache: block-start refresh, then [current ‖ later blocks] per step.
 
     Args:
@@ -99,24 +122,14 @@ class PrefixCache(CachePolicy):
             prompt and refreshes the response positions only.
     """
 
-    refresh_prompt: bool = False
     name = "prefix"
-    keeps_response_kv = True
-    block_wise = True
 
-    def __post_init__(self):
-        _check_bool("refresh_prompt", self.refresh_prompt)
-
-    def plan(self, step, block_step, lo, hi, tail_len):
-        if step == 0 or (block_step == 0 and self.refresh_prompt):
-            return StepPlan("full", refresh=True)
-        if block_step == 0:
-            return StepPlan("tail", 0, tail_len, refresh=True)
-        return StepPlan("tail", lo, tail_len)
+    def _inner_end(self, hi, tail_len):
+        return tail_len  # the current block and every later one
 
 
 @dataclass(frozen=True)
-class DualCache(CachePolicy):
+class DualCache(_BlockCache):
     """Fast-dLLM's dual cache: block-start refresh, then the current block only per step (its new
     KV overwrite the block's slots; earlier and later blocks are read from the cache).
 
@@ -124,20 +137,10 @@ class DualCache(CachePolicy):
         refresh_prompt: as for ``PrefixCache``.
     """
 
-    refresh_prompt: bool = False
     name = "dual"
-    keeps_response_kv = True
-    block_wise = True
 
-    def __post_init__(self):
-        _check_bool("refresh_prompt", self.refresh_prompt)
-
-    def plan(self, step, block_step, lo, hi, tail_len):
-        if step == 0 or (block_step == 0 and self.refresh_prompt):
-            return StepPlan("full", refresh=True)
-        if block_step == 0:
-            return StepPlan("tail", 0, tail_len, refresh=True)
-        return StepPlan("tail", lo, hi)
+    def _inner_end(self, hi, tail_len):
+        return hi  # the current block only
 
 
 @dataclass(frozen=True)
