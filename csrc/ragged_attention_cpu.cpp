@@ -42,11 +42,9 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
   const bool has_kt = k_tail.has_value() && k_tail->defined();
   const bool has_vt = v_tail.has_value() && v_tail->defined();
   TORCH_CHECK(has_kt == has_vt, "k_tail, v_tail: expected both or neither");
-  int64_t Lt = 0;
   if (has_kt) {
     check_float(*k_tail, "k_tail");
     check_dim(*k_tail, 4, "k_tail", "[B, Hkv, Lt, D]");
-    Lt = k_tail->size(2);
     TORCH_CHECK(k_tail->size(0) == B && k_tail->size(1) == Hkv && k_tail->size(3) == D &&
                     k_tail->scalar_type() == q.scalar_type(),
                 "k_tail: expected [B=", B, ", Hkv=", Hkv, ", Lt, D=", D, "] of dtype ",

@@ -74,7 +74,8 @@ def _cpu_flags() -> list[str]:
 
 def build_flags() -> list[str]:
     """Extra C++ flags of the build (shared with setup.py's ahead-of-time build)."""
-    return ["-O3", *_cpu_flags()]
+    # torch's vec headers carry `#pragma unroll`, which g++ ignores noisily under -Wall.
+    return ["-O3", "-Wno-unknown-pragmas", *_cpu_flags()]
 
 
 def _find_compiler() -> str | None:
