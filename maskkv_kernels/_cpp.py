@@ -14,7 +14,6 @@ saying why.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -138,9 +137,20 @@ def _jit_build() -> None:
         ) from None
 
 
-@functools.lru_cache(maxsize=1)
+_UNTRIED = "not tried yet"
+_reason: str | None = _UNTRIED  # the outcome of the one build/load attempt of this process
+
+
 def _load_once() -> str | None:
-    """None once the ops are registered, else the reason they cannot be (cached per process)."""
+    """None once the ops are registered, else the reason they cannot be (cached per process in a
+    module global, which torch.compile reads as a constant instead of tracing the build)."""
+    global _reason
+    if _reason is _UNTRIED:
+        _reason = _try_load()
+    return _reason
+
+
+def _try_load() -> str | None:
     if _ops_registered():
         return None
     try:
@@ -173,9 +183,15 @@ def load() -> None:
         raise CppBackendUnavailable(reason)
 
 
-@functools.lru_cache(maxsize=1)
+_warned = False
+
+
 def warn_fallback() -> None:
     """One warning per process when backend='auto' cannot use the C++ kernels."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
     warnings.warn(
         f"maskkv_kernels: the 'cpp' CPU backend is unavailable ({unavailable_reason()}); "
         "falling back to backend='torch'",
