@@ -1,12 +1,17 @@
 """Input validation shared by every public op.
 
 Every error is a ``ValueError`` that names the argument and the expected shape, so that nothing is
-silently broadcast, truncated or lost. The checks only read shapes, dtypes and devices: they never
-synchronise with the device.
+silently broadcast, truncated or lost. The checks only read shapes, dtypes and devices, plus the
+values of small CPU tensors (free to read): they never synchronise with the device.
+
+Under ``torch.compile`` no check guards on data: the ``prompt_lens`` values that size outputs are
+checked by a small custom op (``maskkv::check_prompt_lens``) that runs inside the compiled graph
+and raises the same ``ValueError`` at run time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +80,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, prompt_l
     check_tensor(k, "k", "[B, Hkv, L, D]", 4)
     B, Hq, M, D = q.shape
     _, Hkv, L, _ = k.shape
+    if B == 0 or Hq == 0 or D == 0:
+        raise fail("q", "[B, Hq, M, D] with B, Hq, D >= 1", describe(q))
     if k.shape[0] != B or k.shape[3] != D:
         raise fail("k", f"[B={B}, Hkv, L, D={D}] to match q {tuple(q.shape)}", describe(k))
     check_same("k", k, q, "q")
@@ -90,25 +97,72 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, prompt_l
     return Dims(B, Hq, Hkv, M, D, L, prompt_len)
 
 
-def check_prompt_lens(prompt_lens: torch.Tensor | None, dims: Dims, device: torch.device) -> None:
-    """prompt_lens: int [B] real prompt tokens per row (left padding), each in [0, P]."""
-    if prompt_lens is None:
-        return
+def _bad_prompt_lens(lens: list[int], P: int) -> ValueError | None:
+    if any(not 0 <= x <= P for x in lens):
+        return fail("prompt_lens", f"values in [0, prompt_len={P}]", lens)
+    return None
+
+
+@torch.library.custom_op(
+    "maskkv::check_prompt_lens", mutates_args=(), schema="(Tensor prompt_lens, SymInt P) -> Tensor"
+)
+def _check_prompt_lens_op(prompt_lens, P):
+    """The value check as a graph node: raises ValueError when the compiled graph runs."""
+    error = _bad_prompt_lens(prompt_lens.tolist(), P)
+    if error is not None:
+        raise error
+    return prompt_lens.clone()
+
+
+@_check_prompt_lens_op.register_fake
+def _(prompt_lens, P):
+    return torch.empty_like(prompt_lens)
+
+
+def host_prompt_lens(prompt_lens: torch.Tensor, P: int) -> list[int]:
+    """Values of an int [B] ``prompt_lens`` on the host (a CUDA tensor: one sync), each checked
+    to be in [0, P].
+
+    Graph-safe: under ``torch.compile`` the check runs as a node of the graph before the values
+    are read (they are unbacked symbolic ints there), so tracing never guards on data."""
+    if torch.compiler.is_compiling():
+        lens = _check_prompt_lens_op(prompt_lens, P).tolist()
+        for x in lens:  # already checked at run time; tells the tracer the sizes' range
+            torch._check(x >= 0)
+            torch._check(x <= P)
+        return lens
+    lens = [int(x) for x in prompt_lens.tolist()]
+    error = _bad_prompt_lens(lens, P)
+    if error is not None:
+        raise error
+    return lens
+
+
+def check_prompt_lens_tensor(
+    prompt_lens: object, B: int, P: int, device: torch.device, what: str = "prompt_len"
+) -> None:
+    """prompt_lens: int [B] real prompt tokens per row (left padding), each in [0, P], on the CPU
+    or on ``device``. The values are checked where reading them is free (a CPU tensor)."""
     if (
         not isinstance(prompt_lens, torch.Tensor)
-        or prompt_lens.shape != (dims.B,)
+        or prompt_lens.shape != (B,)
         or prompt_lens.dtype not in (torch.int32, torch.int64)
     ):
-        raise fail(
-            "prompt_lens", f"an int32/int64 tensor of shape [B={dims.B}]", describe(prompt_lens)
-        )
+        raise fail("prompt_lens", f"an int32/int64 tensor of shape [B={B}]", describe(prompt_lens))
     # On the host it costs nothing to read (sizes outputs without a sync); on q's device is fine too.
     if prompt_lens.device not in (device, torch.device("cpu")):
         raise fail("prompt_lens", f"a tensor on the CPU or on {device}", describe(prompt_lens))
-    if prompt_lens.device.type == "cpu" and bool(
-        ((prompt_lens < 0) | (prompt_lens > dims.P)).any()
-    ):
-        raise fail("prompt_lens", f"values in [0, prompt_len={dims.P}]", prompt_lens.tolist())
+    # Under torch.compile the values are checked where they are read (host_prompt_lens).
+    if prompt_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        lens = prompt_lens.tolist()
+        if any(not 0 <= x <= P for x in lens):
+            raise fail("prompt_lens", f"values in [0, {what}={P}]", lens)
+
+
+def check_prompt_lens(prompt_lens: torch.Tensor | None, dims: Dims, device: torch.device) -> None:
+    """prompt_lens: int [B] real prompt tokens per row (left padding), each in [0, P]."""
+    if prompt_lens is not None:
+        check_prompt_lens_tensor(prompt_lens, dims.B, dims.P, device)
 
 
 def check_lse(lse: torch.Tensor | None, dims: Dims, q: torch.Tensor, score: str) -> None:
@@ -170,10 +224,18 @@ def check_pool(pool: str, pool_kernel: int) -> None:
 
 
 def check_scale(scale: float | None, D: int) -> float:
+    """Softmax scale: a finite positive float; None = D ** -0.5 (D >= 1, checked with the shapes)."""
     if scale is None:
+        if D < 1:
+            raise fail("q", "head dim D >= 1", f"D={D}")
         return D**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise fail("scale", "a positive float", repr(scale))
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or not scale > 0
+    ):
+        raise fail("scale", "a finite positive float", repr(scale))
     return float(scale)
 
 
@@ -210,6 +272,8 @@ def check_ragged_attention(
     if not isinstance(cache, RaggedKV):
         raise fail("cache", "a RaggedKV", describe(cache))
     B, Hq, Lq, D = q.shape
+    if B == 0 or Hq == 0 or D == 0:
+        raise fail("q", "[B, Hq, Lq, D] with B, Hq, D >= 1", describe(q))
     Hkv = cache.num_kv_heads
     if cache.batch_size != B or Hq % Hkv != 0:
         raise fail(

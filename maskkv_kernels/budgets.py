@@ -35,12 +35,17 @@ def valid_prompt_mask(B: int, P: int, prompt_lens: torch.Tensor | None, device) 
 
 
 def rank_within(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Order of the last dim, best first: eligible before not, then higher score (NaN lowest),
-    then lower index. Two stable sorts give the lexicographic order without a composite key."""
-    key = torch.nan_to_num(scores.float(), nan=-math.inf)
+    """Order of the last dim, best first: eligible before not, then higher score (NaN below
+    -inf), then lower index. Two stable sorts give the lexicographic order without a composite
+    key: by score (NaN as -inf, +-inf untouched), then by class (eligible number, eligible NaN,
+    not eligible)."""
+    nan = torch.isnan(scores)
+    key = torch.where(nan, -math.inf, scores.float())
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    elig_sorted = torch.gather(eligible, -1, order)
-    second = torch.sort(elig_sorted.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    rank_class = eligible.to(torch.int8) * 2 - (eligible & nan).to(torch.int8)  # 2, 1 or 0
+    second = torch.sort(
+        torch.gather(rank_class, -1, order), dim=-1, descending=True, stable=True
+    ).indices
     return torch.gather(order, -1, second)
 
 
@@ -107,10 +112,8 @@ def allocate_head_budgets(
     alpha = C.check_alpha(alpha, mode)
     if mode == "prompt_preference":
         C.check_mask_mass(mask_mass, B, Hkv, scores)
-    if prompt_lens is not None and (
-        not isinstance(prompt_lens, torch.Tensor) or prompt_lens.shape != (B,)
-    ):
-        raise C.fail("prompt_lens", f"an int tensor [B={B}]", C.describe(prompt_lens))
+    if prompt_lens is not None:  # values checked when free to read (a CPU tensor)
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     device = scores.device
     lens = (
         torch.full((B,), P, dtype=torch.long, device=device)

@@ -81,8 +81,10 @@ def mask_scores(
     logits = logits.masked_fill(~valid, -math.inf)
     if lse is None:
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no valid key is all-NaN
-    else:
-        probs = torch.exp(logits - lse[..., None])
+    else:  # a row whose LSE is -inf (no valid key) carries no mass, as in the fast paths
+        no_key = ~(lse > -math.inf)[..., None]
+        probs = torch.exp(logits - lse.masked_fill(no_key[..., 0], 0.0)[..., None])
+        probs = probs.masked_fill(no_key, 0.0)
     mass = _sum_over_group(probs.sum(2), Hkv)  # [B, Hkv, L]
     return mass[..., :P].contiguous(), mass[..., P:].sum(-1)
 
@@ -147,10 +149,14 @@ def window_scores(
 
 
 def _rank_order(scores: torch.Tensor) -> torch.Tensor:
-    """Indices of a 1-D score vector, best first: higher score, NaN lowest, ties lower index."""
-    key = torch.nan_to_num(scores.double(), nan=-math.inf)
-    # A stable sort keeps equal keys in index order; -inf ties (NaN) also keep index order.
-    return torch.sort(key, descending=True, stable=True).indices
+    """Indices of a 1-D score vector, best first: higher score, NaN below -inf, ties lower index."""
+    values = scores.double().tolist()
+
+    def key(i: int) -> tuple[bool, float]:  # NaN after every number, then descending value
+        return (True, 0.0) if math.isnan(values[i]) else (False, -values[i])
+
+    # Python's sort is stable: equal keys (and all NaNs) keep index order.
+    return torch.tensor(sorted(range(len(values)), key=key), dtype=torch.long)
 
 
 def _integerize(targets: torch.Tensor, total: int, cap: int) -> torch.Tensor:
@@ -216,6 +222,8 @@ def allocate_head_budgets(
     alpha = C.check_alpha(alpha, mode)
     if mode == "prompt_preference":
         C.check_mask_mass(mask_mass, B, Hkv, scores)
+    if prompt_lens is not None:
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     lens = [P] * B if prompt_lens is None else [int(x) for x in prompt_lens.tolist()]
 
     out = torch.zeros(B, Hkv, dtype=torch.int32)
@@ -271,6 +279,8 @@ def topk_gather(
     B, Hkv, P = C.check_scores(scores)
     if k.dim() != 4 or k.shape[:2] != (B, Hkv) or k.shape[2] < P or v.shape != k.shape:
         raise C.fail("k", f"[B={B}, Hkv={Hkv}, L>={P}, D] (and v alike)", C.describe(k))
+    if prompt_lens is not None:
+        C.check_prompt_lens_tensor(prompt_lens, B, P, scores.device, what="P")
     lens = [P] * B if prompt_lens is None else [int(x) for x in prompt_lens.tolist()]
     budgets = budgets.cpu().long()
     ks, vs, ps, counts = [], [], [], []

@@ -127,7 +127,8 @@ def test_allocators_fuzz(B, Hkv, P, budget, mode, alpha, seed, discrete):
     assert (out >= 0).all() and (out <= lens[:, None]).all()
     if mode == "adakv":
         k_eff = lens.clamp_max(budget)
-        guard = torch.where(k_eff > 0, (alpha * k_eff).floor().long().clamp_min(1), 0).minimum(
-            k_eff
-        )
+        # float64 as in the definition: in fp32, alpha = 1 - 2**-53 rounds alpha * k up to k.
+        guard = torch.where(
+            k_eff > 0, (alpha * k_eff.double()).floor().long().clamp_min(1), 0
+        ).minimum(k_eff)
         assert (out >= guard[:, None]).all(), "AdaKV safeguard"

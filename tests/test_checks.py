@@ -1,5 +1,7 @@
 """Every bad input to a public op is a ValueError that names the argument and the expected shape."""
 
+import math
+
 import pytest
 import torch
 
@@ -79,10 +81,30 @@ BAD_SELECT = [
         lambda q, k, v, kw: (q, k, v, {**kw, "score": "window", "lse": torch.zeros(B, Hq, M)}),
         r"lse: expected None with score='window'",
     ),
-    (lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}), r"scale: expected a positive float"),
+    (
+        lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}),
+        r"scale: expected a finite positive float",
+    ),
     (
         lambda q, k, v, kw: (q, k, v, {**kw, "alpha": 2.0, "head_budget": "adakv"}),
         r"alpha: expected a float in \[0, 1\]",
+    ),
+    *[
+        (
+            lambda q, k, v, kw, bad=bad: (q, k, v, {**kw, "scale": bad}),
+            r"scale: expected a finite positive float",
+        )
+        for bad in (math.inf, math.nan, 0.0, -math.inf)
+    ],
+    (lambda q, k, v, kw: (q[..., :0], k[..., :0], v[..., :0], kw), r"q: expected .*D >= 1"),
+    (lambda q, k, v, kw: (q[:0], k[:0], v[:0], kw), r"q: expected .*B, Hq, D >= 1"),
+    (
+        lambda q, k, v, kw: (q, k, v, {**kw, "prompt_lens": torch.tensor([-1, P])}),
+        r"prompt_lens: expected values in \[0, prompt_len=8\]",
+    ),
+    (
+        lambda q, k, v, kw: (q, k, v, {**kw, "prompt_lens": torch.tensor([1.0, 2.0])}),
+        r"prompt_lens: expected an int32/int64 tensor of shape \[B=2\]",
     ),
 ]
 
@@ -138,3 +160,31 @@ def test_ragged_attention_bad_input(attn):
         attn(q, cache, tail, tail[:, :, :1])
     with pytest.raises(ValueError, match=r"cache.k: expected the dtype of q"):
         attn(q.half(), cache)
+
+
+@pytest.mark.parametrize("alloc", [mk.allocate_head_budgets, R.allocate_head_budgets])
+@pytest.mark.parametrize(
+    "prompt_lens,message",
+    [
+        (torch.tensor([-3, 4]), r"prompt_lens: expected values in \[0, P=6\]"),
+        (torch.tensor([7, 4]), r"prompt_lens: expected values in \[0, P=6\]"),
+        (torch.tensor([3.0, 4.0]), r"prompt_lens: expected an int32/int64 tensor"),
+        (torch.tensor([3]), r"prompt_lens: expected an int32/int64 tensor of shape \[B=2\]"),
+    ],
+)
+def test_allocator_prompt_lens(alloc, prompt_lens, message):
+    """Negative, too long or float lengths used to give negative or silent budgets."""
+    with pytest.raises(ValueError, match=message):
+        alloc(torch.rand(2, 2, 6), 3, "uniform", prompt_lens=prompt_lens)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("scale", [math.inf, math.nan, 0.0, -1.0])
+def test_ragged_attention_bad_scale_and_empty_dims(attn, scale):
+    q, k, v = _inputs()
+    cache = R.select_and_gather(q, k, v, 3, prompt_len=P)
+    with pytest.raises(ValueError, match=r"scale: expected a finite positive float"):
+        attn(q, cache, scale=scale)
+    empty = mk.RaggedKV(cache.k[:, :0], cache.v[:, :0], cache.cu_seqlens, cache.positions, 3, 2)
+    with pytest.raises(ValueError, match=r"q: expected .*D >= 1"):
+        attn(q[..., :0], empty)

@@ -381,7 +381,7 @@ def test_bad_inputs():
     _bad(r"k_tail: expected \[B=2, Hkv=2, Lt, D=16\]", q, cache, kt[:, :1], vt[:, :1])
     _bad(r"v_tail: expected k_tail's shape", q, cache, kt, vt[:, :, :1])
     _bad(r"k_tail: expected the dtype of q", q, cache, kt.half(), vt.half())
-    _bad(r"scale: expected a positive float", q, cache, scale=-1.0)
+    _bad(r"scale: expected a finite positive float", q, cache, scale=-1.0)
     _bad(r"return_lse: expected a bool", q, cache, return_lse="yes")
     _bad(r"backend: expected one of", q, cache, backend="cuda")
     if not INTERPRET and not HAS_CUDA:

@@ -614,3 +614,31 @@ def test_gpu_cuda_graph_capture(head_budget, padded):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_public_select_and_gather_compiles_fullgraph():
+    """The public function (host checks, RaggedKV packing) traces into one graph on the torch
+    backend, with and without prompt_lens (new values need no recompile), equals eager, and a bad
+    prompt_lens still raises the eager ValueError from inside the compiled graph."""
+    q, k, v = make_inputs(2, 4, 2, 3, 16, 30, 10, torch.float32, seed=13)
+
+    def run(q, k, v, prompt_lens, head_budget):
+        cache, scores = mk.select_and_gather(
+            q, k, v, 6, prompt_len=30, prompt_lens=prompt_lens, head_budget=head_budget,
+            backend="torch", return_scores=True,
+        )  # fmt: skip
+        return cache.k, cache.v, cache.cu_seqlens, cache.positions, scores
+
+    compiled = torch.compile(run, fullgraph=True, backend="inductor")
+    for prompt_lens, head_budget in [
+        (None, "prompt_preference"),
+        (torch.tensor([30, 21]), "adakv"),
+        (torch.tensor([4, 30]), "adakv"),
+    ]:
+        got = compiled(q, k, v, prompt_lens, head_budget)
+        want = run(q, k, v, prompt_lens, head_budget)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"prompt_lens: expected values in \[0, prompt_len=30\]"):
+        compiled(q, k, v, torch.tensor([4, 31]), "adakv")

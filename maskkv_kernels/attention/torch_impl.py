@@ -168,11 +168,20 @@ def ragged_attention_torch(
                 vs.append(v.view(S, width, D)[sel])
             elif width:
                 idx = (take(starts)[:, None] + arange[:width]).clamp_(max=N - 1).view(-1)
-                ks.append(k.index_select(0, idx).view(n, width, D))
-                vs.append(v.index_select(0, idx).view(n, width, D))
+                k_seg = k.index_select(0, idx).view(n, width, D)
+                v_seg = v.index_select(0, idx).view(n, width, D)
                 if padded:  # key j is valid if inside the segment or in the tail
+                    seg_lens = take(lens)[:, None]
+                    # The padding rows are rows of the neighbouring segments (other requests):
+                    # zero them, or an inf / NaN there turns this segment's masked softmax into
+                    # NaN through 0 * inf.
+                    outside = (arange[:width] >= seg_lens)[..., None]
+                    k_seg.masked_fill_(outside, 0.0)
+                    v_seg.masked_fill_(outside, 0.0)
                     ar = arange[:n_keys]
-                    valid = (ar < take(lens)[:, None]) | (ar >= width)
+                    valid = (ar < seg_lens) | (ar >= width)
+                ks.append(k_seg)
+                vs.append(v_seg)
             if Lt:
                 ks.append(take(kt))
                 vs.append(take(vt))

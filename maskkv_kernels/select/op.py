@@ -185,6 +185,11 @@ def _(q, k, v, first, budgets, layer_budget, prompt_len, score, head_budget, poo
 # ----------------------------------------------------------------------------- host helpers
 
 
+def _compiling() -> bool:
+    """Under torch.compile host values are symbolic: keep tensor ops (traced as one H2D copy)."""
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
 def _host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     """int32 [len(values)] on ``device`` from host ints, safe inside CUDA-graph capture.
 
@@ -209,7 +214,7 @@ def _first(prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device)
     in place."""
     if prompt_lens is None:
         return torch.zeros(dims.B, dtype=torch.int32, device=device)
-    if prompt_lens.device.type == "cpu" and device.type != "cpu":
+    if prompt_lens.device.type == "cpu" and device.type != "cpu" and not _compiling():
         return _host_ints([dims.P - int(x) for x in prompt_lens.tolist()], device)
     return (dims.P - prompt_lens).to(device=device, dtype=torch.int32)
 
@@ -218,10 +223,7 @@ def _host_lens(prompt_lens: torch.Tensor | None, dims: C.Dims) -> list[int]:
     """Real prompt lengths on the host. A device tensor costs one sync (documented)."""
     if prompt_lens is None:
         return [dims.P] * dims.B
-    lens = [int(x) for x in prompt_lens.tolist()]  # .tolist() of a CUDA tensor: one sync
-    if any(not 0 <= x <= dims.P for x in lens):
-        raise C.fail("prompt_lens", f"values in [0, prompt_len={dims.P}]", lens)
-    return lens
+    return C.host_prompt_lens(prompt_lens, dims.P)  # graph-safe under torch.compile
 
 
 def _explicit_budgets(budget: torch.Tensor, lens: list[int]) -> tuple[int, int]:
@@ -332,11 +334,11 @@ def select_and_gather(
         budgets, layer_budget = budget, 0
     elif head_budget == "uniform":  # host-known budgets: skip the allocator's launches
         kept = [min(budget, x) for x in lens]
-        n, max_seqlen = dims.Hkv * sum(kept), max(kept, default=0)
+        n, max_seqlen = dims.Hkv * sum(kept), max(kept)
         budgets, layer_budget = _uniform_budgets(kept, prompt_lens, dims, q.device), budget
     else:
         n = dims.Hkv * sum(min(budget, x) for x in lens)
-        max_seqlen = min(max(lens, default=0), dims.Hkv * budget)
+        max_seqlen = min(max(lens), dims.Hkv * budget)
         budgets, layer_budget = None, budget
     first = _first(prompt_lens, dims, q.device)
     k_out, v_out, cu, pos, scores = _select_and_gather_op(

@@ -43,8 +43,14 @@ def score_keys(
     """Raw column-sum scores fp32 [B, Hkv, P] and mask mass fp32 [B, Hkv] (None unless
     ``need_mass``), as ``triton_scores.score_keys``.
 
-    Two passes over the keys (LSE, then probabilities) in [rows, keys] chunks; one pass when a
-    chunk of rows can see every key at once and no ``lse`` is given."""
+    Two passes over the keys (LSE, then probabilities) in [keys, rows] chunks; one pass when a
+    chunk of rows can see every key at once and no ``lse`` is given.
+
+    The logits are laid out key-major ([keys, rows]) so that a key's score is a reduction over
+    the contiguous last dim: every key goes through the same sequence of floating-point
+    operations, whatever its position, and bitwise-identical keys get bitwise-identical scores
+    (a column sum over a [rows, keys] layout rounds the keys in vector lanes and the tail keys
+    differently, which breaks "ties go to the lower position")."""
     B, Hq, M, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G, P = Hq // Hkv, prompt_len
@@ -58,24 +64,34 @@ def score_keys(
     qpos = P - M + torch.arange(GM, device=dev) % M  # window mode: prompt position of each row
     rc, kc = _chunks(B * Hkv, GM, key_end, max_elems)
 
-    def logits(r0: int, k0: int, k1: int) -> torch.Tensor:  # fp32 [B, Hkv, rc, k1 - k0]
-        qc = rows[:, :, r0 : r0 + rc].float()
-        kt = k[:, :, k0:k1].float().transpose(-1, -2)
-        s = torch.matmul(qc, kt) * scale
-        return s.masked_fill(~key_ok[:, None, None, k0:k1], -math.inf)  # padding keys
+    def logits(r0: int, k0: int, k1: int) -> torch.Tensor:  # fp32 [B, Hkv, k1 - k0, rc]
+        # Row-major operands whatever the input strides: BLAS picks its kernel from the layout,
+        # and a different kernel rounds differently (non-contiguous inputs must equal
+        # contiguous ones bit for bit).
+        kc_ = k[:, :, k0:k1].float()
+        if kc_.stride(-1) != 1 or kc_.stride(-2) != kc_.shape[-1]:
+            kc_ = kc_.contiguous()
+        qc = rows[:, :, r0 : r0 + rc].float().contiguous()
+        if qc.shape[2] == 1 and qc.shape[0] * qc.shape[1] == 1:
+            # A single query row would be a GEMV, whose tail rows round differently from the
+            # others; an inner-dim sum rounds every key alike (and costs the same memory pass).
+            s = (kc_ * qc).sum(-1, keepdim=True) * scale
+        else:
+            s = torch.matmul(kc_, qc.transpose(-1, -2)) * scale
+        return s.masked_fill(~key_ok[:, None, k0:k1, None], -math.inf)  # padding keys
 
     def probs(s: torch.Tensor, lse_c: torch.Tensor, r0: int) -> torch.Tensor:
         ok = lse_c > -math.inf  # rows without a single valid key carry no mass
         if window:  # padding window queries vote for nothing
             ok = ok & (qpos[None, r0 : r0 + rc] >= first[:, None])[:, None, :]
-        p = torch.exp(s - torch.where(ok, lse_c, torch.zeros_like(lse_c))[..., None])
-        return p.masked_fill(~ok[..., None], 0.0)
+        p = torch.exp(s - torch.where(ok, lse_c, torch.zeros_like(lse_c))[..., None, :])
+        return p.masked_fill(~ok[..., None, :], 0.0)  # [B, Hkv, keys, rc], contiguous
 
     cols = torch.zeros(B, Hkv, n_keys, dtype=torch.float32, device=dev)
     if lse is None and kc >= key_end:  # one pass: each row chunk sees all keys
         for r0 in range(0, GM, rc):
             s = logits(r0, 0, key_end)
-            cols += probs(s[..., :n_keys], torch.logsumexp(s, -1), r0).sum(2)
+            cols += probs(s[..., :n_keys, :], torch.logsumexp(s, -2), r0).sum(-1)
         return cols[..., :P].contiguous(), cols[..., P:].sum(-1) if need_mass else None
 
     if lse is None:
@@ -84,7 +100,7 @@ def score_keys(
             acc = lse_rows[:, :, r0 : r0 + rc]
             for k0 in range(0, key_end, kc):
                 chunk = logits(r0, k0, min(k0 + kc, key_end))
-                acc = torch.logaddexp(acc, torch.logsumexp(chunk, -1))
+                acc = torch.logaddexp(acc, torch.logsumexp(chunk, -2))
             lse_rows[:, :, r0 : r0 + rc] = acc
     else:
         lse_rows = lse.reshape(B, Hkv, GM).float()
@@ -92,7 +108,7 @@ def score_keys(
         k1 = min(k0 + kc, n_keys)
         for r0 in range(0, GM, rc):
             p = probs(logits(r0, k0, k1), lse_rows[:, :, r0 : r0 + rc], r0)
-            cols[:, :, k0:k1] += p.sum(2)
+            cols[:, :, k0:k1] += p.sum(-1)
     return cols[..., :P].contiguous(), cols[..., P:].sum(-1) if need_mass else None
 
 

@@ -1,8 +1,9 @@
 """Kernel B: per-(batch, KV head) top-k by radix select, fused with the K/V gather, in Triton.
 
-Ranking (same as ``reference.topk_gather``): higher score first, NaN ranks with -inf, ties go to
-the lower position; left-padding positions are never kept. Scores are mapped to an int32 key whose
-signed order is the float order (flip the magnitude bits of negatives; -0.0 -> +0.0, NaN -> -inf).
+Ranking (same as ``reference.topk_gather``): higher score first, NaN below -inf, ties go to the
+lower position; left-padding positions are never kept. Scores are mapped to an int32 key whose
+signed order is the float order (flip the magnitude bits of negatives; -0.0 -> +0.0, NaN -> the
+smallest int32, below -inf's key).
 
 Each row [P] is cut into chunks of ``BLOCK`` positions, one program per (chunk, row), so long
 prompts (P >= 64k) spread over the whole GPU instead of one program per head:
@@ -36,11 +37,11 @@ from .triton_scores import _sm_count
 
 @triton.jit
 def _ordered_key(s):
-    """fp32 -> int32 whose signed order is the float order (NaN as -inf, -0.0 as +0.0)."""
-    s = tl.where(s != s, float("-inf"), s)
+    """fp32 -> int32 whose signed order is the float order (NaN below -inf, -0.0 as +0.0)."""
+    is_nan = s != s
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(is_nan, -2147483648, bits ^ ((bits >> 31) & 0x7FFFFFFF))
 
 
 @triton.jit
