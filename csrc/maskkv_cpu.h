@@ -52,60 +52,56 @@ inline void check_last_dim_contiguous(const Tensor& t, const char* name) {
               t.strides());
 }
 
+// The element-wise loops below handle their last partial vector with partial loads/stores
+// instead of scalar code, so every element goes through the same instructions wherever it sits
+// (the same exp for every key: identical keys keep bitwise-identical scores).
+
 // x[i] *= scale for i < n; returns max_i x[i] (NaN-propagating like the vector max).
 inline float scale_and_max(float* x, int64_t n, float scale) {
   const Vec vs(scale);
   Vec vmax(kNegInf);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec v = Vec::loadu(x + i) * vs;
-    v.store(x + i);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
+    Vec v = Vec::loadu(x + i, c) * vs;
+    v.store(x + i, c);
+    if (c < Vec::size()) v = Vec::set(Vec(kNegInf), v, c);  // lanes past n stay -inf
     vmax = at::vec::maximum(vmax, v);
   }
-  float m = at::vec::vec_reduce_all<float>(
+  return at::vec::vec_reduce_all<float>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; i < n; ++i) {
-    x[i] *= scale;
-    m = (std::isnan(x[i]) || x[i] > m) ? x[i] : m;
-  }
-  return m;
 }
 
 // x[i] = exp(x[i] - sub) for i < n; returns the sum.
 inline float exp_sub_sum(float* x, int64_t n, float sub) {
   const Vec vsub(sub);
   Vec vsum(0.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec p = (Vec::loadu(x + i) - vsub).exp_u20();
-    p.store(x + i);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
+    Vec p = (Vec::loadu(x + i, c) - vsub).exp_u20();
+    p.store(x + i, c);
+    if (c < Vec::size()) p = Vec::set(Vec(0.0f), p, c);
     vsum = vsum + p;
   }
-  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - sub);
-    s += x[i];
-  }
-  return s;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
 // acc[j] += exp(x[j] * scale - sub) for j < n (column sums of softmax probabilities).
 inline void accumulate_probs(float* acc, const float* x, int64_t n, float scale, float sub) {
   const Vec vs(scale), vsub(sub);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec p = (Vec::loadu(x + i) * vs - vsub).exp_u20();
-    (Vec::loadu(acc + i) + p).store(acc + i);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
+    const Vec p = (Vec::loadu(x + i, c) * vs - vsub).exp_u20();
+    (Vec::loadu(acc + i, c) + p).store(acc + i, c);
   }
-  for (; i < n; ++i) acc[i] += std::exp(x[i] * scale - sub);
 }
 
 // x[i] *= a for i < n.
 inline void scale_inplace(float* x, int64_t n, float a) {
   const Vec va(a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
-  for (; i < n; ++i) x[i] *= a;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
+    (Vec::loadu(x + i, c) * va).store(x + i, c);
+  }
 }
 
 // Rows [r0, r0 + n) of a [rows, D] view as fp32 with contiguous rows: the view itself when it
