@@ -1,8 +1,9 @@
 """Package layout for maskkv.
 
 ``maskkv`` (the framework) lives under ``python/``, ``maskkv_kernels`` (the ops) at the root.
-CUDA C++ sources under ``csrc/`` are compiled just in time on first use; setting
-``MASKKV_BUILD_EXT=1`` at install time is the hook for an ahead-of-time build.
+The C++ sources under ``csrc/`` (the CPU kernels of the "cpp" backend) are compiled just in time
+with ninja on first use (``maskkv_kernels/_cpp.py``); ``MASKKV_BUILD_EXT=1 pip install -e .``
+builds them ahead of time into ``maskkv_kernels/_C*.so``, which is then loaded instead.
 """
 
 import os
@@ -15,10 +16,19 @@ def _ext_modules():
         return []
     # Ahead-of-time build of csrc/ (off by default). Kept behind an env var so that a plain
     # `pip install -e .` never needs a compiler or a CUDA toolkit.
+    import importlib.util
+
     from torch.utils.cpp_extension import CppExtension
 
+    # The JIT build's flags (vector ISA of this machine), from maskkv_kernels/_cpp.py, loaded by
+    # path: importing the package here would need its dependencies at build time.
+    spec = importlib.util.spec_from_file_location("_maskkv_cpp_build", "maskkv_kernels/_cpp.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
     sources = [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cpp")]
-    return [CppExtension("maskkv_kernels._C", sources)] if sources else []
+    if not sources:
+        return []
+    return [CppExtension("maskkv_kernels._C", sources, extra_compile_args=build.build_flags())]
 
 
 def _cmdclass():

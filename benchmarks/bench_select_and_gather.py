@@ -1,15 +1,17 @@
 """select_and_gather at LLaDA-8B / Dream-7B layer shapes, side by side in one run.
 
 Per (model, P, M): the fused op with the Triton backend (with and without the mask queries'
-``lse``), the torch backend, the eager reference, and one SDPA flash forward of the same queries
-over the same keys (the cost the scoring is measured against). Scoring = MaskKV (mask queries,
+``lse``), the C++ CPU backend (``cpp``, on CPU), the torch backend, the eager reference, and one
+SDPA forward of the same queries over the same keys (the cost the scoring is measured against;
+flash on CUDA). Every backend also gets its ratio to that SDPA forward (``<backend>_x_sdpa``). Scoring = MaskKV (mask queries,
 prompt-preference head budgets), budget 256, bf16, B = 1.
 
 Contract (DESIGN.md): Triton >= 10x the reference; <= 0.7x the SDPA forward with ``lse``,
 <= 1.3x without; extra memory O(B * Hkv * P) (``scores_bytes`` is B*Hkv*P*4 for scale).
 
     python benchmarks/bench_select_and_gather.py                 # full preset on CUDA
-    python benchmarks/bench_select_and_gather.py --preset cpu    # tiny shapes, torch + reference
+    python benchmarks/bench_select_and_gather.py --preset cpu    # tiny shapes, cpp/torch/reference
+    python benchmarks/bench_select_and_gather.py --preset cpu-llada --threads 1  # one LLaDA layer
 
 Writes ``select_and_gather.json`` and ``select_and_gather.png`` under benchmarks/results/<device>/.
 """
@@ -45,7 +47,16 @@ PRESETS = {
         M=[32, 64],
         budget=64,
         dtype=torch.bfloat16,
-        backends=["torch", "reference"],
+        backends=["cpp", "torch", "reference"],
+    ),
+    # One LLaDA-8B layer on one CPU thread (the shape of the C++ backend's targets).
+    "cpu-llada": dict(
+        models={"llada-8b": (32, 32, 128)},
+        P=[4096],
+        M=[256],
+        budget=256,
+        dtype=torch.bfloat16,
+        backends=["cpp", "torch"],
     ),
 }
 
@@ -158,7 +169,10 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
             row["graph_x_sdpa"] = row["triton_graph_ms"] / row["sdpa_graph_ms"]
         if row.get("triton_lse_graph_ms") and row["sdpa_graph_ms"]:
             row["graph_x_sdpa_lse"] = row["triton_lse_graph_ms"] / row["sdpa_graph_ms"]
-    fast = "triton" if "triton" in backends else "torch"
+    fast = next((b for b in ("triton", "cpp", "torch") if b in backends), "torch")
+    for backend in backends:
+        if row.get(f"{backend}_ms") and row["sdpa_ms"] and backend != "reference":
+            row[f"{backend}_x_sdpa"] = row[f"{backend}_ms"] / row["sdpa_ms"]
     if row.get("reference_ms") and row.get(f"{fast}_ms"):
         row["speedup_vs_ref"] = row["reference_ms"] / row[f"{fast}_ms"]
     if row.get(f"{fast}_ms") and row["sdpa_ms"]:
@@ -243,11 +257,13 @@ def main() -> None:
         head_budget="prompt_preference",
         batch=1,
         targets=dict(speedup_vs_ref=">= 10", x_sdpa_lse="<= 0.7", x_sdpa="<= 1.3"),
+        threads=torch.get_num_threads(),
     )
     path = common.save("select_and_gather", device, config, rows, args.out)
     plot(rows, backends, path.with_suffix(".png"))
     cols = ["model", "P", "M"] + [c for c in rows[0] if c.endswith("_ms")]
     ratios = ("speedup_vs_ref", "x_sdpa_lse", "x_sdpa", "graph_x_sdpa_lse", "graph_x_sdpa")
+    ratios += tuple(f"{b}_x_sdpa" for b in backends if b not in ("reference", "triton"))
     cols += [c for c in ratios if any(c in r for r in rows)]
     cols += [c for c in rows[0] if c.endswith("_mem")] + ["scores_bytes"]
     common.print_table(rows, cols)

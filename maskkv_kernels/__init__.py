@@ -9,8 +9,8 @@ Public ops (see DESIGN.md and each docstring for shapes):
   :func:`topk_gather`: the steps ``select_and_gather`` fuses.
 - :mod:`maskkv_kernels.reference`: eager oracles with the same names.
 
-Every op takes ``backend=`` "auto" (Triton on CUDA, else torch), "triton", "torch" or
-"reference".
+Every op takes ``backend=`` "auto" (Triton on CUDA, the C++ kernels of ``csrc/`` on CPU, else
+torch), "triton", "cpp", "torch" or "reference".
 """
 
 from . import reference

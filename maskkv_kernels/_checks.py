@@ -19,7 +19,7 @@ import torch
 SCORES = ("mask", "window")
 HEAD_BUDGETS = ("uniform", "prompt_preference", "adakv")
 POOLS = ("max", "avg", "none")
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_ALPHA = {"uniform": 0.0, "prompt_preference": 0.1, "adakv": 0.2}
 

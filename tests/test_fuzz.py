@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import maskkv_kernels as mk
+from maskkv_kernels import _cpp
 from maskkv_kernels import reference as R
 from maskkv_kernels._dispatch import interpreting, triton_available
 
@@ -38,6 +39,8 @@ if FUZZ not in ("ci", "long"):
     raise ValueError(f"MASKKV_FUZZ: expected 'ci' or 'long', got {FUZZ!r}")
 LONG = FUZZ == "long"
 HAS_TRITON = triton_available() and interpreting()
+HAS_CPP = _cpp._find_compiler() is not None  # then the C++ backend must build (else: errors)
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler for the 'cpp' backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton on CPU needs TRITON_INTERPRET=1")
 
 
@@ -257,6 +260,18 @@ def test_select_triton_matches_reference_and_torch(kw):
         assert_cache_equal(cache, t_cache)
 
 
+@needs_cpp
+@fuzz(*N_META)
+@given(kw=select_cases())
+def test_select_cpp_matches_reference_and_torch(kw):
+    cache, scores = check_against_reference(kw, "cpp")
+    check_structure(kw, cache)
+    t_cache, t_scores = run_select(kw, "torch", return_scores=True)
+    assert_scores_close(scores, t_scores)
+    if torch.equal(bits(scores), bits(t_scores)):  # same scores: exactly the same cache
+        assert_cache_equal(cache, t_cache)
+
+
 @st.composite
 def score_tensors(draw, max_p: int = 40):
     """(scores, k, v, budgets, prompt_lens) for topk_gather, with special values and ties."""
@@ -326,10 +341,21 @@ def test_topk_gather_special_scores_triton(case):
     check_ranking_rule(got, case)
 
 
+@needs_cpp
+@fuzz(*N_META)
+@given(case=score_tensors())
+def test_topk_gather_special_scores_cpp(case):
+    scores, k, v, budgets, prompt_lens = case
+    want = R.topk_gather(scores, k, v, budgets, prompt_lens=prompt_lens)
+    got = mk.topk_gather(scores, k, v, budgets, prompt_lens=prompt_lens, backend="cpp")
+    assert_cache_equal(got, want)
+    check_ranking_rule(got, case)
+
+
 def _backends():
-    """Backends of a metamorphic property: mostly torch; the interpreted Triton one is ~50x
-    slower per example, so it gets one example in eight."""
-    return ["torch"] * 7 + (["triton"] if HAS_TRITON else [])
+    """Backends of a metamorphic property: mostly torch, the C++ one two examples in ten; the
+    interpreted Triton one is ~50x slower per example, so it gets one example in ten."""
+    return ["torch"] * 7 + (["cpp"] * 2 if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
 
 
 @fuzz(*N_META)
@@ -337,7 +363,7 @@ def _backends():
 def test_select_nonfinite_padding_changes_nothing(kw, data):
     """NaN / inf in left padding (keys, values, window queries) changes nothing at all."""
     backend = data.draw(st.sampled_from(_backends()))
-    assume(backend == "torch" or kw["prompt_len"] <= 12)
+    assume(backend != "triton" or kw["prompt_len"] <= 12)
     assume(kw["prompt_lens"] is not None)
     P, firsts = kw["prompt_len"], first_real(kw)
     assume(max(firsts) > 0)
@@ -363,7 +389,7 @@ def test_select_row_and_head_alone_equal_batch(kw, data):
     """A batch row run alone (and, with per-head budgets, a KV head alone) equals its part of
     the batched run, bit for bit; a NaN / inf in another row changes nothing."""
     backend = data.draw(st.sampled_from(_backends()))
-    assume(backend == "torch" or kw["prompt_len"] <= 12)
+    assume(backend != "triton" or kw["prompt_len"] <= 12)
     B, Hkv = kw["k"].shape[:2]
     G = kw["q"].shape[1] // Hkv
     with warnings.catch_warnings():
@@ -435,7 +461,7 @@ def test_select_noncontiguous_explicit_budgets_and_reruns(kw, data):
     """Non-contiguous q/k/v equal contiguous ones; the allocator's own budgets passed explicitly
     equal the implicit ones; two runs are bitwise equal."""
     backend = data.draw(st.sampled_from(_backends()))
-    assume(backend == "torch" or kw["prompt_len"] <= 12)
+    assume(backend != "triton" or kw["prompt_len"] <= 12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want, want_scores = run_select(kw, backend, return_scores=True)
@@ -476,13 +502,16 @@ def test_identical_keys_identical_scores(n_copies, offset, B, G, M, D, budget, s
     v = torch.randn(B, 1, P + 2, D, generator=g)
     budget = min(budget, P)
     budget_arg = torch.full((B, 1), budget) if explicit else budget
-    cache, scores = mk.select_and_gather(
-        q, k, v, budget_arg, prompt_len=P, backend="torch", return_scores=True
-    )
-    copies = scores[:, 0, offset:P]
-    assert (copies == copies[:, :1]).all(), "identical keys scored differently"
-    want = R.topk_gather(scores, k, v, cache.lengths())
-    assert_cache_equal(cache, want)
+    # Not yet the C++ backend: its query-major BLAS tiles round identical keys differently in
+    # the last bit (see csrc/README.md, "Known limits"); key-major tiles would fix it.
+    for backend in ["torch"]:
+        cache, scores = mk.select_and_gather(
+            q, k, v, budget_arg, prompt_len=P, backend=backend, return_scores=True
+        )
+        copies = scores[:, 0, offset:P]
+        assert (copies == copies[:, :1]).all(), f"identical keys scored differently ({backend})"
+        want = R.topk_gather(scores, k, v, cache.lengths())
+        assert_cache_equal(cache, want)
 
 
 # ----------------------------------------------------------------------------- attention cases
@@ -547,6 +576,16 @@ def test_attention_torch_matches_reference(case):
 @given(case=attention_cases(max_len=6))
 def test_attention_triton_matches_reference_and_torch(case):
     got = run_attention(case, "triton")
+    assert_attention_close(got, run_attention(case, "reference"), case[0].dtype)
+    assert_attention_close(got, run_attention(case, "torch"), case[0].dtype)
+
+
+@needs_cpp
+@fuzz(*N_META)
+@given(case=attention_cases(max_len=40))
+def test_attention_cpp_matches_reference_and_torch(case):
+    got = run_attention(case, "cpp")
+    assert got[0].dtype == case[0].dtype and got[0].shape == case[0].shape
     assert_attention_close(got, run_attention(case, "reference"), case[0].dtype)
     assert_attention_close(got, run_attention(case, "torch"), case[0].dtype)
 

@@ -126,6 +126,9 @@ def test_every_method_batch_two_left_padded(models, kind, name):
     method = (
         methods.get(name, budget=12) if name not in ("fullcache", "nocache") else methods.get(name)
     )
+    # Dream's default "origin" sampler reveals by random draws: from an unseeded global RNG
+    # (whatever tests ran before on this xdist worker) every mask can be out after 3 of the 4 steps.
+    torch.manual_seed(0)
     with (
         pytest.warns(methods.MissingProfileWarning)
         if name in ("maskkv", "squeezeattention")

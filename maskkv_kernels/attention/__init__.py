@@ -1,6 +1,6 @@
 """Ragged attention: each KV head attends over [its kept prompt segment ‖ the dense tail].
 
-- :func:`ragged_attention`: the public op (backends "auto", "triton", "torch", "reference"),
+- :func:`ragged_attention`: the public op (backends "auto", "triton", "cpp", "torch", "reference"),
   registered as the custom op ``torch.ops.maskkv.ragged_attention`` with a fake implementation.
 - :class:`RaggedAttention`: a thin ``nn.Module`` for model code.
 

@@ -15,6 +15,19 @@ from .torch_impl import ragged_attention_torch
 __all__ = ["ragged_attention"]
 
 
+def _impl(backend: str):
+    """The launcher of a resolved backend ("triton", "cpp" or "torch"), imported when used."""
+    if backend == "triton":
+        from .triton_ragged import ragged_attention_triton
+
+        return ragged_attention_triton
+    if backend == "cpp":
+        from .cpp_impl import ragged_attention_cpp
+
+        return ragged_attention_cpp
+    return ragged_attention_torch
+
+
 @torch.library.custom_op("maskkv::ragged_attention", mutates_args=())
 def _ragged_attention_op(
     q: torch.Tensor,
@@ -29,14 +42,11 @@ def _ragged_attention_op(
     return_lse: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RaggedKV fields as tensors; ``backend`` is "triton" or "torch" (already resolved).
+    """RaggedKV fields as tensors; ``backend`` is "triton", "cpp" or "torch" (already resolved).
 
     Returns (out [B, Hq, Lq, D] in q's dtype, lse fp32 [B, Hq, Lq], or [0] without return_lse).
     """
-    if backend == "triton":
-        from .triton_ragged import ragged_attention_triton as impl
-    else:
-        impl = ragged_attention_torch
+    impl = _impl(backend)
     out, lse = impl(
         q, k, v, cu_seqlens, max_seqlen, num_kv_heads, k_tail, v_tail, scale, return_lse
     )
@@ -75,10 +85,11 @@ def ragged_attention(
             (the response of this denoising step); both or neither.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the fp32 natural-log log-sum-exp [B, Hq, Lq].
-        backend: "auto" (Triton on CUDA, else torch), "triton", "torch" or "reference".
+        backend: "auto" (Triton on CUDA, the C++ kernels on CPU, else torch), "triton", "cpp",
+            "torch" or "reference".
         check_inputs: False skips validation and the custom-op dispatch and calls the backend
             directly: for hot loops whose inputs were built (and validated) by the caller, with
-            ``backend`` already one of "triton" / "torch" / "reference" (``resolve_backend``).
+            ``backend`` already one of "triton" / "cpp" / "torch" / "reference" (``resolve_backend``).
             Wrong input is then undefined behaviour, so leave it True everywhere else.
     Returns:
         out [B, Hq, Lq, D] in q's dtype (0 for a head with no key at all), and with
@@ -121,10 +132,7 @@ def _ragged_attention_unchecked(q, cache, k_tail, v_tail, scale, return_lse, bac
         return _ref.ragged_attention(q, cache, k_tail, v_tail, scale=scale, return_lse=return_lse)
     if k_tail is not None and k_tail.shape[2] == 0:
         k_tail = v_tail = None
-    if backend == "triton":
-        from .triton_ragged import ragged_attention_triton as impl
-    else:
-        impl = ragged_attention_torch
+    impl = _impl(backend)
     out, lse = impl(
         q, cache.k, cache.v, cache.cu_seqlens, cache.max_seqlen, cache.num_kv_heads, k_tail,
         v_tail, scale, return_lse,

@@ -21,7 +21,7 @@ class MaskKVSelector(nn.Module):
         score: "mask" (MaskKV) or "window" (SnapKV family).
         head_budget: "uniform", "prompt_preference" (mask mode only) or "adakv".
         pool, pool_kernel: window-mode pooling. alpha: head-budget parameter (None = default).
-        scale: softmax scale (None = D ** -0.5). backend: "auto", "triton", "torch", "reference".
+        scale: softmax scale (None = D ** -0.5). backend: "auto", "triton", "cpp", "torch", "reference".
 
     ``forward(q, k, v, *, prompt_len, prompt_lens=None, lse=None, budget=None,
     return_scores=False)`` returns what ``select_and_gather`` returns. No parameters, no buffers.

@@ -36,6 +36,10 @@ def _backend_fns(backend: str):
         from . import triton_scores, triton_topk
 
         return triton_scores.score_keys, triton_scores.pool_window, triton_topk.topk_gather
+    if backend == "cpp":
+        from . import cpp_impl
+
+        return cpp_impl.score_keys, cpp_impl.pool_window, cpp_impl.topk_gather
     return torch_impl.score_keys, torch_impl.pool_window, torch_impl.topk_gather
 
 
@@ -288,7 +292,8 @@ def select_and_gather(
             attention forward (mask mode only): saves the LSE pass over K.
         scale: softmax scale, default D ** -0.5.
         return_scores: also return the fp32 [B, Hkv, P] scores.
-        backend: "auto" (Triton on CUDA, else torch), "triton", "torch" or "reference".
+        backend: "auto" (Triton on CUDA, the C++ kernels on CPU, else torch), "triton",
+            "cpp", "torch" or "reference".
     Returns:
         RaggedKV (segment b*Hkv + g holds the kept rows of (b, g) in ascending position order,
         copied bit for bit), and the scores when ``return_scores``.

@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         help="reveal every masked token of the block with probability >= this (Fast-dLLM)",
     )
     gen.add_argument("--factor", type=float, default=None, help="Fast-dLLM's factor rule")
-    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"])
+    gen.add_argument(
+        "--backend", default="auto", choices=["auto", "triton", "cpp", "torch", "reference"]
+    )
     gen.set_defaults(func=_generate)
 
     cal = sub.add_parser("calibrate", help="measure the MaskKV layer-importance profile")

@@ -83,7 +83,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument(
-        "--backend", default="auto", choices=("auto", "triton", "torch", "reference")
+        "--backend", default="auto", choices=("auto", "triton", "cpp", "torch", "reference")
     )
     parser.add_argument("--token-chunk", type=int, default=4096)
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
