@@ -150,7 +150,7 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
             row["triton_graph_ms"] = common.bench_graph(op("triton", False))
             row["triton_lse_graph_ms"] = common.bench_graph(op("triton", True))
             # The K-streaming pass 2 (Q resident), side by side with the key-resident one.
-            from maskkv_kernels.select import triton_scores
+            from maskkv_kernels.select import triton_scores, triton_topk
 
             triton_scores.SCORE_KERNEL = "k_streaming"
             try:
@@ -158,8 +158,13 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
                 op("triton", False)()
                 row["triton_ks_graph_ms"] = common.bench_graph(op("triton", False))
                 row["triton_ks_lse_graph_ms"] = common.bench_graph(op("triton", True))
+                # ... plus the parallel top-k compaction.
+                triton_topk.COMPACTION = "parallel"
+                op("triton", True)()
+                row["triton_ks_pc_lse_graph_ms"] = common.bench_graph(op("triton", True))
             finally:
                 triton_scores.SCORE_KERNEL = "key_resident"
+                triton_topk.COMPACTION = "serial"
     sdpa, how = sdpa_forward(q, k, v)
     row["sdpa_ms"], row["sdpa_mem"] = measure(sdpa, device)
     row["sdpa_gqa"] = how

@@ -165,10 +165,18 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                         triton_scores.pool_window(scores, first, 32, "max", 7)
                 budgets = torch.full((1, Hkv), budget, dtype=torch.int32)
                 cu = torch.arange(Hkv + 1, dtype=torch.int32) * budget
-                rec.case = f"{tag} topk_gather"
-                triton_topk.topk_gather(
-                    torch.empty(1, Hkv, P), k, k, budgets, first, cu, Hkv * budget
-                )
+                for compaction in ("serial", "parallel"):
+                    rec.case = f"{tag} topk_gather {compaction}"
+                    triton_topk.topk_gather(
+                        torch.empty(1, Hkv, P),
+                        k,
+                        k,
+                        budgets,
+                        first,
+                        cu,
+                        Hkv * budget,
+                        compaction=compaction,
+                    )
                 n = Hkv * budget
                 kr = torch.empty(n, D, dtype=dtype)
                 for splits, planner in ((1, None), (4, "worklist"), (4, "grid")):

@@ -202,10 +202,15 @@ def torch_impl_scores(q, k, first, P):
 
 
 @needs_triton_cpu
-def test_select_and_gather_with_k_streaming_switch(monkeypatch):
-    from maskkv_kernels.select import triton_scores
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_select_and_gather_with_new_kernel_switches(monkeypatch, chunk):
+    """The opt-in kernels end to end: K-streaming score pass and parallel top-k compaction."""
+    from maskkv_kernels.select import triton_scores, triton_topk
 
     monkeypatch.setattr(triton_scores, "SCORE_KERNEL", "k_streaming")
+    monkeypatch.setattr(triton_topk, "COMPACTION", "parallel")
+    if chunk is not None:  # several chunks per row
+        monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
     q, k, v = make_inputs(2, 4, 2, 6, 16, 90, 6, torch.float32, seed=5)
     lens = torch.tensor([90, 41])
     for head_budget in ("prompt_preference", "adakv"):
@@ -391,15 +396,23 @@ def tricky_scores(B, H, P, seed):
     return torch.where(pick, special[idx], s)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+TOPK_BACKENDS = CPU_BACKENDS + (["triton-parallel"] if HAS_TRITON_CPU else [])
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
 @pytest.mark.parametrize("P,chunk", [(37, None), (150, 32)])
 def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     """Ties go to the lower position, NaN ranks with -inf (lowest), padding is never kept;
-    ``chunk`` splits each row across several programs (the long-prompt path)."""
-    if chunk is not None and backend == "triton":
+    ``chunk`` splits each row across several programs (the long-prompt path).
+    "triton-parallel": the Triton backend with the parallel compaction."""
+    if backend.startswith("triton"):
         from maskkv_kernels.select import triton_topk
 
-        monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
+        if chunk is not None:
+            monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
+        if backend == "triton-parallel":
+            monkeypatch.setattr(triton_topk, "COMPACTION", "parallel")
+            backend = "triton"
     B, H, D = 2, 3, 16
     scores = tricky_scores(B, H, P, seed=P)
     _, k, v = make_inputs(B, H, H, 1, D, P, 2, torch.bfloat16, seed=8)
@@ -411,7 +424,7 @@ def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     assert got.max_seqlen == want.max_seqlen
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     P=st.integers(1, 70),
@@ -419,6 +432,14 @@ def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     frac=st.floats(0.0, 1.0),
 )
 def test_topk_gather_property(backend, P, seed, frac):
+    if backend == "triton-parallel":
+        from maskkv_kernels.select import triton_topk
+
+        triton_topk.COMPACTION, backend = "parallel", "triton"
+        try:
+            return test_topk_gather_property.hypothesis.inner_test(backend, P, seed, frac)
+        finally:
+            triton_topk.COMPACTION = "serial"
     scores = tricky_scores(1, 2, P, seed)
     _, k, v = make_inputs(1, 2, 2, 1, 16, P, 0, torch.float32, seed=seed)
     kb = int(frac * P)

@@ -27,12 +27,19 @@ all, in both cases without any histogram work.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import interpreting
 from .triton_scores import _sm_count
+
+# Which compaction ``topk_gather`` runs: "serial" (``_gather_kernel``: each program walks its
+# chunk in sub-blocks, measured on an H200) or "parallel" (``_topk_parallel``: per-row level
+# folding, a flag/scan pass and a row-parallel K/V gather, written for the next GPU comparison).
+COMPACTION = "serial"
 
 
 @triton.jit
@@ -84,8 +91,8 @@ def _radix_resolve(HIST, row, n_chunks, my_chunk, kb, LEVELS: tl.constexpr):
 
 @triton.jit
 def _radix_hist_kernel(
-    SCORES, BUDGETS, FIRST, HIST, P, H_KV, n_chunks,
-    LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+    SCORES, BUDGETS, FIRST, HIST, STATE, P, H_KV, n_chunks,
+    LEVEL: tl.constexpr, BLOCK: tl.constexpr, RESOLVED: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -96,7 +103,10 @@ def _radix_hist_kernel(
         ok = (pos >= first) & (pos < P)
         key = _ordered_key(tl.load(SCORES + row.to(tl.int64) * P + pos, mask=ok, other=0.0))
         if LEVEL > 0:
-            prefix, _k, _gt, _eq = _radix_resolve(HIST, row, n_chunks, 0, kb, LEVEL)
+            if RESOLVED:  # the prefix was folded once per row by _radix_level_kernel
+                prefix = tl.load(STATE + row * 2)
+            else:
+                prefix, _k, _gt, _eq = _radix_resolve(HIST, row, n_chunks, 0, kb, LEVEL)
             ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
         digit = (key >> (24 - 8 * LEVEL)) & 0xFF
         if LEVEL == 0:
@@ -161,6 +171,107 @@ def _gather_kernel(
         eq_seen += tl.sum(is_eq, 0)
 
 
+@triton.jit
+def _radix_level_kernel(HIST, STATE, n_chunks, LEVEL: tl.constexpr):
+    """Parallel compaction, once per row and level: fold level LEVEL's per-chunk histograms into
+    STATE[row] = (prefix of the kb-th largest key, k_left), instead of every program re-deriving
+    it from all the histograms."""
+    row = tl.program_id(0)
+    bins = tl.arange(0, 256)
+    prefix = tl.load(STATE + row * 2)
+    k_left = tl.load(STATE + row * 2 + 1)
+    base = HIST + (row.to(tl.int64) * 4 + LEVEL) * n_chunks * 256
+    tot = tl.zeros([256], tl.int32)
+    for c in range(n_chunks):
+        tot += tl.load(base + c * 256 + bins)
+    suffix = tl.sum(tot, 0) - tl.cumsum(tot, 0) + tot
+    d = tl.max(tl.where(suffix >= k_left, bins, 0), 0)
+    k_left -= tl.sum(tl.where(bins > d, tot, 0), 0)
+    if LEVEL == 0:  # the top digit was stored with its sign bit flipped: undo, sign-extend
+        top = d ^ 0x80
+        prefix = tl.where(top >= 128, top - 256, top)
+    else:
+        prefix = (prefix << 8) | d
+    tl.store(STATE + row * 2, prefix)
+    tl.store(STATE + row * 2 + 1, k_left)
+
+
+@triton.jit
+def _chunk_counts_kernel(SCORES, FIRST, STATE, COUNTS, P, H_KV, BLOCK: tl.constexpr):
+    """Per (chunk, row): how many keys beat the threshold and how many equal it."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    first = tl.load(FIRST + row // H_KV)
+    thresh = tl.load(STATE + row * 2)
+    pos = c * BLOCK + tl.arange(0, BLOCK)
+    ok = (pos >= first) & (pos < P)
+    key = _ordered_key(tl.load(SCORES + row.to(tl.int64) * P + pos, mask=ok, other=0.0))
+    dst = COUNTS + (row.to(tl.int64) * tl.num_programs(0) + c) * 2
+    tl.store(dst, tl.sum((ok & (key > thresh)).to(tl.int32), 0))
+    tl.store(dst + 1, tl.sum((ok & (key == thresh)).to(tl.int32), 0))
+
+
+@triton.jit
+def _compact_kernel(
+    SCORES, BUDGETS, FIRST, STATE, BASE, EQ_BEFORE, CU, POS_OUT, P, H_KV,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, row), the whole chunk at once: keep flags, tie ranks and output slots by two
+    prefix sums; writes the kept positions (ascending) to POS_OUT. No K/V traffic here."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    kb = tl.load(BUDGETS + row)
+    first = tl.load(FIRST + row // H_KV)
+    keep_all = (kb > 0) & (kb >= P - first)
+    thresh = tl.load(STATE + row * 2)
+    k_left = tl.load(STATE + row * 2 + 1)
+    slot = row.to(tl.int64) * tl.num_programs(0) + c
+    pos = c * BLOCK + tl.arange(0, BLOCK)
+    ok = (pos >= first) & (pos < P)
+    key = _ordered_key(tl.load(SCORES + row.to(tl.int64) * P + pos, mask=ok, other=0.0))
+    is_eq = (ok & (key == thresh)).to(tl.int32)
+    eq_rank = tl.load(EQ_BEFORE + slot) + tl.cumsum(is_eq, 0) - is_eq  # ties before, in order
+    keep = ok & ((key > thresh) | ((is_eq > 0) & (eq_rank < k_left)))
+    # Rows with budget 0 or keep-all rows have no histograms (garbage thresholds): override.
+    keep = tl.where(keep_all, ok, tl.where(kb > 0, keep, pos < 0))
+    keep_i = keep.to(tl.int32)
+    before = tl.where(keep_all, tl.maximum(c * BLOCK - first, 0), tl.load(BASE + slot))
+    out = tl.load(CU + row).to(tl.int64) + before + (tl.cumsum(keep_i, 0) - keep_i).to(tl.int64)
+    tl.store(POS_OUT + out, pos, mask=keep)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    POS, CU, K, V, K_OUT, V_OUT,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    N, NSEG, SEARCH_ITERS, H_KV, HEAD_DIM,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Row-parallel gather over the N kept rows: output row i copies K/V row POS[i] of its
+    segment (found by binary search in CU: the largest s with CU[s] <= i)."""
+    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = i < N
+    lo = tl.zeros([ROWS], tl.int32)
+    hi = lo + NSEG
+    for _ in range(SEARCH_ITERS):
+        mid = (lo + hi) // 2
+        right = tl.load(CU + mid, mask=ok, other=0) <= i
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    b = (lo // H_KV).to(tl.int64)
+    g = (lo % H_KV).to(tl.int64)
+    pos = tl.load(POS + i, mask=ok, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    src_k = K + b * stride_kb + g * stride_kh + pos * stride_kl
+    rows_k = tl.load(src_k[:, None] + offs_d[None, :] * stride_kd, mask=m2)
+    tl.store(K_OUT + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], rows_k, mask=m2)
+    src_v = V + b * stride_vb + g * stride_vh + pos * stride_vl
+    rows_v = tl.load(src_v[:, None] + offs_d[None, :] * stride_vd, mask=m2)
+    tl.store(V_OUT + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], rows_v, mask=m2)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -187,6 +298,7 @@ def topk_gather(
     n: int,
     *,
     chunk: int | None = None,
+    compaction: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the ``budgets[b, g]`` best real prompt positions of every row and gather them.
 
@@ -195,6 +307,7 @@ def topk_gather(
             [B, Hkv] in [0, P - first[b]]; first: int32 [B]; cu_seqlens: int32 [B*Hkv + 1]
             (device cumsum of budgets); n: host-known total, cu_seqlens[-1].
         chunk: positions per program (power of 2; default a heuristic; tests force it).
+        compaction: "serial" or "parallel" (default ``COMPACTION``).
     Returns:
         k_out, v_out [n, D] (k's dtype), positions int32 [n], ascending inside every segment.
     """
@@ -216,20 +329,16 @@ def topk_gather(
     hist = alloc(rows, 4, n_chunks, 256, dtype=torch.int32, device=k.device)
     grid = (n_chunks, rows)
     warps = 4 if chunk <= 2048 else 8
+    kb, vb = _as_bits(k), _as_bits(v)
+    if (compaction or COMPACTION) == "parallel":
+        _topk_parallel(scores, budgets, first, hist, cu_seqlens, kb, vb, k_out, v_out,
+                       positions, P, Hkv, n_chunks, chunk, warps, n)  # fmt: skip
+        return k_out, v_out, positions
     for level in range(4):
         _radix_hist_kernel[grid](
-            scores,
-            budgets,
-            first,
-            hist,
-            P,
-            Hkv,
-            n_chunks,
-            LEVEL=level,
-            BLOCK=chunk,
-            num_warps=warps,
-        )
-    kb, vb = _as_bits(k), _as_bits(v)
+            scores, budgets, first, hist, hist, P, Hkv, n_chunks,
+            LEVEL=level, BLOCK=chunk, RESOLVED=False, num_warps=warps,
+        )  # fmt: skip
     _gather_kernel[grid](
         scores, budgets, first, hist, cu_seqlens, kb, vb, _as_bits(k_out), _as_bits(v_out),
         positions, *kb.stride(), *vb.stride(), P, Hkv, n_chunks, D,
@@ -237,3 +346,38 @@ def topk_gather(
         BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )  # fmt: skip
     return k_out, v_out, positions
+
+
+def _topk_parallel(scores, budgets, first, hist, cu, kb, vb, k_out, v_out, positions, P, Hkv,
+                   n_chunks, chunk, warps, n) -> None:  # fmt: skip
+    """The parallel compaction (see ``COMPACTION``): radix levels folded once per row, per-chunk
+    counts and one scan for every chunk's first output slot, a flag/prefix-sum pass writing the
+    kept positions, then one program per ROWS output rows copying K and V."""
+    rows = budgets.numel()
+    grid = (n_chunks, rows)
+    state = torch.zeros(rows, 2, dtype=torch.int32, device=scores.device)
+    state[:, 1] = budgets
+    for level in range(4):
+        _radix_hist_kernel[grid](
+            scores, budgets, first, hist, state, P, Hkv, n_chunks,
+            LEVEL=level, BLOCK=chunk, RESOLVED=True, num_warps=warps,
+        )  # fmt: skip
+        _radix_level_kernel[(rows,)](hist, state, n_chunks, LEVEL=level)
+    counts = torch.empty(rows, n_chunks, 2, dtype=torch.int32, device=scores.device)
+    _chunk_counts_kernel[grid](scores, first, state, counts, P, Hkv, BLOCK=chunk, num_warps=warps)
+    # Exclusive scans over chunks: kept rows before each chunk = keys above the threshold plus
+    # the ties still within k_left (ties go to the lower position).
+    excl = counts.cumsum(1, dtype=torch.int32) - counts
+    eq_before = excl[..., 1].contiguous()
+    base = (excl[..., 0] + torch.minimum(eq_before, state[:, 1:2])).contiguous()
+    _compact_kernel[grid](
+        scores, budgets, first, state, base, eq_before, cu, positions, P, Hkv,
+        BLOCK=chunk, num_warps=warps,
+    )  # fmt: skip
+    block_rows = 16 if interpreting() else 64
+    D = kb.shape[-1]
+    _gather_rows_kernel[(triton.cdiv(n, block_rows),)](
+        positions, cu, kb, vb, _as_bits(k_out), _as_bits(v_out), *kb.stride(), *vb.stride(),
+        n, rows, max(1, math.ceil(math.log2(rows + 1))), Hkv, D,
+        ROWS=block_rows, BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+    )  # fmt: skip
