@@ -20,6 +20,12 @@ of tail positions, dLLM-Cache's "partial"). Attention of a tail pass is always o
 computed tokens alone (PromptCache) or the stored response KV with the computed tokens written
 into their slots (Prefix/Dual/DLLMCache): no prompt concatenation, no new kernel.
 
+On CUDA: MaskKV's step-1 attention is torch's fused flash forward, which also returns the mask
+rows' LSE for ``select_and_gather`` (one pass over K instead of two; ``step1_lse``), and a tail
+pass without stored response KV is captured once per (shape, range) as one CUDA graph of all
+layers and replayed (``cuda_graphs``): at LLaDA-8B shape an eager later step spends as long
+launching its ~1150 kernels as running them.
+
 Approximation inherent to caching a bidirectional model: prompt keys/values at layers > 0 also
 depend on the response tokens, which change between steps; the cache freezes them at step 1
 (as the MaskKV paper does). With a single layer the cached and uncached paths agree exactly.
