@@ -3,6 +3,7 @@ loads and solves held-out examples with FullCache, every method runs, training a
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -17,19 +18,83 @@ from maskkv.quality.train import TrainConfig, save, train
 
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 def test_examples_are_deterministic_and_well_formed(task):
-    a = tasks.make_examples(task, 5, split="test", prompt_len=96)
-    b = tasks.make_examples(task, 5, split="test", prompt_len=96)
+    n = tasks.TASK_MIN_PROMPT_LEN[task] + 64
+    a = tasks.make_examples(task, 5, split="test", prompt_len=n)
+    b = tasks.make_examples(task, 5, split="test", prompt_len=n)
     assert a == b
     assert len({e.prompt for e in a}) == 5  # different seeds, different prompts
     for ex in a:
-        assert len(tasks.encode_prompt(ex)) == 96
-        lo, hi = ex.evidence
-        assert ex.prompt[lo:hi] == ex.answer
-        assert ex.prompt.count(ex.answer) == 1
-        assert [ex.answer[i] in alphabet for i, alphabet in enumerate(tasks.ALPHABETS)]
-    # Held-out and training examples never share a seed.
-    train_seeds = {e.seed for e in tasks.make_examples(task, 5, split="train", prompt_len=96)}
-    assert not train_seeds & {e.seed for e in a}
+        assert len(tasks.encode_prompt(ex)) == n
+        values = ex.answer.split(",")
+        assert [ex.prompt[lo:hi] for lo, hi in ex.spans] == values
+        assert ex.spans[0] == ex.evidence
+        for value in values:
+            assert ex.prompt.count(value) == 1
+            assert all(c in alphabet for c, alphabet in zip(value, tasks.ALPHABETS, strict=True))
+        assert len(tasks.encode_answer(ex, tasks.TASK_GEN_LENGTH[task])) > len(ex.answer)
+    # Held-out and training examples never share a seed, nor a prompt.
+    train = tasks.make_examples(task, 50, split="train", prompt_len=n)
+    calib = tasks.make_examples(task, 50, split="calib", prompt_len=n)
+    test = tasks.make_examples(task, 50, split="test", prompt_len=n)
+    assert not {e.seed for e in train} & {e.seed for e in test}
+    assert not {e.seed for e in calib} & {e.seed for e in test}
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+
+
+_CODE = re.compile(r"([a-z]{3}) ([A-Z][0-9][!#$%&*+@^~])\. ")
+
+
+@pytest.mark.parametrize("task", tasks.RETRIEVAL_TASKS)
+def test_retrieval_answer_needs_the_question(task):
+    """Every pair's value occurs once, every key once outside the question, and the asked keys are
+    uniform over the pairs: no rule that ignores the question beats 1 / num_pairs."""
+    examples = tasks.make_examples(task, 300, split="test", prompt_len=320)
+    first_code = last_code = 0
+    ranks = []
+    for ex in examples:
+        pairs = _CODE.findall(ex.prompt)
+        assert len(pairs) == ex.num_pairs and 16 <= ex.num_pairs <= tasks.kv_pairs_range(320)[1]
+        keys, codes = zip(*pairs)
+        assert len(set(keys)) == len(keys) and len(set(codes)) == len(codes)
+        question = ex.prompt.split("|")[-1 if task != "kv_retrieval_qfirst" else 0]
+        asked = question.rstrip("?").split(",")
+        assert 1 <= len(asked) <= 3 and (len(asked) == 1) == (task != "multi_needle")
+        assert ex.answer == ",".join(dict(pairs)[k] for k in asked)
+        for k in asked:  # the key: once in its pair, once in the question, nowhere else
+            assert ex.prompt.count(k) == 2
+        first_code += ex.answer.split(",")[0] == codes[0]
+        last_code += ex.answer.split(",")[0] == codes[-1]
+        ranks.append(keys.index(asked[0]) / (len(keys) - 1))
+    # Content-only guesses are at chance (1/16..1/26 here); the asked pair's position in the
+    # prompt is uniform (each fifth of the pairs holds about 20% of the answers).
+    assert first_code / len(examples) < 0.12 and last_code / len(examples) < 0.12
+    fifths = [sum(int(min(r * 5, 4)) == q for r in ranks) / len(ranks) for q in range(5)]
+    assert all(0.1 < f < 0.3 for f in fifths), fifths
+
+
+def test_retrieval_question_position_and_depth():
+    last = tasks.make_example("kv_retrieval", 7, prompt_len=256)
+    first = tasks.make_example("kv_retrieval_qfirst", 7, prompt_len=256)
+    assert re.search(r"\|[a-z]{3}\?$", last.prompt) and re.match(r"[a-z]{3}\?\|", first.prompt)
+    for depth in (0.0, 0.5, 1.0):
+        for seed in range(5):
+            ex = tasks.make_example("kv_retrieval", seed, 512, depth=depth)
+            rank = [m.start(2) for m in _CODE.finditer(ex.prompt)].index(ex.evidence[0])
+            assert rank == round(depth * (ex.num_pairs - 1))
+            assert abs(ex.depth - depth) < 0.2
+    grid = tasks.depth_length_grid("kv_retrieval", 2, [0.0, 1.0], [256, 512])
+    assert sorted(grid) == [(0.0, 256), (0.0, 512), (1.0, 256), (1.0, 512)]
+    prompts = [e.prompt for cell in grid.values() for e in cell]
+    assert len(set(prompts)) == 8
+    assert all(len(tasks.encode_prompt(e)) == n for (_, n), cell in grid.items() for e in cell)
+
+
+def test_pairs_grow_with_the_prompt():
+    assert tasks.kv_pairs_range(192) == (16, 16)
+    assert tasks.kv_pairs_range(512) == (16, 42)
+    assert tasks.kv_pairs_range(4096) == (16, 64)
+    counts = {tasks.make_example("kv_retrieval", s, 768).num_pairs for s in range(200)}
+    assert min(counts) >= 16 and max(counts) <= 64 and len(counts) > 20
 
 
 def test_question_position():
@@ -56,6 +121,18 @@ def test_bad_arguments():
         tasks.make_example("passkey", 0, prompt_len=8)
     with pytest.raises(ValueError, match="split"):
         tasks.make_examples("passkey", 1, split="dev")
+    with pytest.raises(ValueError, match="prompt_len"):
+        tasks.make_example(
+            "kv_retrieval", 0, prompt_len=tasks.TASK_MIN_PROMPT_LEN["kv_retrieval"] - 1
+        )
+    with pytest.raises(ValueError, match="depth"):
+        tasks.make_example("kv_retrieval", 0, prompt_len=256, depth=1.5)
+    with pytest.raises(ValueError, match="depth"):
+        tasks.make_example("passkey", 0, prompt_len=256, depth=0.5)
+    with pytest.raises(ValueError, match="num_pairs"):
+        tasks.make_example("multi_needle", 0, prompt_len=256, num_pairs=2)
+    with pytest.raises(ValueError, match="task"):
+        tasks.depth_length_grid("passkey", 1, [0.5], [256])
 
 
 # ----------------------------------------------------------------------------- committed model
