@@ -156,7 +156,7 @@ def test_fullcache_solves_held_out_examples(model):
     # Measured (benchmarks/results/cpu-x86_64/quality.json, 100 held-out examples per task):
     # FullCache exact match 1.00 on passkey and 1.00 on passkey_qfirst, so 16/16 here. The
     # threshold leaves room for other CPUs' and GPUs' float rounding, not for a broken model.
-    for task in tasks.TASKS:
+    for task in tasks.CONTROL_TASKS:
         examples = tasks.make_examples(task, 16, split="test")
         row = evaluate.evaluate_method(model, "fullcache", None, examples, batch_size=16)
         assert row["accuracy"] >= 0.8, (task, row)
@@ -241,3 +241,55 @@ def test_eval_subcommand(tmp_path, capsys):
         ("maskkv", 8),
     ]
     assert "rel.full" in capsys.readouterr().out
+
+
+def _eval_args(*extra):
+    parser = argparse.ArgumentParser()
+    evaluate.add_eval_parser(parser.add_subparsers(dest="command"))
+    base = ["eval", "--methods", "fullcache", "--num-examples", "1", "--device", "cpu"]
+    return parser.parse_args([*base, *extra])
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--tasks", "passkey,nope"], "tasks: unknown task 'nope'"),
+        (
+            ["--tasks", "kv_retrieval", "--prompt-len", "100"],
+            "prompt_len: kv_retrieval needs >= 192",
+        ),
+        (["--tasks", "passkey", "--prompt-len", "2000"], "prompt_len: the model was trained"),
+        (["--budgets", "8,0"], "budgets"),
+        (["--budgets", "8,x"], "budgets"),
+        (["--num-examples", "0"], "num_examples"),
+        (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    ],
+)
+def test_eval_rejects_bad_input(extra, match):
+    args = _eval_args(*extra)
+    with pytest.raises(ValueError, match=match):
+        evaluate.run_from_args(args)
+
+
+def test_heatmap_subcommand(tmp_path, capsys):
+    out = tmp_path / "heat.json"
+    args = _eval_args(
+        "--methods",
+        "fullcache,snapkv",
+        "--heatmap",
+        "--tasks",
+        "kv_retrieval",
+        "--budgets",
+        "8",
+        "--heatmap-lengths",
+        "192,256",
+        "--heatmap-depths",
+        "0,1",
+        "--out",
+        str(out),
+    )
+    args.func(args)
+    result = json.loads(out.read_text())
+    cells = {(c["method"], c["depth"], c["prompt_len"]) for c in result["cells"]}
+    assert len(cells) == 8 and out.with_suffix(".png").stat().st_size > 1000
+    assert "P=256" in capsys.readouterr().out

@@ -367,13 +367,19 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
     test), at the evaluated prompt length."""
     from maskkv.calibrate import calibrate
 
-    prompts = [
-        torch.tensor(task_lib.encode_prompt(ex))
-        for task in cfg.tasks
-        for ex in task_lib.make_examples(
-            task, per_task, split="calib", prompt_len=cfg.max_prompt_len
-        )
-    ]
+    n = cfg.max_prompt_len
+    rng = random.Random(cfg.seed)
+    prompts = []
+    for task in cfg.tasks:
+        base = task_lib.SPLIT_SEEDS["calib"]
+        for i in range(per_task):
+            # Below a retrieval task's evaluated minimum (tiny test runs) use the curriculum's
+            # pair counts, as training did.
+            kw = {}
+            if task in task_lib.RETRIEVAL_TASKS and n < task_lib.TASK_MIN_PROMPT_LEN[task]:
+                kw = {"num_pairs": _num_pairs(task, n, rng)}
+            ex = task_lib.make_example(task, base + i, n, **kw)
+            prompts.append(torch.tensor(task_lib.encode_prompt(ex)))
     gen_length = max([cfg.gen_length, *(task_lib.TASK_GEN_LENGTH[t] for t in cfg.tasks)])
     profile = calibrate(model, prompts, gen_length=gen_length)
     profile.meta.update(
