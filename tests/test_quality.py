@@ -194,6 +194,20 @@ def test_evidence_recall_counts_kept_positions(model):
     assert evaluate.evidence_recall(model, last_only, ids, spans, 8) == 0.0
 
 
+def test_evidence_recall_of_the_generation_matches_a_separate_first_step(model):
+    # evaluate_method reads the kept positions of generate's own first selection; the separate
+    # first denoising step of evidence_recall must keep exactly the same (several needles here).
+    examples = tasks.make_examples("multi_needle", 3, split="test", prompt_len=192)
+    ids = torch.tensor([tasks.encode_prompt(e) for e in examples])
+    spans = [[(lo + 1, hi + 1) for lo, hi in e.spans] for e in examples]
+    for name in ("maskkv", "snapkv"):
+        row = evaluate.evaluate_method(model, name, 16, examples, gen_length=12, steps=12)
+        method = methods.get(name, budget=16)
+        for key, any_head in (("evidence_recall", False), ("evidence_recall_any_head", True)):
+            expected = evaluate.evidence_recall(model, method, ids, spans, 12, any_head=any_head)
+            assert row[key] == pytest.approx(expected, abs=1e-6), (name, key)
+
+
 # ----------------------------------------------------------------------------- training, CLI
 
 

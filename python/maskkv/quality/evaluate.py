@@ -124,24 +124,37 @@ def _evidence_recalls(
     denoiser = Denoiser(model, method, P, profile=profile)
     with torch.no_grad():
         denoiser(x, torch.ones(B, gen_length, dtype=torch.bool, device=x.device))
+    kept = [(cache.positions, cache.lengths()) for cache in denoiser.caches]
+    return _recalls_from_positions(kept, spans, B, P)
+
+
+def _evidence_mask(spans, B: int, P: int) -> torch.Tensor:
     evidence = torch.zeros(B, P, dtype=torch.bool)
     for b, row_spans in enumerate(spans):
         if isinstance(row_spans[0], int):  # one span
             row_spans = [row_spans]
         for lo, hi in row_spans:
             evidence[b, lo:hi] = True
+    return evidence
+
+
+def _recalls_from_positions(
+    kept: Sequence[tuple[torch.Tensor, torch.Tensor]], spans, B: int, P: int
+) -> tuple[list[float], list[float]]:
+    """kept: per layer, (positions flattened in segment order b * Hkv + g, lengths [B, Hkv])."""
+    evidence = _evidence_mask(spans, B, P)
     count = evidence.sum(1).float()  # [B] evidence tokens per row
     per_head: list[float] = []
     any_head: list[float] = []
-    for cache in denoiser.caches:
-        hkv = cache.num_kv_heads
-        lengths = cache.lengths().reshape(-1).long().cpu()  # [B * Hkv], segment b * Hkv + g
+    for positions, lengths in kept:
+        hkv = lengths.shape[-1]
+        lengths = lengths.reshape(-1).long().cpu()  # [B * Hkv], segment b * Hkv + g
         seg = torch.arange(B * hkv).repeat_interleave(lengths)
         row = seg // hkv
-        pos = cache.positions.long().cpu()
+        pos = positions.long().cpu()
         inside = evidence[row, pos].float()
-        kept = torch.zeros(B * hkv).index_add_(0, seg, inside)  # evidence tokens per head
-        per_head.append(float((kept / count.repeat_interleave(hkv)).mean()))
+        kept_ev = torch.zeros(B * hkv).index_add_(0, seg, inside)  # evidence tokens per head
+        per_head.append(float((kept_ev / count.repeat_interleave(hkv)).mean()))
         seen = torch.zeros(B, P, dtype=torch.bool)
         seen[row, pos] = True
         any_head.append(float(((seen & evidence).sum(1) / count).mean()))
@@ -195,7 +208,13 @@ def evaluate_method(
             kept_sum += ids.shape[1] * len(batch)
         if recall:
             spans = [[(lo + 1, hi + 1) for lo, hi in e.spans] for e in batch]  # +1: the BOS
-            both = torch.tensor(_evidence_recalls(model, method, ids, spans, gen_length, profile))
+            B, P = ids.shape
+            if not method.evicts:
+                both = torch.ones(2, len(model.layers))
+            else:  # what the generation's own first selection kept (no second pass)
+                lengths = out.stats.kept_lengths  # [layers, B, Hkv]
+                kept = list(zip(out.stats.first_kept_positions, lengths))
+                both = torch.tensor(_recalls_from_positions(kept, spans, B, P))
             recall_layers = both * len(batch) + (0 if recall_layers is None else recall_layers)
     n = len(examples)
     rec = None if recall_layers is None else recall_layers / n
@@ -465,7 +484,9 @@ def plot_heatmap(result: dict[str, Any], path: str | Path) -> Path:
     depths, lens, names = cfg["depths"], cfg["prompt_lens"], cfg["methods"]
     cols = min(len(names), 4)
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     acc = {(c["method"], c["depth"], c["prompt_len"]): c["accuracy"] for c in result["cells"]}
     for k, name in enumerate(names):
         ax = axes[k // cols][k % cols]

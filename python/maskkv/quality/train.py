@@ -409,6 +409,24 @@ def save(model: torch.nn.Module, path: str | Path, cfg: TrainConfig, log: list[d
     return path
 
 
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` recorded in a checkpoint or train_log.json."""
+    d = dict(d)
+    d["tasks"] = tuple(d["tasks"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the model of a (possibly unfinished) training checkpoint as an asset directory
+    (``save``), with the log so far; the checkpoint itself is untouched, so training resumes."""
+    state = torch.load(checkpoint, weights_only=False)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return save(model.eval(), out, cfg, state["log"])
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -438,9 +456,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write --out from --checkpoint as it stands, without training",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (background runs)"
     )
     args = parser.parse_args(argv)
+    if args.export_only:
+        if not args.checkpoint or not Path(args.checkpoint).is_file():
+            parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
+        print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+        return
     model_overrides = dict(MODEL_OVERRIDES)
     model_overrides.update(
         n_layers=args.n_layers,
