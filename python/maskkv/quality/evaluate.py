@@ -184,6 +184,7 @@ def evaluate_method(
     method = _method(name, budget)
     device = next(model.parameters()).device
     correct = digits = kept_sum = 0.0
+    per_example: list[str] = []
     recall_layers: torch.Tensor | None = None  # [2, layers]: sums over rows
     t0 = time.perf_counter()
     for s in range(0, len(examples), batch_size):
@@ -201,6 +202,7 @@ def evaluate_method(
         for ex, resp in zip(batch, out.responses.tolist()):
             pred = task_lib.parse_answer(resp)
             correct += pred == ex.answer
+            per_example.append("1" if pred == ex.answer else "0")
             digits += sum(a == b for a, b in zip(pred, ex.answer)) / len(ex.answer)
         if out.stats.kept_lengths is not None:
             kept_sum += float(out.stats.kept_lengths.float().mean()) * len(batch)
@@ -229,6 +231,8 @@ def evaluate_method(
         "evidence_recall_any_head_per_layer": None if rec is None else rec[1].tolist(),
         "kept_per_head": kept_sum / n,
         "seconds": time.perf_counter() - t0,
+        # Exact match per example, in order ("1" right, "0" wrong): lets a test replay a subset.
+        "correct": "".join(per_example),
     }
 
 
@@ -676,8 +680,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-len",
         type=int,
-        default=task_lib.DEFAULT_PROMPT_LEN,
-        help="prompt tokens per example (BOS included)",
+        default=None,
+        help="prompt tokens per example (BOS included; default: the longest the model was "
+        f"trained on, else {task_lib.DEFAULT_PROMPT_LEN})",
     )
     parser.add_argument(
         "--gen-length",
@@ -715,6 +720,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     model is loaded)."""
     task_names = [t for t in args.tasks.split(",") if t]
     budgets = _ints(args.budgets, "budgets")
+    if args.prompt_len is None and Path(args.model).is_dir():
+        args.prompt_len = trained_max_prompt_len(args.model) or task_lib.DEFAULT_PROMPT_LEN
     check_eval_args(
         model_path=args.model,
         task_names=task_names,

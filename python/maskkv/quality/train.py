@@ -88,12 +88,17 @@ class TrainConfig:
     max_prompt_len: int = task_lib.DEFAULT_PROMPT_LEN
     curriculum: float = 0.5
     #: "linear": the longest prompt grows linearly over the first ``curriculum`` fraction of the
-    #: steps. "adaptive": it starts at ``min_prompt_len + 32`` and grows by ``adaptive_step``
-    #: tokens whenever every task's running full-mask exact match reaches ``adaptive_threshold``
-    #: (and the number of key-value pairs grows with the prompt, ``kv_pairs_range``).
+    #: steps. "adaptive": a level that starts at 1 and rises by one whenever every task's
+    #: running full-mask exact match reaches ``adaptive_threshold`` (at least
+    #: ``adaptive_min_steps`` steps apart); at level k the longest prompt is
+    #: ``min_prompt_len + adaptive_step * k`` tokens and a retrieval prompt holds at most k
+    #: key-value pairs (multi_needle at least 3; it joins the gate from level 4).
     schedule: str = "linear"
     adaptive_threshold: float = 0.9
-    adaptive_step: int = 32
+    adaptive_step: int = 12
+    adaptive_min_steps: int = 50
+    #: a checkpoint directory of the same shape whose weights start the run (warm start)
+    init_from: str | None = None
     seed: int = 0
     threads: int = 1  # more threads only pay on an idle machine
     max_minutes: float | None = None  # stop early (the cosine schedule still assumes `steps`)
@@ -179,15 +184,19 @@ def _max_len_at(step: int, cfg: TrainConfig) -> int:
     return round(cfg.min_prompt_len + ramp * (cfg.max_prompt_len - cfg.min_prompt_len))
 
 
-def _num_pairs(task: str, prompt_len: int, rng: random.Random) -> int | None:
+def _num_pairs(
+    task: str, prompt_len: int, rng: random.Random, cap: int | None = None
+) -> int | None:
     """Curriculum draw of the key-value pairs of a retrieval prompt: uniform in
-    [most // 3, most] with ``most`` the task's maximum at this length (fewer than the
-    evaluated minimum of 16 on short prompts: those teach the lookup cheaply)."""
+    [most // 3, most] with ``most`` the task's maximum at this length (and at most ``cap``):
+    fewer than the evaluated minimum of 16 on short prompts, which teach the lookup cheaply."""
     if task not in task_lib.RETRIEVAL_TASKS:
         return None
     # A pair is 9 characters and the question up to 13: (prompt_len - 14) // 11 pairs leave
     # some filler on the shortest prompts.
     most = min(task_lib.kv_pairs_range(prompt_len)[1], (prompt_len - 14) // 11)
+    if cap is not None:
+        most = min(most, cap)
     least = 3 if task == "multi_needle" else 1
     most = max(most, least)
     return rng.randint(max(least, most // 3), most)
@@ -225,6 +234,10 @@ def train(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
     mask_id = model.config.mask_token_id
     # No weight decay on norms and embeddings (the usual transformer recipe).
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
@@ -246,7 +259,8 @@ def train(
     adaptive = cfg.schedule == "adaptive"
     if cfg.schedule not in ("linear", "adaptive"):
         raise ValueError(f"schedule: expected 'linear' or 'adaptive', got {cfg.schedule!r}")
-    max_len = min(cfg.min_prompt_len + 32, cfg.max_prompt_len)
+    level, level_step = 1, 0
+    max_len = min(cfg.min_prompt_len + cfg.adaptive_step, cfg.max_prompt_len)
     first_step, minutes_before = 0, 0.0
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if checkpoint is not None and checkpoint.exists():
@@ -257,6 +271,7 @@ def train(
         gen.set_state(state["generator"])
         first_step, next_seed, max_len = state["step"], state["next_seed"], state["max_len"]
         running, exact, log = state["running"], state["exact"], state["log"]
+        level, level_step = state.get("level", 1), state.get("level_step", 0)
         minutes_before = log[-1]["minutes"] if log else 0.0
 
     def save_state(step: int) -> None:
@@ -272,6 +287,8 @@ def train(
             "step": step,
             "next_seed": next_seed,
             "max_len": max_len,
+            "level": level,
+            "level_step": level_step,
             "running": running,
             "exact": exact,
             "log": log,
@@ -299,7 +316,8 @@ def train(
         next_seed += cfg.batch_size
         pairs = None
         if task in task_lib.RETRIEVAL_TASKS:
-            pairs = [_num_pairs(task, prompt_len, rng) for _ in seeds]
+            cap = level if adaptive else None
+            pairs = [_num_pairs(task, prompt_len, rng, cap) for _ in seeds]
         x0, targets = make_batch(task, seeds, prompt_len, gen_length, pairs)
         lr = _lr_at(step, cfg)
         for group in opt.param_groups:
@@ -326,13 +344,16 @@ def train(
         if batch_exact is not None:
             old = exact.get(task)
             exact[task] = batch_exact if old is None else 0.9 * old + 0.1 * batch_exact
+        gate = [t for t in cfg.tasks if t != "multi_needle" or level >= 4]
         if (
             adaptive
-            and max_len < cfg.max_prompt_len
-            and len(exact) == len(cfg.tasks)
-            and min(exact.values()) >= cfg.adaptive_threshold
+            and step - level_step >= cfg.adaptive_min_steps
+            and (max_len < cfg.max_prompt_len or level < task_lib.kv_pairs_range(max_len)[1])
+            and all(t in exact for t in gate)
+            and min(exact[t] for t in gate) >= cfg.adaptive_threshold
         ):
-            max_len = min(max_len + cfg.adaptive_step, cfg.max_prompt_len)
+            level, level_step = level + 1, step
+            max_len = min(cfg.min_prompt_len + cfg.adaptive_step * level, cfg.max_prompt_len)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"P": prompt_len})
         now = time.perf_counter()
         minutes = minutes_before + (now - t_start) / 60
@@ -345,6 +366,7 @@ def train(
                     "minutes": minutes,
                     "prompt_len": prompt_len,
                     "max_len": longest,
+                    "level": level,
                 }
                 | {f"loss_{k}": v for k, v in running.items()}
                 | {f"exact_{k}": v for k, v in exact.items()}
@@ -443,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--schedule", default=defaults.schedule, choices=("linear", "adaptive"))
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument(
+        "--init-from", default=None, help="checkpoint directory (same shape) to start from"
+    )
     parser.add_argument("--n-layers", type=int, default=MODEL_OVERRIDES["n_layers"])
     parser.add_argument("--d-model", type=int, default=MODEL_OVERRIDES["d_model"])
     parser.add_argument("--n-heads", type=int, default=MODEL_OVERRIDES["n_heads"])
@@ -490,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         schedule=args.schedule,
         warmup=args.warmup,
+        init_from=args.init_from,
         model=model_overrides,
     )
     model, log = train(
