@@ -5,7 +5,7 @@ the repository's result layout, with the environment record (device, torch, git 
 other benchmarks:
 
 - ``benchmarks/results/<device>/quality-<model>.json`` and ``.png``: every task, method and budget;
-- with ``--heatmap``: ``heatmap-<model>.json`` and ``.png``, the depth x length sweep at one budget
+- with ``--heatmap``: ``heatmap-<model>-<task>.json`` and ``.png``, the depth x length sweep at one budget
   (first of ``--budgets``) on the first of ``--tasks``, one panel per method.
 
     python benchmarks/bench_quality.py --prompt-len 512                 # 7 methods, budgets 8..64
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(result["config"]["device"])
     kind = "heatmap" if args.heatmap else "quality"
     name = f"{kind}-{Path(args.model).name}.json"
+    if args.heatmap:  # one sweep per task
+        name = f"heatmap-{Path(args.model).name}-{args.tasks.split(',')[0]}.json"
     path = common.out_dir(device) / name if args.out is None else Path(args.out)
     evaluate.save(result, path, env=common.environment(device))
     evaluate.report(result, None)

@@ -83,6 +83,11 @@ def test_retrieval_question_position_and_depth():
             rank = [m.start(2) for m in _CODE.finditer(ex.prompt)].index(ex.evidence[0])
             assert rank == round(depth * (ex.num_pairs - 1))
             assert abs(ex.depth - depth) < 0.2
+    for depth in (0.0, 0.5, 1.0):  # the controls: the code at that fraction of the filler
+        ex = tasks.make_example("passkey", 3, 288, depth=depth)
+        assert abs(ex.depth - depth) < 0.1 and ex.prompt[slice(*ex.evidence)] == ex.answer
+    # Without a depth the controls are the examples they always were (seeded, code at random).
+    assert tasks.make_example("passkey", 3, 288).prompt.index("code ") == 264
     grid = tasks.depth_length_grid("kv_retrieval", 2, [0.0, 1.0], [256, 512])
     assert sorted(grid) == [(0.0, 256), (0.0, 512), (1.0, 256), (1.0, 512)]
     prompts = [e.prompt for cell in grid.values() for e in cell]
@@ -128,12 +133,12 @@ def test_bad_arguments():
         )
     with pytest.raises(ValueError, match="depth"):
         tasks.make_example("kv_retrieval", 0, prompt_len=256, depth=1.5)
-    with pytest.raises(ValueError, match="depth"):
-        tasks.make_example("passkey", 0, prompt_len=256, depth=0.5)
+    with pytest.raises(ValueError, match="num_pairs"):
+        tasks.make_example("passkey", 0, prompt_len=256, num_pairs=3)
     with pytest.raises(ValueError, match="num_pairs"):
         tasks.make_example("multi_needle", 0, prompt_len=256, num_pairs=2)
     with pytest.raises(ValueError, match="task"):
-        tasks.depth_length_grid("passkey", 1, [0.5], [256])
+        tasks.depth_length_grid("nope", 1, [0.5], [256])
 
 
 # ----------------------------------------------------------------------------- committed model
@@ -154,7 +159,8 @@ def test_asset_is_small_and_complete():
 
 
 def test_fullcache_solves_held_out_examples(model):
-    # Measured (benchmarks/results/cpu-x86_64/quality.json, 100 held-out examples per task):
+    # Measured (benchmarks/results/cpu-x86_64/quality-tiny-llada-retrieval.json, 100 held-out
+    # examples per task):
     # FullCache exact match 1.00 on passkey and 1.00 on passkey_qfirst, so 16/16 here. The
     # threshold leaves room for other CPUs' and GPUs' float rounding, not for a broken model.
     for task in tasks.CONTROL_TASKS:

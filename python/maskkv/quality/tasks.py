@@ -22,7 +22,8 @@ tell which value is asked for: an eviction method must keep the value the *quest
 The number of pairs grows with the prompt: 16 .. min(64, prompt_len // 12), drawn per example
 (``kv_pairs_range``); the shortest prompt that holds 16 pairs is ``TASK_MIN_PROMPT_LEN``.
 ``make_example(..., depth=d)`` puts the (first) queried pair at relative depth d of the prompt
-(0 = first pair, 1 = last): the depth x length sweep (``depth_length_grid``).
+(0 = first pair, 1 = last; for the controls, the code at that fraction of the filler): the
+depth x length sweep (``depth_length_grid``).
 
 **Content-only controls** (the original suite): a single 3-token code ("code Q7#.") in filler
 sentences; the answer is the code. The code is the only run of uppercase, digit and symbol in the
@@ -154,9 +155,9 @@ class Example:
         return self.evidence_spans or (self.evidence,)
 
 
-def _haystack(rng: random.Random, length: int) -> tuple[str, str, int]:
-    """``length`` characters of filler with "code XYZ. " inserted at a sentence boundary.
-    Returns (text, code, character offset of the code)."""
+def _haystack(rng: random.Random, length: int, depth: float | None = None) -> tuple[str, str, int]:
+    """``length`` characters of filler with "code XYZ. " inserted at a sentence boundary (random,
+    or the one nearest relative ``depth``). Returns (text, code, character offset of the code)."""
     code = "".join(rng.choice(a) for a in ALPHABETS)
     needle = f"{_MARKER}{code}. "
     filler = ""
@@ -165,22 +166,25 @@ def _haystack(rng: random.Random, length: int) -> tuple[str, str, int]:
     filler = filler[: length - len(needle)]
     # At a sentence boundary (after ". ") or at the start, so the needle reads as a sentence.
     cuts = [0] + [j + 2 for j in range(len(filler) - 1) if filler[j : j + 2] == ". "]
-    at = rng.choice(cuts)
+    if depth is None:
+        at = rng.choice(cuts)
+    else:
+        at = min(cuts, key=lambda c: abs(c - depth * len(filler)))
     return filler[:at] + needle + filler[at:], code, at + len(_MARKER)
 
 
-def _passkey(seed: int, prompt_len: int, **_: object) -> Example:
+def _passkey(seed: int, prompt_len: int, depth: float | None = None) -> Example:
     rng = random.Random(seed)
     question = _SEP + _QUESTION
-    text, code, at = _haystack(rng, prompt_len - 1 - len(question))
+    text, code, at = _haystack(rng, prompt_len - 1 - len(question), depth)
     span = (at, at + len(code))
     return Example("passkey", text + question, code, span, seed, depth=at / len(text))
 
 
-def _passkey_qfirst(seed: int, prompt_len: int, **_: object) -> Example:
+def _passkey_qfirst(seed: int, prompt_len: int, depth: float | None = None) -> Example:
     rng = random.Random(seed)
     question = _QUESTION + _SEP
-    text, code, at = _haystack(rng, prompt_len - 1 - len(question))
+    text, code, at = _haystack(rng, prompt_len - 1 - len(question), depth)
     depth = at / len(text)
     at += len(question)
     return Example("passkey_qfirst", question + text, code, (at, at + len(code)), seed, depth=depth)
@@ -332,8 +336,7 @@ def make_example(
     """One example of ``task``, a pure function of (task, seed, prompt_len, depth, num_pairs).
 
     prompt_len: tokens of the encoded prompt, BOS included (>= ``TASK_MIN_PROMPT_LEN[task]``).
-    depth: place the (first) evidence at this relative depth, 0..1 (retrieval tasks only; the
-        controls place their code at random).
+    depth: place the (first) evidence at this relative depth, 0..1 (default: at random).
     num_pairs: key-value pairs (retrieval tasks; default drawn from ``kv_pairs_range``). Fewer
         than 16 is allowed here, for training curricula, and so are shorter prompts then.
     """
@@ -350,9 +353,9 @@ def make_example(
         if task == "multi_needle" and num_pairs is not None and num_pairs < 3:
             raise ValueError(f"num_pairs: multi_needle needs >= 3, got {num_pairs}")
         return TASKS[task](seed, prompt_len, num_pairs=num_pairs, depth=depth)
-    if depth is not None or num_pairs is not None:
-        raise ValueError(f"depth, num_pairs: only for {', '.join(RETRIEVAL_TASKS)}, not {task}")
-    return TASKS[task](seed, prompt_len)
+    if num_pairs is not None:
+        raise ValueError(f"num_pairs: only for {', '.join(RETRIEVAL_TASKS)}, not {task}")
+    return TASKS[task](seed, prompt_len, depth=depth)
 
 
 def make_examples(
@@ -383,8 +386,8 @@ def depth_length_grid(
     """The depth x length sweep (the needle-in-a-haystack heatmap): ``n`` held-out examples per
     (depth, prompt_len) cell, the (first) queried pair placed at ``depth``. Cells use different
     seeds, so no two cells share a prompt."""
-    if task not in RETRIEVAL_TASKS:
-        raise ValueError(f"task: expected one of {', '.join(RETRIEVAL_TASKS)}, got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     grid = {}
     for i, length in enumerate(prompt_lens):
         for j, depth in enumerate(depths):
