@@ -3,17 +3,19 @@
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
 decoded from the pruned cache) and the answer is scored by exact match. FullCache (prompt cached,
-nothing evicted) is the reference every method is compared with; NoCache (everything recomputed
-every step) shows what caching itself costs.
+nothing evicted) is the reference every method is compared with (``relative``: accuracy over
+FullCache's on the same task); NoCache (everything recomputed every step) shows what caching
+itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
 
 Besides accuracy, each row records **evidence recall**: the fraction of the answer's evidence
-tokens (the code the answer copies) that the method kept in the first-step cache, per KV head
+tokens (the value or values the answer copies) that the method's first selection kept, per KV head
 (``evidence_recall``) and in any KV head of a layer (``evidence_recall_any_head``, also per
 layer), averaged over layers and examples. It tests MaskKV's claim directly: do the mask queries
 vote for the prompt tokens the answer needs?
 
     maskkv eval --num-examples 100 --out quality.json            # all methods, budgets 8..64
     python -m maskkv.quality.evaluate --methods maskkv,snapkv --budgets 8,16
+    maskkv eval --heatmap --tasks kv_retrieval --budgets 16 --out heatmap.json   # depth x length
 
 >>> from maskkv.quality.evaluate import run_eval
 >>> result = run_eval(num_examples=20, methods=["fullcache", "maskkv"], budgets=[16])  # doctest: +SKIP
