@@ -259,6 +259,32 @@ def test_train_and_save_roundtrip(tmp_path):
     assert json.loads((path / "train_log.json").read_text())["config"]["steps"] == 2
 
 
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    # 2 steps, checkpoint, 2 more steps from the checkpoint == 4 steps in one go (weights, log).
+    cfg = TrainConfig(
+        tasks=("kv_retrieval", "multi_needle"),
+        steps=4,
+        batch_size=2,
+        min_prompt_len=48,
+        max_prompt_len=72,
+        warmup=1,
+        schedule="adaptive",
+    )
+    cfg.model.update(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=32)
+    whole, log = train(cfg, progress=False, log_every=1)
+    ckpt = tmp_path / "state.pt"
+    _, first = train(cfg, progress=False, log_every=1, checkpoint=ckpt, stop_after=2)
+    assert [r["step"] for r in first] == [1, 2] and ckpt.is_file()
+    resumed, rest = train(cfg, progress=False, log_every=1, checkpoint=ckpt)
+    assert [r["step"] for r in rest] == [1, 2, 3, 4]
+    for a, b in zip(log, rest):
+        assert {k: v for k, v in a.items() if k != "minutes"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "minutes"}
+        )
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
 def test_eval_subcommand(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     evaluate.add_eval_parser(parser.add_subparsers(dest="command"))

@@ -216,6 +216,7 @@ def train(
     log_every: int = 100,
     checkpoint: str | Path | None = None,
     checkpoint_minutes: float = 5.0,
+    stop_after: int | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train from scratch, or resume from ``checkpoint``; returns (model in eval mode, log rows).
 
@@ -227,7 +228,8 @@ def train(
 
     checkpoint: a file; when it exists the run resumes from it (model, optimizer, step, random
     states, curriculum, log), and the state is written there every ``checkpoint_minutes`` and at
-    the end, so an interrupted run continues where it stopped.
+    the end, so an interrupted run continues where it stopped. stop_after: run at most this many
+    steps in this call (the schedule still spans ``cfg.steps``).
     """
     from tqdm.auto import tqdm
 
@@ -358,6 +360,7 @@ def train(
         now = time.perf_counter()
         minutes = minutes_before + (now - t_start) / 60
         done = cfg.max_minutes is not None and minutes > cfg.max_minutes
+        done = done or (stop_after is not None and step + 1 - first_step >= stop_after)
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps or done:
             log.append(
                 {
