@@ -130,6 +130,9 @@ class StepStats:
     prompt_kv_bytes_full: int = 0  # K+V bytes of the whole prompt, all layers
     prompt_kv_bytes_kept: int = 0  # K+V bytes actually cached after step 1
     kept_lengths: torch.Tensor | None = None  # int32 [layers, B, Hkv] kept prompt KV per head
+    # Per layer, the prompt positions of the first pruned cache (flattened in segment order
+    # b * Hkv + g, ``kept_lengths`` long): what the first selection kept (evidence recall).
+    first_kept_positions: list[torch.Tensor] | None = None
     layer_budgets: list[int] | None = None
     peak_memory_bytes: int | None = None  # CUDA only
     gen_length: int = 0
@@ -349,6 +352,8 @@ class Denoiser:
             self.caches = caches
             self._graphs.clear()  # captured later steps read the old caches' addresses
             self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
+            if self.stats.first_kept_positions is None and self.method.evicts:
+                self.stats.first_kept_positions = [c.positions.cpu() for c in caches]
             self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
         return h
 

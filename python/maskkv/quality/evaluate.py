@@ -3,17 +3,19 @@
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
 decoded from the pruned cache) and the answer is scored by exact match. FullCache (prompt cached,
-nothing evicted) is the reference every method is compared with; NoCache (everything recomputed
-every step) shows what caching itself costs.
+nothing evicted) is the reference every method is compared with (``relative``: accuracy over
+FullCache's on the same task); NoCache (everything recomputed every step) shows what caching
+itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
 
 Besides accuracy, each row records **evidence recall**: the fraction of the answer's evidence
-tokens (the code the answer copies) that the method kept in the first-step cache, per KV head
+tokens (the value or values the answer copies) that the method's first selection kept, per KV head
 (``evidence_recall``) and in any KV head of a layer (``evidence_recall_any_head``, also per
 layer), averaged over layers and examples. It tests MaskKV's claim directly: do the mask queries
 vote for the prompt tokens the answer needs?
 
     maskkv eval --num-examples 100 --out quality.json            # all methods, budgets 8..64
     python -m maskkv.quality.evaluate --methods maskkv,snapkv --budgets 8,16
+    maskkv eval --heatmap --tasks kv_retrieval --budgets 16 --out heatmap.json   # depth x length
 
 >>> from maskkv.quality.evaluate import run_eval
 >>> result = run_eval(num_examples=20, methods=["fullcache", "maskkv"], budgets=[16])  # doctest: +SKIP
@@ -42,9 +44,13 @@ __all__ = [
     "evaluate_method",
     "evidence_recall",
     "format_table",
+    "check_eval_args",
     "load_model",
     "plot",
+    "plot_heatmap",
+    "report",
     "run_eval",
+    "run_heatmap",
     "save",
 ]
 
@@ -93,7 +99,7 @@ def evidence_recall(
     """Fraction of evidence tokens kept by ``method``'s first-step selection.
 
     input_ids: [B, P] prompts (no padding); spans: per row, the [start, end) token range of the
-    evidence. Runs one first denoising step (the one that prunes) through the same ``Denoiser``
+    evidence, or a list of such ranges (several needles). Runs one first denoising step (the one that prunes) through the same ``Denoiser``
     that ``maskkv.generate`` uses and reads the kept positions of every layer's cache.
     any_head=False: averaged over layers, KV heads and rows (how much of the evidence a head
     keeps). any_head=True: a token counts as kept in a layer when at least one KV head of the
@@ -120,25 +126,40 @@ def _evidence_recalls(
     denoiser = Denoiser(model, method, P, profile=profile)
     with torch.no_grad():
         denoiser(x, torch.ones(B, gen_length, dtype=torch.bool, device=x.device))
-    lo = torch.tensor([s[0] for s in spans])
-    hi = torch.tensor([s[1] for s in spans])
+    kept = [(cache.positions, cache.lengths()) for cache in denoiser.caches]
+    return _recalls_from_positions(kept, spans, B, P)
+
+
+def _evidence_mask(spans, B: int, P: int) -> torch.Tensor:
     evidence = torch.zeros(B, P, dtype=torch.bool)
-    for b in range(B):
-        evidence[b, lo[b] : hi[b]] = True
+    for b, row_spans in enumerate(spans):
+        if isinstance(row_spans[0], int):  # one span
+            row_spans = [row_spans]
+        for lo, hi in row_spans:
+            evidence[b, lo:hi] = True
+    return evidence
+
+
+def _recalls_from_positions(
+    kept: Sequence[tuple[torch.Tensor, torch.Tensor]], spans, B: int, P: int
+) -> tuple[list[float], list[float]]:
+    """kept: per layer, (positions flattened in segment order b * Hkv + g, lengths [B, Hkv])."""
+    evidence = _evidence_mask(spans, B, P)
+    count = evidence.sum(1).float()  # [B] evidence tokens per row
     per_head: list[float] = []
     any_head: list[float] = []
-    for cache in denoiser.caches:
-        hkv = cache.num_kv_heads
-        lengths = cache.lengths().reshape(-1).long().cpu()  # [B * Hkv], segment b * Hkv + g
+    for positions, lengths in kept:
+        hkv = lengths.shape[-1]
+        lengths = lengths.reshape(-1).long().cpu()  # [B * Hkv], segment b * Hkv + g
         seg = torch.arange(B * hkv).repeat_interleave(lengths)
         row = seg // hkv
-        pos = cache.positions.long().cpu()
+        pos = positions.long().cpu()
         inside = evidence[row, pos].float()
-        kept = torch.zeros(B * hkv).index_add_(0, seg, inside)  # evidence tokens per head
-        per_head.append(float((kept / (hi - lo).repeat_interleave(hkv)).mean()))
+        kept_ev = torch.zeros(B * hkv).index_add_(0, seg, inside)  # evidence tokens per head
+        per_head.append(float((kept_ev / count.repeat_interleave(hkv)).mean()))
         seen = torch.zeros(B, P, dtype=torch.bool)
         seen[row, pos] = True
-        any_head.append(float(((seen & evidence).sum(1) / (hi - lo)).mean()))
+        any_head.append(float(((seen & evidence).sum(1) / count).mean()))
     return per_head, any_head
 
 
@@ -165,6 +186,7 @@ def evaluate_method(
     method = _method(name, budget)
     device = next(model.parameters()).device
     correct = digits = kept_sum = 0.0
+    per_example: list[str] = []
     recall_layers: torch.Tensor | None = None  # [2, layers]: sums over rows
     t0 = time.perf_counter()
     for s in range(0, len(examples), batch_size):
@@ -182,14 +204,21 @@ def evaluate_method(
         for ex, resp in zip(batch, out.responses.tolist()):
             pred = task_lib.parse_answer(resp)
             correct += pred == ex.answer
+            per_example.append("1" if pred == ex.answer else "0")
             digits += sum(a == b for a, b in zip(pred, ex.answer)) / len(ex.answer)
         if out.stats.kept_lengths is not None:
             kept_sum += float(out.stats.kept_lengths.float().mean()) * len(batch)
         else:
             kept_sum += ids.shape[1] * len(batch)
         if recall:
-            spans = [(e.evidence[0] + 1, e.evidence[1] + 1) for e in batch]  # +1: the BOS
-            both = torch.tensor(_evidence_recalls(model, method, ids, spans, gen_length, profile))
+            spans = [[(lo + 1, hi + 1) for lo, hi in e.spans] for e in batch]  # +1: the BOS
+            B, P = ids.shape
+            if not method.evicts:
+                both = torch.ones(2, len(model.layers))
+            else:  # what the generation's own first selection kept (no second pass)
+                lengths = out.stats.kept_lengths  # [layers, B, Hkv]
+                kept = list(zip(out.stats.first_kept_positions, lengths))
+                both = torch.tensor(_recalls_from_positions(kept, spans, B, P))
             recall_layers = both * len(batch) + (0 if recall_layers is None else recall_layers)
     n = len(examples)
     rec = None if recall_layers is None else recall_layers / n
@@ -204,6 +233,80 @@ def evaluate_method(
         "evidence_recall_any_head_per_layer": None if rec is None else rec[1].tolist(),
         "kept_per_head": kept_sum / n,
         "seconds": time.perf_counter() - t0,
+        # Exact match per example, in order ("1" right, "0" wrong): lets a test replay a subset.
+        "correct": "".join(per_example),
+    }
+
+
+def trained_max_prompt_len(model_path: str | Path, model=None) -> int | None:
+    """The longest prompt the checkpoint was trained on (``max_prompt_len`` of its
+    train_log.json), else what its position range leaves for a 12-token answer, else None."""
+    log = Path(model_path) / "train_log.json"
+    if log.is_file():
+        return int(json.loads(log.read_text())["config"]["max_prompt_len"])
+    if model is not None and getattr(model.config, "max_sequence_length", None):
+        return int(model.config.max_sequence_length) - 12
+    return None
+
+
+def check_eval_args(
+    *,
+    model_path: str | Path | None = None,
+    task_names: Sequence[str] = (),
+    prompt_len: int | None = None,
+    budgets: Sequence[int] = (),
+    num_examples: int = 1,
+    max_prompt_len: int | None = None,
+) -> None:
+    """``ValueError`` naming the argument for an unknown task, a prompt length outside
+    [the task's minimum, the model's trained maximum], a budget <= 0, or a checkpoint directory
+    that does not exist."""
+    if model_path is not None and not Path(model_path).is_dir():
+        raise ValueError(f"model: checkpoint directory {str(model_path)!r} does not exist")
+    for task in task_names:
+        if task not in task_lib.TASKS:
+            raise ValueError(
+                f"tasks: unknown task {task!r}; expected one of {', '.join(task_lib.TASKS)}"
+            )
+    if prompt_len is not None:
+        low = max((task_lib.TASK_MIN_PROMPT_LEN[t] for t in task_names), default=1)
+        if prompt_len < low:
+            worst = max(task_names, key=task_lib.TASK_MIN_PROMPT_LEN.__getitem__)
+            raise ValueError(f"prompt_len: {worst} needs >= {low} tokens, got {prompt_len}")
+        if max_prompt_len is not None and prompt_len > max_prompt_len:
+            raise ValueError(
+                f"prompt_len: the model was trained on prompts up to {max_prompt_len} tokens, "
+                f"got {prompt_len}"
+            )
+    for b in budgets:
+        if not isinstance(b, int) or b <= 0:
+            raise ValueError(f"budgets: expected positive ints (KV pairs per head), got {b!r}")
+    if num_examples <= 0:
+        raise ValueError(f"num_examples: expected > 0, got {num_examples}")
+
+
+def _setup(model, model_path, methods):
+    from maskkv import methods as method_lib
+
+    if model is None:
+        check_eval_args(model_path=model_path)
+        model = load_model(model_path)
+    model_path = getattr(model, "name_or_path", None) or str(model_path)
+    profile = method_lib.LayerProfile.find(model_path)
+    canonical = [method_lib.get(m).name for m in (methods or method_lib.available())]
+    return model, str(model_path), profile, canonical
+
+
+def _base_config(model, model_path, profile, **extra) -> dict[str, Any]:
+    return {
+        "model": model_path,
+        "profile": None if profile is None else profile.importance,
+        **extra,
+        "sampler": "greedy, low_confidence remasking, one block, one token per step",
+        "split": "test",
+        "device": str(next(model.parameters()).device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -216,36 +319,41 @@ def run_eval(
     task_names: Sequence[str] | None = None,
     num_examples: int = 100,
     prompt_len: int = task_lib.DEFAULT_PROMPT_LEN,
-    gen_length: int = 8,
-    steps: int = 8,
+    gen_length: int | None = None,
     batch_size: int = 25,
     recall: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every (task, method, budget) on ``num_examples`` held-out examples per task.
 
-    Returns ``{"config": ..., "rows": [...], "summary": [...]}``: one row per (task, method,
-    budget) and one summary row per (method, budget) with the accuracy averaged over tasks and
-    relative to FullCache's (``relative``; ``None`` when FullCache was not run or scored 0).
-    FullCache and NoCache run once, with ``budget`` None.
+    gen_length: response tokens (= denoising steps, one block); default the task's
+    ``TASK_GEN_LENGTH``. Returns ``{"config": ..., "rows": [...], "summary": [...]}``: one row
+    per (task, method, budget), with ``relative`` = accuracy / FullCache's on that task (None
+    when FullCache was not run or scored 0), and one summary row per (method, budget) averaged
+    over tasks (``retrieval_accuracy``: over the question-routed tasks only). FullCache and
+    NoCache run once, with ``budget`` None.
     """
     from tqdm.auto import tqdm
 
     from maskkv import methods as method_lib
 
-    if model is None:
-        model = load_model(model_path)
-    model_path = getattr(model, "name_or_path", None) or str(model_path)
-    profile = method_lib.LayerProfile.find(model_path)
-    methods = list(methods or method_lib.available())
     task_names = list(task_names or task_lib.TASKS)
-    canonical = [method_lib.get(m).name for m in methods]
+    budgets = list(budgets)
+    model, model_path, profile, canonical = _setup(model, model_path, methods)
+    check_eval_args(
+        task_names=task_names,
+        prompt_len=prompt_len,
+        budgets=budgets,
+        num_examples=num_examples,
+        max_prompt_len=trained_max_prompt_len(model_path, model),
+    )
     runs = [(m, None) if m in UNBUDGETED else (m, b) for m in canonical for b in budgets]
     runs = list(dict.fromkeys(runs))  # unbudgeted methods once
     rows: list[dict[str, Any]] = []
     bar = tqdm(
         total=len(runs) * len(task_names), desc="evaluating", unit="run", disable=not progress
     )
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         # Without a profile MaskKV / SqueezeAttention fall back to uniform budgets; the warning
         # says so once, the config records whether a profile was used.
@@ -254,6 +362,8 @@ def run_eval(
             examples = task_lib.make_examples(
                 task, num_examples, split="test", prompt_len=prompt_len
             )
+            length = gen_length or task_lib.TASK_GEN_LENGTH[task]
+            task_rows = []
             for name, budget in runs:
                 bar.set_postfix_str(f"{task} {name} {budget or ''}")
                 row = evaluate_method(
@@ -261,33 +371,154 @@ def run_eval(
                     name,
                     budget,
                     examples,
-                    gen_length=gen_length,
-                    steps=steps,
+                    gen_length=length,
+                    steps=length,
                     batch_size=batch_size,
                     profile=profile,
                     recall=recall,
                 )
-                rows.append({"task": task, **row})
+                task_rows.append({"task": task, "gen_length": length, **row})
+                bar.update()
+            full = next((r["accuracy"] for r in task_rows if r["method"] == "fullcache"), None)
+            for r in task_rows:
+                r["relative"] = r["accuracy"] / full if full else None
+                r["budget_fraction"] = None if r["budget"] is None else r["budget"] / prompt_len
+            rows.extend(task_rows)
+    bar.close()
+    config = _base_config(
+        model,
+        model_path,
+        profile,
+        methods=canonical,
+        budgets=budgets,
+        budget_fractions=[b / prompt_len for b in budgets],
+        tasks=task_names,
+        num_examples=num_examples,
+        prompt_len=prompt_len,
+        gen_length={t: gen_length or task_lib.TASK_GEN_LENGTH[t] for t in task_names},
+        seconds=time.perf_counter() - t0,
+    )
+    return {"config": config, "rows": rows, "summary": summarize(rows)}
+
+
+def run_heatmap(
+    model=None,
+    *,
+    model_path: str | Path = DEFAULT_MODEL,
+    methods: Sequence[str] | None = None,
+    budget: int = 16,
+    task: str = "kv_retrieval",
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    prompt_lens: Sequence[int] = (256, 384, 512),
+    num_examples: int = 20,
+    batch_size: int = 25,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The depth x length sweep (the paper's needle-in-a-haystack heatmap) at one budget:
+    exact match and evidence recall (any head) per (method, depth, prompt_len) on
+    ``num_examples`` held-out examples per cell (``tasks.depth_length_grid``)."""
+    from tqdm.auto import tqdm
+
+    from maskkv import methods as method_lib
+
+    model, model_path, profile, canonical = _setup(model, model_path, methods)
+    check_eval_args(
+        task_names=[task],
+        budgets=[budget],
+        num_examples=num_examples,
+        max_prompt_len=None,
+    )
+    top = trained_max_prompt_len(model_path, model)
+    for n in prompt_lens:
+        check_eval_args(task_names=[task], prompt_len=n, max_prompt_len=top)
+    grid = task_lib.depth_length_grid(task, num_examples, depths, prompt_lens)
+    length = task_lib.TASK_GEN_LENGTH[task]
+    cells = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(canonical) * len(grid), desc="heatmap", disable=not progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", method_lib.MissingProfileWarning)
+        for name in canonical:
+            b = None if name in UNBUDGETED else budget
+            for (depth, n), examples in grid.items():
+                row = evaluate_method(
+                    model,
+                    name,
+                    b,
+                    examples,
+                    gen_length=length,
+                    steps=length,
+                    batch_size=batch_size,
+                    profile=profile,
+                )
+                cells.append(
+                    {
+                        "method": name,
+                        "depth": depth,
+                        "prompt_len": n,
+                        "accuracy": row["accuracy"],
+                        "evidence_recall_any_head": row["evidence_recall_any_head"],
+                    }
+                )
                 bar.update()
     bar.close()
-    config = {
-        "model": str(model_path),
-        "profile": None if profile is None else profile.importance,
-        "methods": canonical,
-        "budgets": list(budgets),
-        "tasks": task_names,
-        "num_examples": num_examples,
-        "prompt_len": prompt_len,
-        "gen_length": gen_length,
-        "steps": steps,
-        "block_length": gen_length,
-        "sampler": "greedy, low_confidence remasking",
-        "split": "test",
-        "device": str(next(model.parameters()).device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    return {"config": config, "rows": rows, "summary": summarize(rows)}
+    config = _base_config(
+        model,
+        model_path,
+        profile,
+        methods=canonical,
+        budget=budget,
+        task=task,
+        depths=list(depths),
+        prompt_lens=list(prompt_lens),
+        num_examples=num_examples,
+        gen_length=length,
+        seconds=time.perf_counter() - t0,
+    )
+    return {"config": config, "cells": cells}
+
+
+def plot_heatmap(result: dict[str, Any], path: str | Path) -> Path:
+    """PNG: one panel per method, exact match per (depth, prompt length) cell (paper Fig. 8
+    style: depth down, length across, green = retrieved)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    depths, lens, names = cfg["depths"], cfg["prompt_lens"], cfg["methods"]
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.4), squeeze=False, layout="constrained"
+    )
+    acc = {(c["method"], c["depth"], c["prompt_len"]): c["accuracy"] for c in result["cells"]}
+    for k, name in enumerate(names):
+        ax = axes[k // cols][k % cols]
+        grid = [[acc[(name, d, n)] for n in lens] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, v in enumerate(line):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        mean = sum(map(sum, grid)) / (len(depths) * len(lens))
+        ax.set_title(f"{name} (mean {mean:.2f})", fontsize=9)
+        ax.set_xticks(range(len(lens)), [str(n) for n in lens], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_xlabel("prompt tokens", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+    for k in range(len(names), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="exact match")
+    fig.suptitle(
+        f"{cfg['task']}, budget {cfg['budget']} KV pairs per head, "
+        f"{cfg['num_examples']} held-out examples per cell",
+        fontsize=10,
+    )
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,11 +538,13 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (method, budget), rs in groups.items():
         acc = mean(rs, "accuracy")
+        routed = [r for r in rs if r["task"] in task_lib.RETRIEVAL_TASKS]
         out.append(
             {
                 "method": method,
                 "budget": budget,
                 "accuracy": acc,
+                "retrieval_accuracy": mean(routed, "accuracy"),
                 "relative": acc / full_acc if full_acc else None,
                 "evidence_recall": mean(rs, "evidence_recall"),
                 "evidence_recall_any_head": mean(rs, "evidence_recall_any_head"),
@@ -449,10 +682,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-len",
         type=int,
-        default=task_lib.DEFAULT_PROMPT_LEN,
-        help="prompt tokens per example (BOS included)",
+        default=None,
+        help="prompt tokens per example (BOS included; default: the longest the model was "
+        f"trained on, else {task_lib.DEFAULT_PROMPT_LEN})",
+    )
+    parser.add_argument(
+        "--gen-length",
+        type=int,
+        default=None,
+        help="response tokens = denoising steps (default: each task's own)",
     )
     parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="run the depth x length sweep instead (first task, first budget, "
+        "--heatmap-lengths, --heatmap-depths)",
+    )
+    parser.add_argument("--heatmap-lengths", default="256,384,512")
+    parser.add_argument("--heatmap-depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-recall", action="store_true", help="skip evidence recall")
@@ -462,32 +710,87 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true")
 
 
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation the parsed options describe."""
+    """Run the evaluation the parsed options describe (all arguments are checked before the
+    model is loaded)."""
+    task_names = [t for t in args.tasks.split(",") if t]
+    budgets = _ints(args.budgets, "budgets")
+    if args.prompt_len is None and Path(args.model).is_dir():
+        args.prompt_len = trained_max_prompt_len(args.model) or task_lib.DEFAULT_PROMPT_LEN
+    check_eval_args(
+        model_path=args.model,
+        task_names=task_names,
+        prompt_len=None if args.heatmap else args.prompt_len,
+        budgets=budgets,
+        num_examples=args.num_examples,
+        max_prompt_len=trained_max_prompt_len(args.model),
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.device)
+    methods = [m for m in args.methods.split(",") if m]
+    if args.heatmap:
+        return run_heatmap(
+            model,
+            model_path=args.model,
+            methods=methods,
+            budget=budgets[0],
+            task=task_names[0],
+            depths=[float(d) for d in args.heatmap_depths.split(",")],
+            prompt_lens=_ints(args.heatmap_lengths, "heatmap_lengths"),
+            num_examples=args.num_examples,
+            batch_size=args.batch_size,
+        )
     return run_eval(
         model,
         model_path=args.model,
-        methods=[m for m in args.methods.split(",") if m],
-        budgets=[int(b) for b in args.budgets.split(",") if b],
-        task_names=[t for t in args.tasks.split(",") if t],
+        methods=methods,
+        budgets=budgets,
+        task_names=task_names,
         num_examples=args.num_examples,
         prompt_len=args.prompt_len,
+        gen_length=args.gen_length,
         batch_size=args.batch_size,
         recall=not args.no_recall,
     )
 
 
-def _cli(args: argparse.Namespace) -> None:
-    result = run_from_args(args)
-    print(format_table(result))
-    if args.out:
-        path = save(result, args.out)
+def format_heatmap(result: dict[str, Any]) -> str:
+    """Plain text: per method, the mean exact match over the sweep and per prompt length."""
+    cfg = result["config"]
+    lines = [f"{'method':>16}  mean  " + "  ".join(f"P={n}" for n in cfg["prompt_lens"])]
+    for name in cfg["methods"]:
+        cells = [c for c in result["cells"] if c["method"] == name]
+        per_len = [
+            sum(c["accuracy"] for c in cells if c["prompt_len"] == n) / len(cfg["depths"])
+            for n in cfg["prompt_lens"]
+        ]
+        mean = sum(c["accuracy"] for c in cells) / len(cells)
+        lines.append(f"{name:>16}  {mean:.2f}  " + "  ".join(f"{v:5.2f}" for v in per_len))
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any], out: str | Path | None, plot_png: bool = True) -> None:
+    """Print the table; write JSON (and the PNG next to it) when ``out`` is given."""
+    heat = "cells" in result
+    print(format_heatmap(result) if heat else format_table(result))
+    if out:
+        path = save(result, out)
         print(f"wrote {path}")
-        if not args.no_plot:
-            print(f"wrote {plot(result, path.with_suffix('.png'))}")
+        if plot_png:
+            png = path.with_suffix(".png")
+            print(f"wrote {plot_heatmap(result, png) if heat else plot(result, png)}")
+
+
+def _cli(args: argparse.Namespace) -> None:
+    report(run_from_args(args), args.out, not args.no_plot)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

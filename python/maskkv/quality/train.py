@@ -83,10 +83,22 @@ class TrainConfig:
     grad_clip: float = 1.0
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps keeps the 1/t weight finite
     full_mask_frac: float = 0.5  # rows with t = 1 (see the module docstring)
-    gen_length: int = 8
+    gen_length: int = 8  # at least every task's TASK_GEN_LENGTH (the longer ones use theirs)
     min_prompt_len: int = 40
     max_prompt_len: int = task_lib.DEFAULT_PROMPT_LEN
     curriculum: float = 0.5
+    #: "linear": the longest prompt grows linearly over the first ``curriculum`` fraction of the
+    #: steps. "adaptive": a level that starts at 1 and rises by one whenever every task's
+    #: running full-mask exact match reaches ``adaptive_threshold`` (at least
+    #: ``adaptive_min_steps`` steps apart); at level k the longest prompt is
+    #: ``min_prompt_len + adaptive_step * k`` tokens and a retrieval prompt holds at most k
+    #: key-value pairs (multi_needle at least 3; it joins the gate from level 4).
+    schedule: str = "linear"
+    adaptive_threshold: float = 0.9
+    adaptive_step: int = 12
+    adaptive_min_steps: int = 50
+    #: a checkpoint directory of the same shape whose weights start the run (warm start)
+    init_from: str | None = None
     seed: int = 0
     threads: int = 1  # more threads only pay on an idle machine
     max_minutes: float | None = None  # stop early (the cosine schedule still assumes `steps`)
@@ -94,13 +106,19 @@ class TrainConfig:
 
 
 def make_batch(
-    task: str, seeds: list[int], prompt_len: int, gen_length: int
+    task: str,
+    seeds: list[int],
+    prompt_len: int,
+    gen_length: int,
+    num_pairs: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An SFT batch: token ids x0 [B, prompt_len + gen_length] = prompt || answer (EOS-padded),
-    and the bool mask of the positions that may be masked (the answer)."""
+    and the bool mask of the positions that may be masked (the answer). ``num_pairs``: per row,
+    the key-value pairs of a retrieval task (default: the task's own draw)."""
     rows = []
-    for s in seeds:
-        ex = task_lib.make_example(task, s, prompt_len)
+    for i, s in enumerate(seeds):
+        kw = {} if num_pairs is None else {"num_pairs": num_pairs[i]}
+        ex = task_lib.make_example(task, s, prompt_len, **kw)
         rows.append(task_lib.encode_prompt(ex) + task_lib.encode_answer(ex, gen_length))
     x0 = torch.tensor(rows, dtype=torch.long)
     targets = torch.zeros_like(x0, dtype=torch.bool)
@@ -116,26 +134,41 @@ def masked_diffusion_loss(
     generator: torch.Generator,
     eps: float = 1e-3,
     full_mask_frac: float = 0.0,
-) -> torch.Tensor:
+    *,
+    return_exact: bool = False,
+):
     """LLaDA's masked-diffusion loss on a batch x0 [B, L].
 
     Per row t (stratified over the batch, or 1 for the first ``round(full_mask_frac * B)`` rows);
     each position of ``targets`` (bool [B, L]) is masked with probability
     p_mask = (1 - eps) t + eps; the cross-entropy of the masked positions, weighted by 1 / p_mask,
     is summed and divided by the number of target positions.
+
+    return_exact: also return the fraction of the t = 1 rows whose every target token is the
+    argmax (one-shot exact match, a cheap training-accuracy signal; None without such rows).
     """
     B, L = x0.shape
     # Stratified t (one uniform draw shifted evenly over the rows): the same distribution as B
     # independent draws, less variance, which matters with the 1 / p_mask weights.
     u = torch.rand(1, generator=generator)
     t = ((u + torch.arange(B) / B) % 1.0)[:, None]
-    t[: round(full_mask_frac * B)] = 1.0
+    n_full = round(full_mask_frac * B)
+    t[:n_full] = 1.0
     p_mask = (1 - eps) * t + eps  # [B, 1]
     masked = (torch.rand(B, L, generator=generator) < p_mask) & targets
+    masked[:n_full] = targets[:n_full]
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     logits = model(xt).logits
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # [B, L]
-    return (ce * masked / p_mask).sum() / targets.sum()
+    loss = (ce * masked / p_mask).sum() / targets.sum()
+    if not return_exact:
+        return loss
+    exact = None
+    if n_full:
+        with torch.no_grad():
+            hit = (logits[:n_full].argmax(-1) == x0[:n_full]) | ~targets[:n_full]
+            exact = float(hit.all(1).float().mean())
+    return loss, exact
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -151,6 +184,24 @@ def _max_len_at(step: int, cfg: TrainConfig) -> int:
     return round(cfg.min_prompt_len + ramp * (cfg.max_prompt_len - cfg.min_prompt_len))
 
 
+def _num_pairs(
+    task: str, prompt_len: int, rng: random.Random, cap: int | None = None
+) -> int | None:
+    """Curriculum draw of the key-value pairs of a retrieval prompt: uniform in
+    [most // 3, most] with ``most`` the task's maximum at this length (and at most ``cap``):
+    fewer than the evaluated minimum of 16 on short prompts, which teach the lookup cheaply."""
+    if task not in task_lib.RETRIEVAL_TASKS:
+        return None
+    # A pair is 9 characters and the question up to 13: (prompt_len - 14) // 11 pairs leave
+    # some filler on the shortest prompts.
+    most = min(task_lib.kv_pairs_range(prompt_len)[1], (prompt_len - 14) // 11)
+    if cap is not None:
+        most = min(most, cap)
+    least = 3 if task == "multi_needle" else 1
+    most = max(most, least)
+    return rng.randint(max(least, most // 3), most)
+
+
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """A freshly initialised LLaDA of the asset's shape (``maskkv.testing.random_model``)."""
     from maskkv.testing import random_model
@@ -159,20 +210,36 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def train(
-    cfg: TrainConfig, *, progress: bool = True, log_every: int = 100
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    log_every: int = 100,
+    checkpoint: str | Path | None = None,
+    checkpoint_minutes: float = 5.0,
+    stop_after: int | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train from scratch; returns (model in eval mode, log rows).
+    """Train from scratch, or resume from ``checkpoint``; returns (model in eval mode, log rows).
 
-    Log rows: step, lr, minutes, prompt_len (the batch's) and ``loss_<task>``, an exponential
-    average over that task's recent batches. Seeded throughout (model init, the "train" split's
-    example seeds, prompt lengths, masks); bitwise reproducibility across machines and thread
-    counts is not promised (float reductions differ).
+    Log rows: step, lr, minutes, prompt_len (the batch's), max_len (the curriculum's longest
+    prompt) and per task ``loss_<task>`` and ``exact_<task>``, exponential averages over that
+    task's recent batches (exact: one-shot exact match of the fully masked rows). Seeded
+    throughout (model init, the "train" split's example seeds, prompt lengths, masks); bitwise
+    reproducibility across machines and thread counts is not promised (float reductions differ).
+
+    checkpoint: a file; when it exists the run resumes from it (model, optimizer, step, random
+    states, curriculum, log), and the state is written there every ``checkpoint_minutes`` and at
+    the end, so an interrupted run continues where it stopped. stop_after: run at most this many
+    steps in this call (the schedule still spans ``cfg.steps``).
     """
     from tqdm.auto import tqdm
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
     mask_id = model.config.mask_token_id
     # No weight decay on norms and embeddings (the usual transformer recipe).
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
@@ -190,19 +257,82 @@ def train(
     next_seed = task_lib.SPLIT_SEEDS["train"] + cfg.seed * 10**8
     log: list[dict[str, float]] = []
     running: dict[str, float] = {}
+    exact: dict[str, float] = {}
+    adaptive = cfg.schedule == "adaptive"
+    if cfg.schedule not in ("linear", "adaptive"):
+        raise ValueError(f"schedule: expected 'linear' or 'adaptive', got {cfg.schedule!r}")
+    level, level_step = 1, 0
+    max_len = min(cfg.min_prompt_len + cfg.adaptive_step, cfg.max_prompt_len)
+    first_step, minutes_before = 0, 0.0
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        gen.set_state(state["generator"])
+        first_step, next_seed, max_len = state["step"], state["next_seed"], state["max_len"]
+        running, exact, log = state["running"], state["exact"], state["log"]
+        level, level_step = state.get("level", 1), state.get("level_step", 0)
+        minutes_before = log[-1]["minutes"] if log else 0.0
+
+    def save_state(step: int) -> None:
+        if checkpoint is None:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": rng.getstate(),
+            "generator": gen.get_state(),
+            "step": step,
+            "next_seed": next_seed,
+            "max_len": max_len,
+            "level": level,
+            "level_step": level_step,
+            "running": running,
+            "exact": exact,
+            "log": log,
+        }
+        torch.save(state, checkpoint.with_suffix(".tmp"))
+        checkpoint.with_suffix(".tmp").replace(checkpoint)  # never a half-written checkpoint
+
     t_start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="training", unit="step", disable=not progress)
+    last_save = t_start
+    bar = tqdm(
+        range(first_step, cfg.steps),
+        desc="training",
+        unit="step",
+        disable=not progress,
+        initial=first_step,
+        total=cfg.steps,
+    )
+    step = first_step
     for step in bar:
         task = cfg.tasks[step % len(cfg.tasks)]
-        prompt_len = rng.randint(cfg.min_prompt_len, _max_len_at(step, cfg))
+        longest = max_len if adaptive else _max_len_at(step, cfg)
+        prompt_len = rng.randint(cfg.min_prompt_len, longest)
+        gen_length = max(cfg.gen_length, task_lib.TASK_GEN_LENGTH[task])
         seeds = list(range(next_seed, next_seed + cfg.batch_size))
         next_seed += cfg.batch_size
-        x0, targets = make_batch(task, seeds, prompt_len, cfg.gen_length)
+        pairs = None
+        if task in task_lib.RETRIEVAL_TASKS:
+            cap = level if adaptive else None
+            pairs = [_num_pairs(task, prompt_len, rng, cap) for _ in seeds]
+        x0, targets = make_batch(task, seeds, prompt_len, gen_length, pairs)
         lr = _lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = masked_diffusion_loss(
-            model, x0, targets, mask_id, gen, cfg.eps, full_mask_frac=cfg.full_mask_frac
+        loss, batch_exact = masked_diffusion_loss(
+            model,
+            x0,
+            targets,
+            mask_id,
+            gen,
+            cfg.eps,
+            full_mask_frac=cfg.full_mask_frac,
+            return_exact=True,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,17 +343,46 @@ def train(
         value = loss.item()
         old = running.get(task)
         running[task] = value if old is None else 0.95 * old + 0.05 * value
+        if batch_exact is not None:
+            old = exact.get(task)
+            exact[task] = batch_exact if old is None else 0.9 * old + 0.1 * batch_exact
+        gate = [t for t in cfg.tasks if t != "multi_needle" or level >= 4]
+        if (
+            adaptive
+            and step - level_step >= cfg.adaptive_min_steps
+            and (max_len < cfg.max_prompt_len or level < task_lib.kv_pairs_range(max_len)[1])
+            and all(t in exact for t in gate)
+            and min(exact[t] for t in gate) >= cfg.adaptive_threshold
+        ):
+            level, level_step = level + 1, step
+            max_len = min(cfg.min_prompt_len + cfg.adaptive_step * level, cfg.max_prompt_len)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"P": prompt_len})
-        minutes = (time.perf_counter() - t_start) / 60
+        now = time.perf_counter()
+        minutes = minutes_before + (now - t_start) / 60
         done = cfg.max_minutes is not None and minutes > cfg.max_minutes
+        done = done or (stop_after is not None and step + 1 - first_step >= stop_after)
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps or done:
             log.append(
-                {"step": step + 1, "lr": lr, "minutes": minutes, "prompt_len": prompt_len}
+                {
+                    "step": step + 1,
+                    "lr": lr,
+                    "minutes": minutes,
+                    "prompt_len": prompt_len,
+                    "max_len": longest,
+                    "level": level,
+                }
                 | {f"loss_{k}": v for k, v in running.items()}
+                | {f"exact_{k}": v for k, v in exact.items()}
             )
+            if not progress:  # background runs: one JSON line per log row
+                print(json.dumps(log[-1]), flush=True)
+        if now - last_save > 60 * checkpoint_minutes:
+            save_state(step + 1)
+            last_save = now
         if done:
             break
     bar.close()
+    save_state(step + 1 if cfg.steps > first_step else first_step)
     return model.eval(), log
 
 
@@ -233,14 +392,21 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
     test), at the evaluated prompt length."""
     from maskkv.calibrate import calibrate
 
-    prompts = [
-        torch.tensor(task_lib.encode_prompt(ex))
-        for task in cfg.tasks
-        for ex in task_lib.make_examples(
-            task, per_task, split="calib", prompt_len=cfg.max_prompt_len
-        )
-    ]
-    profile = calibrate(model, prompts, gen_length=cfg.gen_length)
+    n = cfg.max_prompt_len
+    rng = random.Random(cfg.seed)
+    prompts = []
+    for task in cfg.tasks:
+        base = task_lib.SPLIT_SEEDS["calib"]
+        for i in range(per_task):
+            # Below a retrieval task's evaluated minimum (tiny test runs) use the curriculum's
+            # pair counts, as training did.
+            kw = {}
+            if task in task_lib.RETRIEVAL_TASKS and n < task_lib.TASK_MIN_PROMPT_LEN[task]:
+                kw = {"num_pairs": _num_pairs(task, n, rng)}
+            ex = task_lib.make_example(task, base + i, n, **kw)
+            prompts.append(torch.tensor(task_lib.encode_prompt(ex)))
+    gen_length = max([cfg.gen_length, *(task_lib.TASK_GEN_LENGTH[t] for t in cfg.tasks)])
+    profile = calibrate(model, prompts, gen_length=gen_length)
     profile.meta.update(
         {"tasks": list(cfg.tasks), "split": "calib", "prompt_len": cfg.max_prompt_len}
     )
@@ -268,6 +434,24 @@ def save(model: torch.nn.Module, path: str | Path, cfg: TrainConfig, log: list[d
     return path
 
 
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` recorded in a checkpoint or train_log.json."""
+    d = dict(d)
+    d["tasks"] = tuple(d["tasks"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the model of a (possibly unfinished) training checkpoint as an asset directory
+    (``save``), with the log so far; the checkpoint itself is untouched, so training resumes."""
+    state = torch.load(checkpoint, weights_only=False)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return save(model.eval(), out, cfg, state["log"])
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -282,7 +466,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--schedule", default=defaults.schedule, choices=("linear", "adaptive"))
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument(
+        "--init-from", default=None, help="checkpoint directory (same shape) to start from"
+    )
+    parser.add_argument("--n-layers", type=int, default=MODEL_OVERRIDES["n_layers"])
+    parser.add_argument("--d-model", type=int, default=MODEL_OVERRIDES["d_model"])
+    parser.add_argument("--n-heads", type=int, default=MODEL_OVERRIDES["n_heads"])
+    parser.add_argument("--mlp", type=int, default=MODEL_OVERRIDES["mlp_hidden_size"])
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="resumable training state (.pt): resumed from when it exists, rewritten every "
+        "--checkpoint-minutes (keep it out of git)",
+    )
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write --out from --checkpoint as it stands, without training",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (background runs)"
+    )
     args = parser.parse_args(argv)
+    if args.export_only:
+        if not args.checkpoint or not Path(args.checkpoint).is_file():
+            parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
+        print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+        return
+    model_overrides = dict(MODEL_OVERRIDES)
+    model_overrides.update(
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_heads,
+        mlp_hidden_size=args.mlp,
+    )
     cfg = TrainConfig(
         tasks=tuple(args.tasks.split(",")),
         steps=args.steps,
@@ -294,8 +516,18 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        init_from=args.init_from,
+        model=model_overrides,
     )
-    model, log = train(cfg)
+    model, log = train(
+        cfg,
+        progress=not args.no_progress,
+        log_every=args.log_every,
+        checkpoint=args.checkpoint,
+        checkpoint_minutes=args.checkpoint_minutes,
+    )
     path = save(model, args.out, cfg, log)
     last = log[-1]
     losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
