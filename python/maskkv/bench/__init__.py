@@ -30,6 +30,7 @@ methods then fall back to uniform layer budgets, which is just as fast).
 
 from __future__ import annotations
 
+from ..tables import format_rows
 from .cli import (
     add_bench_arguments,
     add_bench_parser,
@@ -50,7 +51,6 @@ from .presets import (
 )
 from .report import (
     check_targets,
-    format_rows,
     format_search,
     format_table,
     format_targets,

@@ -1,5 +1,5 @@
 """Reports of a benchmark run: targets PASS / MISS, the one table printer shared by ``maskkv
-bench`` and ``maskkv eval`` (``format_rows``), and the plots."""
+bench`` and ``maskkv eval`` (``maskkv.tables.format_rows``), and the plots."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tables import format_cell
 from .presets import _TARGETS, device_name
 from .runner import _LATER_KEY, BenchResult, _ratio
 
@@ -73,28 +74,6 @@ _TABLE = [
 ]
 
 
-def _fmt(x: Any, scale: float | None) -> str:
-    if x is None:
-        return "-"
-    if scale is None or isinstance(x, str):
-        return str(x)
-    v = x * scale
-    if not math.isfinite(v):
-        return "nan"
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-
-
-def format_rows(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, float | None]]
-) -> str:
-    """Fixed-width table: ``columns`` are (header, row key, scale or None for as-is); columns
-    without any value are left out."""
-    cols = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
-    cells = [[c[0] for c in cols]] + [[_fmt(r.get(k), s) for _, k, s in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
-
-
 def format_table(rows: Sequence[dict[str, Any]], timing: str = "median") -> str:
     """A compact fixed-width table of the rows (columns without any value are left out);
     ``timing`` picks the later-step column (median or min)."""
@@ -108,7 +87,7 @@ def format_table(rows: Sequence[dict[str, Any]], timing: str = "median") -> str:
         if r.get("status", "ok") != "ok":
             cells.append([r["method"], str(r["prompt_len"]), r["status"]] + [""] * (len(cols) - 3))
             continue
-        cells.append([_fmt(r.get(key), scale) for _, key, scale in cols])
+        cells.append([format_cell(r.get(key), scale) for _, key, scale in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
 

@@ -201,7 +201,7 @@ def _target(what: str, measured: float, bound: float) -> dict[str, Any]:
 
 def report_whole(result: dict[str, Any]) -> str:
     """A plain-text table of the rows and the targets."""
-    from .report import format_rows
+    from ..tables import format_rows
 
     cols = [
         ("config", "config", None),

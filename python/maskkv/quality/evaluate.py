@@ -556,26 +556,21 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table: accuracy per task, mean, relative to FullCache, evidence recall per head
-    and in any head of the layer."""
+    and in any head of the layer (``maskkv.tables.format_rows``, as ``maskkv bench``)."""
+    from ..tables import format_rows
+
     task_names = result["config"]["tasks"]
-    head = ["method", "budget", *task_names, "mean", "rel.full", "recall", "recall.any"]
-    fmt3 = lambda x: "-" if x is None else f"{x:.3f}"
-    lines = []
-    for s in result["summary"]:
-        lines.append(
-            [
-                s["method"],
-                "-" if s["budget"] is None else str(s["budget"]),
-                *(f"{s['per_task'][t]:.2f}" for t in task_names),
-                fmt3(s["accuracy"]),
-                fmt3(s["relative"]),
-                fmt3(s["evidence_recall"]),
-                fmt3(s["evidence_recall_any_head"]),
-            ]
-        )
-    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
-    return "\n".join([fmt(head), *(fmt(r) for r in lines)])
+    rows = [{**s, **{f"task:{t}": s["per_task"][t] for t in task_names}} for s in result["summary"]]
+    columns = [
+        ("method", "method", None),
+        ("budget", "budget", None),
+        *((t, f"task:{t}", ".2f") for t in task_names),
+        ("mean", "accuracy", ".3f"),
+        ("rel.full", "relative", ".3f"),
+        ("recall", "evidence_recall", ".3f"),
+        ("recall.any", "evidence_recall_any_head", ".3f"),
+    ]
+    return format_rows(rows, columns)
 
 
 def save(result: dict[str, Any], path: str | Path, env: dict[str, Any] | None = None) -> Path:
