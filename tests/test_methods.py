@@ -275,7 +275,7 @@ def test_head_allocator_modes_and_alphas():
 profiles = st.lists(st.floats(0.0, 2.0), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     st.sampled_from(EVICTING),
     profiles,
@@ -301,7 +301,7 @@ def test_schedules_exact_and_clamped(cls, imp, P, B, window):
         assert sum(out) == B * L
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(
     profiles,
     st.integers(0, 40),
