@@ -166,6 +166,41 @@ def _lse_combine_kernel(M_PART, L_PART, LSE, GM, NUM_SPLITS, BLOCK: tl.constexpr
     tl.store(LSE + bg.to(tl.int64) * GM + rows, m_safe + tl.log2(l), mask=ok)
 
 
+@triton.jit
+def _load_score_rows(
+    Q_B, LSE_BG, rows, first, g, G, M, P, GM, stride_qh, stride_qm, stride_qd, offs_d, d_ok,
+    WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Scoring rows ``rows`` (r = h_local * M + m) of one (b, g): Q^T [BLOCK_D, rows], their
+    log2-domain LSE (0 where masked) and which rows vote. Padding window queries and rows with no
+    valid key (lse -inf) vote nothing. Q_B / LSE_BG point at batch row b / segment b*Hkv + g."""
+    row_ok = rows < GM
+    mm = rows % M
+    if WINDOW:  # window query i sits at prompt position P - M + i; padding queries vote nothing
+        row_ok = row_ok & (P - M + mm >= first)
+    q_rows = (g * G + rows // M).to(tl.int64) * stride_qh + mm.to(tl.int64) * stride_qm
+    qt = tl.load(Q_B + q_rows[None, :] + offs_d[:, None] * stride_qd,
+                 mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    lse = tl.load(LSE_BG + rows, mask=row_ok, other=0.0)
+    if LSE_NATURAL:  # a given lse is natural-log (attention forward); kernels work in log2
+        lse = lse * 1.4426950408889634
+    row_ok = row_ok & (lse > float("-inf"))  # a row without any valid key has no mass
+    return qt, tl.where(row_ok, lse, 0.0), row_ok
+
+
+@triton.jit
+def _column_sums(k, qt, lse, key_ok, row_ok, qk_scale, IEEE: tl.constexpr):
+    """[BLOCK_N] sums over the rows of exp2(k . q * scale*log2e - lse2), masked keys / rows 0."""
+    if IEEE:  # [BLOCK_N, BLOCK_M]; fp32 operands: no TF32
+        s = tl.dot(k, qt, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(k, qt) * qk_scale
+    p = tl.exp2(s - lse[None, :])
+    return tl.sum(tl.where(key_ok[:, None] & row_ok[None, :], p, 0.0), 1)
+
+
 @triton.autotune(configs=_SCORE_CONFIGS, key=["BLOCK_D", "WINDOW"])
 @triton.jit
 def _score_kernel(
@@ -211,28 +246,11 @@ def _score_kernel(
     # A block made only of left padding receives nothing: skip the query loop.
     row_end = tl.where(start + BLOCK_N > first, GM, 0)
     for r0 in range(0, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < GM
-        mm = rows % M
-        if WINDOW:  # window query i sits at prompt position P - M + i; padding queries vote nothing
-            row_ok = row_ok & (P - M + mm >= first)
-        q_rows = (g * G + rows // M).to(tl.int64) * stride_qh + mm.to(tl.int64) * stride_qm
-        qt_ptrs = q_base + q_rows[None, :] + offs_d[:, None] * stride_qd
-        qt = tl.load(qt_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        if LSE_NATURAL:  # a given lse is natural-log (attention forward); kernels work in log2
-            lse = lse * 1.4426950408889634
-        row_ok = row_ok & (lse > float("-inf"))  # a row without any valid key has no mass
-        lse = tl.where(row_ok, lse, 0.0)
-        if IEEE:  # [BLOCK_N, BLOCK_M]; fp32 operands: no TF32
-            s = tl.dot(k, qt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(k, qt) * qk_scale
-        p = tl.exp2(s - lse[None, :])
-        p = tl.where(key_ok[:, None] & row_ok[None, :], p, 0.0)
-        acc += tl.sum(p, 1)
+        qt, lse, row_ok = _load_score_rows(
+            q_base, lse_base, r0 + tl.arange(0, BLOCK_M), first, g, G, M, P, GM,
+            stride_qh, stride_qm, stride_qd, offs_d, d_ok, WINDOW, LSE_NATURAL, UPCAST,
+        )  # fmt: skip
+        acc += _column_sums(k, qt, lse, key_ok, row_ok, qk_scale, IEEE)
 
     if in_prompt:
         tl.store(SCORES + bg.to(tl.int64) * P + offs_n, acc, mask=offs_n < P)
@@ -271,23 +289,13 @@ def _score_kstream_kernel(
     GM = G * M
     first = tl.load(FIRST + b)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GM
-    mm = rows % M
-    if WINDOW:  # window query i sits at prompt position P - M + i; padding queries vote nothing
-        row_ok = row_ok & (P - M + mm >= first)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_rows = (g * G + rows // M).to(tl.int64) * stride_qh + mm.to(tl.int64) * stride_qm
-    qt_ptrs = Q + b.to(tl.int64) * stride_qb + q_rows[None, :] + offs_d[:, None] * stride_qd
-    qt = tl.load(qt_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-    if UPCAST:
-        qt = qt.to(tl.float32)
-    lse = tl.load(LSE + bg.to(tl.int64) * GM + rows, mask=row_ok, other=0.0)
-    if LSE_NATURAL:  # a given lse is natural-log (attention forward); kernels work in log2
-        lse = lse * 1.4426950408889634
-    row_ok = row_ok & (lse > float("-inf"))  # a row without any valid key has no mass
-    lse = tl.where(row_ok, lse, 0.0)
+    qt, lse, row_ok = _load_score_rows(
+        Q + b.to(tl.int64) * stride_qb, LSE + bg.to(tl.int64) * GM,
+        pid_m * BLOCK_M + tl.arange(0, BLOCK_M), first, g, G, M, P, GM,
+        stride_qh, stride_qm, stride_qd, offs_d, d_ok, WINDOW, LSE_NATURAL, UPCAST,
+    )  # fmt: skip
 
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     part_base = PART + (pid_m * tl.num_programs(2) + bg).to(tl.int64) * KEY_END
@@ -300,13 +308,8 @@ def _score_kstream_kernel(
         k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        if IEEE:  # [BLOCK_N, BLOCK_M]; fp32 operands: no TF32
-            s = tl.dot(k, qt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(k, qt) * qk_scale
-        p = tl.exp2(s - lse[None, :])
-        p = tl.where(key_ok[:, None] & row_ok[None, :], p, 0.0)
-        tl.store(part_base + offs_n, tl.sum(p, 1), mask=offs_n < hi)
+        cols = _column_sums(k, qt, lse, key_ok, row_ok, qk_scale, IEEE)
+        tl.store(part_base + offs_n, cols, mask=offs_n < hi)
 
 
 @triton.jit
