@@ -207,15 +207,21 @@ def _host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
 
-def _first(prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device) -> torch.Tensor:
+def _first(
+    prompt_lens: torch.Tensor | None,
+    dims: C.Dims,
+    device: torch.device,
+    host_lens: list[int] | None = None,
+) -> torch.Tensor:
     """int32 [B] on ``device``: first real position P - prompt_lens[b] (left padding).
 
-    A CPU ``prompt_lens`` becomes a fill or an H2D copy (never a sync); one on ``device`` is used
-    in place."""
+    A CPU ``prompt_lens`` becomes a fill or an H2D copy (never a sync), from ``host_lens`` when
+    the caller has already read the values; one on ``device`` is used in place."""
     if prompt_lens is None:
         return torch.zeros(dims.B, dtype=torch.int32, device=device)
     if prompt_lens.device.type == "cpu" and device.type != "cpu" and not _compiling():
-        return _host_ints([dims.P - int(x) for x in prompt_lens.tolist()], device)
+        lens = prompt_lens.tolist() if host_lens is None else host_lens
+        return _host_ints([dims.P - int(x) for x in lens], device)
     return (dims.P - prompt_lens).to(device=device, dtype=torch.int32)
 
 
@@ -340,7 +346,7 @@ def select_and_gather(
         n = dims.Hkv * sum(min(budget, x) for x in lens)
         max_seqlen = min(max(lens), dims.Hkv * budget)
         budgets, layer_budget = None, budget
-    first = _first(prompt_lens, dims, q.device)
+    first = _first(prompt_lens, dims, q.device, lens)
     k_out, v_out, cu, pos, scores = _select_and_gather_op(
         q, k, v, first, budgets, layer_budget, prompt_len, score, head_budget, pool, pool_kernel,
         alpha_f, lse, scale_f, n, backend,
@@ -463,7 +469,7 @@ def topk_gather(
         n, max_seqlen = _explicit_budgets(budgets, lens)
     except ValueError as e:
         raise ValueError(str(e).replace("budget:", "budgets:", 1)) from None
-    first = _first(prompt_lens, dims, scores.device)
+    first = _first(prompt_lens, dims, scores.device, lens)
     dev_budgets = budgets.to(scores.device, torch.int32, non_blocking=True)
     k_out, v_out, cu, pos = _topk_gather_op(scores, k, v, dev_budgets, first, n, backend)
     return RaggedKV(k_out, v_out, cu, pos, max_seqlen, Hkv)
