@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CppBackendUnavailable", "available", "load", "unavailable_reason"]
+__all__ = [
+    "CppBackendUnavailable",
+    "available",
+    "last_dim_contiguous",
+    "load",
+    "unavailable_reason",
+]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("select_cpu.cpp", "ragged_attention_cpu.cpp", "register_cpu.cpp")
@@ -198,3 +204,10 @@ def warn_fallback() -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def last_dim_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The C++ kernels read rows with any outer strides but need unit stride along D."""
+    if x is None or x.shape[-1] <= 1 or x.stride(-1) == 1:
+        return x
+    return x.contiguous()

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _last_dim_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
-    if x is None or x.shape[-1] <= 1 or x.stride(-1) == 1:
-        return x
-    return x.contiguous()
+from .._cpp import last_dim_contiguous as _last_dim_contiguous
 
 
 def ragged_attention_cpp(

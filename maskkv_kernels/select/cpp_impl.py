@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .._cpp import last_dim_contiguous as _last_dim_contiguous
+
 _POOL_CODES = {"none": 0, "max": 1, "avg": 2}
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels read rows with any outer strides but need unit stride along D."""
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def score_keys(
