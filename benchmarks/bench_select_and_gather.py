@@ -161,7 +161,13 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
                 # ... plus the parallel top-k compaction.
                 triton_topk.COMPACTION = "parallel"
                 op("triton", True)()
+                op("triton", False)()
+                row["triton_ks_pc_graph_ms"] = common.bench_graph(op("triton", False))
                 row["triton_ks_pc_lse_graph_ms"] = common.bench_graph(op("triton", True))
+                # The parallel compaction with the key-resident pass 2.
+                triton_scores.SCORE_KERNEL = "key_resident"
+                op("triton", True)()
+                row["triton_pc_lse_graph_ms"] = common.bench_graph(op("triton", True))
             finally:
                 triton_scores.SCORE_KERNEL = "key_resident"
                 triton_topk.COMPACTION = "serial"
