@@ -149,28 +149,24 @@ def bench_one(name, Hq, Hkv, D, P, M, cfg, device, backends) -> dict:
             # Kernels alone (CUDA-graph replay), as a captured generation step runs them.
             row["triton_graph_ms"] = common.bench_graph(op("triton", False))
             row["triton_lse_graph_ms"] = common.bench_graph(op("triton", True))
-            # The K-streaming pass 2 (Q resident), side by side with the key-resident one.
+            # Every pass-2 kernel x compaction pair, kernels only, side by side with the
+            # defaults above (SCORE_KERNEL "auto", COMPACTION "parallel").
             from maskkv_kernels.select import triton_scores, triton_topk
 
-            triton_scores.SCORE_KERNEL = "k_streaming"
+            saved = triton_scores.SCORE_KERNEL, triton_topk.COMPACTION
             try:
-                op("triton", True)()  # compile + autotune outside the graph capture
-                op("triton", False)()
-                row["triton_ks_graph_ms"] = common.bench_graph(op("triton", False))
-                row["triton_ks_lse_graph_ms"] = common.bench_graph(op("triton", True))
-                # ... plus the parallel top-k compaction.
-                triton_topk.COMPACTION = "parallel"
-                op("triton", True)()
-                op("triton", False)()
-                row["triton_ks_pc_graph_ms"] = common.bench_graph(op("triton", False))
-                row["triton_ks_pc_lse_graph_ms"] = common.bench_graph(op("triton", True))
-                # The parallel compaction with the key-resident pass 2.
-                triton_scores.SCORE_KERNEL = "key_resident"
-                op("triton", True)()
-                row["triton_pc_lse_graph_ms"] = common.bench_graph(op("triton", True))
+                for score_kernel, tag in (("key_resident", "kr"), ("k_streaming", "ks")):
+                    for compaction in ("serial", "parallel"):
+                        triton_scores.SCORE_KERNEL = score_kernel
+                        triton_topk.COMPACTION = compaction
+                        name = f"triton_{tag}_{compaction[0]}c"  # e.g. triton_ks_pc
+                        for with_lse, suffix in ((False, ""), (True, "_lse")):
+                            op("triton", with_lse)()  # compile + autotune outside the capture
+                            row[f"{name}{suffix}_graph_ms"] = common.bench_graph(
+                                op("triton", with_lse)
+                            )
             finally:
-                triton_scores.SCORE_KERNEL = "key_resident"
-                triton_topk.COMPACTION = "serial"
+                triton_scores.SCORE_KERNEL, triton_topk.COMPACTION = saved
     sdpa, how = sdpa_forward(q, k, v)
     row["sdpa_ms"], row["sdpa_mem"] = measure(sdpa, device)
     row["sdpa_gqa"] = how

@@ -113,12 +113,14 @@ def profile_step(P: int, method_name: str) -> None:
 
 
 def profile_step1(P: int) -> None:
-    """Step 1 of MaskKV with the flash forward's LSE vs SDPA + select_and_gather's own LSE pass."""
+    """Step 1 of MaskKV with the LSE from the cuDNN or flash forward vs SDPA's own pick +
+    select_and_gather's LSE pass (step1_lse=False)."""
     from maskkv import methods
     from maskkv.generation.engine import Denoiser
 
     model, x, need = _llada_step_inputs(P)
-    for step1_lse in (True, False, True, False):  # twice each: the first pair warms up
+    # Each twice: the first round warms up (compiles, cuDNN plans); True = the cuDNN forward.
+    for step1_lse in ("cudnn", False, "flash", "cudnn", False, "flash"):
         den = Denoiser(model, methods.MaskKV(budget=256), P, step1_lse=step1_lse)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

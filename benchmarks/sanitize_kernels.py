@@ -9,13 +9,22 @@ Prints one line per case; any sanitizer report makes the tool exit non-zero.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import maskkv_kernels as mk
 from maskkv_kernels.attention.triton_ragged import ragged_attention_triton
+from maskkv_kernels.select import triton_scores, triton_topk
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true",
+        help="one selecting mask case, one window case (racecheck is slow: it also autotunes)",
+    )  # fmt: skip
+    args = ap.parse_args()
     torch.manual_seed(0)
     dev, dt = ("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16
     B, Hq, Hkv, D, P, R = 2, 8, 2, 128, 1000, 100
@@ -30,11 +39,24 @@ def main() -> None:
             for budget in (0, 100, 5000):
                 cases.append(("mask", q, prompt_lens, head_budget, budget))
         cases.append(("window", q[:, :, :32], prompt_lens, "uniform", 100))
-    for score, qs, prompt_lens, head_budget, budget in cases:
-        cache = mk.select_and_gather(
-            qs, k, v, budget, prompt_len=P, prompt_lens=prompt_lens, score=score,
-            head_budget=head_budget, backend="triton",
-        )  # fmt: skip
+    if args.quick:
+        cases = [c for c in cases if c[3] == "adakv" and c[4] == 100 or c[0] == "window"][:2]
+    # The kernels "auto" does not pick here too (key-resident for M=100 x G=4 rows, K-streaming
+    # for the window's 32 x 4), and the serial top-k compaction.
+    alternatives = [(None, None), ("k_streaming", "serial"), ("key_resident", None)]
+    for (score, qs, prompt_lens, head_budget, budget), (kernel, compaction) in (
+        (c, alt) for c in cases for alt in (alternatives if c[4] == 100 else alternatives[:1])
+    ):
+        saved = triton_scores.SCORE_KERNEL, triton_topk.COMPACTION
+        triton_scores.SCORE_KERNEL = kernel or saved[0]
+        triton_topk.COMPACTION = compaction or saved[1]
+        try:
+            cache = mk.select_and_gather(
+                qs, k, v, budget, prompt_len=P, prompt_lens=prompt_lens, score=score,
+                head_budget=head_budget, backend="triton",
+            )  # fmt: skip
+        finally:
+            triton_scores.SCORE_KERNEL, triton_topk.COMPACTION = saved
         for tail in (True, False):
             kt, vt = (k_tail, v_tail) if tail else (None, None)
             mk.ragged_attention(q, cache, kt, vt, backend="triton", return_lse=True)
@@ -45,7 +67,11 @@ def main() -> None:
                 )  # fmt: skip
         if dev == "cuda":
             torch.cuda.synchronize()
-        print(f"ok: {score} lens={prompt_lens.tolist()} {head_budget} budget={budget}", flush=True)
+        alt = f" ({kernel}, {compaction})" if kernel else ""
+        print(
+            f"ok: {score} lens={prompt_lens.tolist()} {head_budget} budget={budget}{alt}",
+            flush=True,
+        )
     print("sanitize run finished")
 
 

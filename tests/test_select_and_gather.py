@@ -162,10 +162,12 @@ def test_triton_lse_split_across_programs(splits):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("kernel", ["k_streaming", "key_resident"])
 @pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"{str(c[0])[6:]}-G{c[2] // c[3]}")
-def test_triton_k_streaming_score_kernel(case):
-    """The K-streaming pass 2 (Q resident, keys streamed, row tiles summed in order) gives the
-    reference scores and mask mass, like the key-resident kernel."""
+def test_triton_score_kernels(case, kernel):
+    """Both pass-2 kernels, forced whatever "auto" would pick: the K-streaming one (Q resident,
+    keys streamed, row tiles summed in order) and the key-resident one give the reference
+    scores and mask mass."""
     from maskkv_kernels.select import triton_scores
 
     dtype, B, Hq, Hkv, M, D, P, R, padded, with_lse = case
@@ -177,7 +179,7 @@ def test_triton_k_streaming_score_kernel(case):
     for need_mass, splits in ((True, None), (False, None), (True, 3)):
         scores, mass = triton_scores.score_keys(
             q, k, first, prompt_len=P, window=False, lse=lse, scale=D**-0.5,
-            need_mass=need_mass, kernel="k_streaming", num_splits=splits,
+            need_mass=need_mass, kernel=kernel, num_splits=splits,
         )  # fmt: skip
         assert_scores_close(scores, want)
         if need_mass:
@@ -186,7 +188,7 @@ def test_triton_k_streaming_score_kernel(case):
             assert mass is None
     raw, _ = triton_scores.score_keys(
         q[:, :, : min(M, 4)], k, first, prompt_len=P, window=True, lse=None, scale=D**-0.5,
-        need_mass=False, kernel="k_streaming",
+        need_mass=False, kernel=kernel,
     )  # fmt: skip
     want_raw, _ = torch_impl_scores(q[:, :, : min(M, 4)], k, first, P)
     assert_scores_close(raw, want_raw)
@@ -203,12 +205,13 @@ def torch_impl_scores(q, k, first, P):
 
 @needs_triton_cpu
 @pytest.mark.parametrize("chunk", [None, 32])
-def test_select_and_gather_with_new_kernel_switches(monkeypatch, chunk):
-    """The opt-in kernels end to end: K-streaming score pass and parallel top-k compaction."""
+def test_select_and_gather_with_the_other_kernels(monkeypatch, chunk):
+    """The non-default kernels end to end: key-resident score pass (which "auto" does not pick
+    at these sizes) and the serial top-k compaction."""
     from maskkv_kernels.select import triton_scores, triton_topk
 
-    monkeypatch.setattr(triton_scores, "SCORE_KERNEL", "k_streaming")
-    monkeypatch.setattr(triton_topk, "COMPACTION", "parallel")
+    monkeypatch.setattr(triton_scores, "SCORE_KERNEL", "key_resident")
+    monkeypatch.setattr(triton_topk, "COMPACTION", "serial")
     if chunk is not None:  # several chunks per row
         monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
     q, k, v = make_inputs(2, 4, 2, 6, 16, 90, 6, torch.float32, seed=5)
@@ -396,7 +399,7 @@ def tricky_scores(B, H, P, seed):
     return torch.where(pick, special[idx], s)
 
 
-TOPK_BACKENDS = CPU_BACKENDS + (["triton-parallel"] if HAS_TRITON_CPU else [])
+TOPK_BACKENDS = CPU_BACKENDS + (["triton-serial"] if HAS_TRITON_CPU else [])
 
 
 @pytest.mark.parametrize("backend", TOPK_BACKENDS)
@@ -404,14 +407,14 @@ TOPK_BACKENDS = CPU_BACKENDS + (["triton-parallel"] if HAS_TRITON_CPU else [])
 def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     """Ties go to the lower position, NaN ranks with -inf (lowest), padding is never kept;
     ``chunk`` splits each row across several programs (the long-prompt path).
-    "triton-parallel": the Triton backend with the parallel compaction."""
+    "triton-serial": the Triton backend with the serial compaction (the default is parallel)."""
     if backend.startswith("triton"):
         from maskkv_kernels.select import triton_topk
 
         if chunk is not None:
             monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
-        if backend == "triton-parallel":
-            monkeypatch.setattr(triton_topk, "COMPACTION", "parallel")
+        if backend == "triton-serial":
+            monkeypatch.setattr(triton_topk, "COMPACTION", "serial")
             backend = "triton"
     B, H, D = 2, 3, 16
     scores = tricky_scores(B, H, P, seed=P)
@@ -432,14 +435,14 @@ def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     frac=st.floats(0.0, 1.0),
 )
 def test_topk_gather_property(backend, P, seed, frac):
-    if backend == "triton-parallel":
+    if backend == "triton-serial":
         from maskkv_kernels.select import triton_topk
 
-        triton_topk.COMPACTION, backend = "parallel", "triton"
+        saved, triton_topk.COMPACTION = triton_topk.COMPACTION, "serial"
         try:
-            return test_topk_gather_property.hypothesis.inner_test(backend, P, seed, frac)
+            return test_topk_gather_property.hypothesis.inner_test("triton", P, seed, frac)
         finally:
-            triton_topk.COMPACTION = "serial"
+            triton_topk.COMPACTION = saved
     scores = tricky_scores(1, 2, P, seed)
     _, k, v = make_inputs(1, 2, 2, 1, 16, P, 0, torch.float32, seed=seed)
     kb = int(frac * P)

@@ -202,7 +202,7 @@ def _host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         out = torch.empty(len(values), dtype=torch.int32, device=device)
         for i, x in enumerate(values):
-            out[i] = x
+            out[i : i + 1].fill_(x)  # a fill kernel; ``out[i] = x`` would be an H2D copy
         return out
     return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 

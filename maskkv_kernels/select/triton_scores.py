@@ -15,11 +15,12 @@ Launch plan (all on the device, no host sync):
 2. ``_score_kernel``: grid (key blocks, B*Hkv). Key block resident, query tiles streamed, the
    column sum is a row reduction of the transposed logits [BLOCK_N, BLOCK_M] (warp-local).
    Response-key blocks (mask mode) write one partial mass each: S_m per head, summed in torch.
-   ``SCORE_KERNEL = "k_streaming"`` swaps in ``_score_kstream_kernel``: grid (row tiles, key
+   ``_score_kstream_kernel`` is the alternative: grid (row tiles, key
    splits, B*Hkv), the row tile's Q^T resident and the keys of its split streamed through a
    pipelined loop, so Q is read once per program instead of once per key block; each tile writes
    its column sums to a [row tiles, B*Hkv, L] buffer that ``_score_rows_combine_kernel`` sums in
-   order (deterministic). It stays opt-in until a GPU run shows it faster.
+   order (deterministic). ``SCORE_KERNEL = "auto"`` (default) picks it where an H200 measured
+   it faster: G*M <= 256 query rows per KV head.
 3. ``_pool_kernel`` (window mode): same-padded max / avg pooling over [0, P - W), +inf on the
    window, 0 on padding. A light pass over [B, Hkv, P].
 
@@ -76,10 +77,14 @@ _KSTREAM_CONFIGS = _configs(
 )
 _KSTREAM_BLOCK_M = _KSTREAM_CONFIGS[0].kwargs["BLOCK_M"]
 assert all(c.kwargs["BLOCK_M"] == _KSTREAM_BLOCK_M for c in _KSTREAM_CONFIGS)
-# Which pass-2 kernel the launcher uses: "key_resident" (``_score_kernel``, measured on an H200)
-# or "k_streaming" (``_score_kstream_kernel``, written for the next GPU comparison: it reads Q
-# once per program instead of once per key block). Benchmarks flip it.
-SCORE_KERNEL = "key_resident"
+# Which pass-2 kernel the launcher uses: "key_resident" (``_score_kernel``), "k_streaming"
+# (``_score_kstream_kernel``: reads Q once per program instead of once per key block) or "auto".
+# Measured on an H200 at P=32k (benchmarks/results/NVIDIA-H200): K-streaming wins while a KV
+# head's G*M query rows are one resident tile (LLaDA-8B M=256: 0.506 vs 0.558 ms with LSE) and
+# loses beyond (LLaDA M=1024: 1.28 vs 1.21; Dream-7B G*M=1792: 0.451 vs 0.426), so "auto" picks
+# it for G*M <= _KSTREAM_MAX_ROWS. Benchmarks and tests force either.
+SCORE_KERNEL = "auto"
+_KSTREAM_MAX_ROWS = 256
 # Partial mask mass: one slot per _MASS_SLOT response keys, whatever BLOCK_N the autotuner picks.
 _MASS_SLOT = min(c.kwargs["BLOCK_N"] for c in _SCORE_CONFIGS)
 _MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _SCORE_CONFIGS)
@@ -404,8 +409,8 @@ def score_keys(
         lse: natural-log fp32 [B, Hq, M] over all valid keys (mask mode only) or None.
         need_mass: also score the response keys [P, L) (mask mode) for S_m.
         num_splits: key splits of the LSE pass (default: a heuristic; tests force it).
-        kernel: pass-2 kernel, "key_resident" or "k_streaming" (default ``SCORE_KERNEL``); the
-            latter also splits its keys ``num_splits`` ways when that is given.
+        kernel: pass-2 kernel, "auto", "key_resident" or "k_streaming" (default
+            ``SCORE_KERNEL``); K-streaming also splits its keys ``num_splits`` ways when given.
     Returns:
         scores fp32 [B, Hkv, P] (0 at padding), mask_mass fp32 [B, Hkv] (None unless need_mass).
     """
@@ -458,7 +463,12 @@ def score_keys(
     else:
         lse_arg, natural = lse.contiguous(), True
 
-    if (kernel or SCORE_KERNEL) == "k_streaming":
+    kernel = kernel or SCORE_KERNEL
+    if kernel == "auto":
+        kernel = "k_streaming" if GM <= _KSTREAM_MAX_ROWS else "key_resident"
+    if kernel not in ("k_streaming", "key_resident"):
+        raise ValueError(f"kernel must be 'auto', 'key_resident' or 'k_streaming', got {kernel!r}")
+    if kernel == "k_streaming":
         return _score_k_streaming(
             q, k, first, lse_arg, scores, P, R, qk_scale, natural, common, need_mass, num_splits
         )

@@ -20,7 +20,7 @@ of tail positions, dLLM-Cache's "partial"). Attention of a tail pass is always o
 computed tokens alone (PromptCache) or the stored response KV with the computed tokens written
 into their slots (Prefix/Dual/DLLMCache): no prompt concatenation, no new kernel.
 
-On CUDA: MaskKV's step-1 attention is torch's fused flash forward, which also returns the mask
+On CUDA: MaskKV's step-1 attention is torch's fused cuDNN forward, which also returns the mask
 rows' LSE for ``select_and_gather`` (one pass over K instead of two; ``step1_lse``), and a tail
 pass without stored response KV is captured once per (shape, range) as one CUDA graph of all
 layers and replayed (``cuda_graphs``): at LLaDA-8B shape an eager later step spends as long
@@ -52,16 +52,51 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _flash_with_lse_ok(q: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
-    """Whether torch's fused flash forward (which also returns the LSE) applies: CUDA, fp16/bf16,
-    head dim <= 256, and no key mask (the flash kernel takes none; padded batches fall back)."""
-    return (
+# Fused attention forwards that also return the fp32 natural-log LSE, by name. On an H200
+# (torch 2.11, LLaDA-8B step 1 at 32k, benchmarks/results/NVIDIA-H200) the flash one made step 1
+# slower than SDPA's own choice plus select_and_gather's LSE pass (2.80 vs 2.09 s): only a
+# forward as fast as SDPA's pick is worth taking the LSE from.
+_LSE_OPS = {
+    "cudnn": lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False
+    )[:2],
+    "flash": lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, False, False
+    )[:2],
+}
+_lse_probes: dict[tuple, bool] = {}
+
+
+def _lse_op_usable(name: str, q: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+    """Whether fused forward ``name`` applies here (CUDA, fp16/bf16, head dim <= 128, no key mask:
+    these kernels take none, padded batches fall back) and, probed once per (op, device, dtype,
+    head dim) on a small call, returns the true natural-log LSE and output in this torch build."""
+    if not (
         q.is_cuda
         and key_valid is None
         and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] <= 256
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
-    )
+        and q.shape[-1] <= 128
+    ):
+        return False
+    key = (name, q.device, q.dtype, q.shape[-1])
+    if key not in _lse_probes:
+        gen = torch.Generator(q.device).manual_seed(0)
+        pq, pk, pv = (
+            torch.randn(1, 2, 96, q.shape[-1], device=q.device, dtype=q.dtype, generator=gen)
+            for _ in range(3)
+        )
+        try:
+            out, lse = _LSE_OPS[name](pq, pk, pv)
+            logits = pq.float() @ pk.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+            ok = torch.allclose(
+                lse.float().reshape(1, 2, 96), torch.logsumexp(logits, -1), atol=2e-3, rtol=0
+            ) and torch.allclose(
+                out.float(), torch.softmax(logits, -1) @ pv.float(), atol=2e-2, rtol=0
+            )
+        except (RuntimeError, AttributeError, TypeError):  # op missing or refused
+            ok = False
+        _lse_probes[key] = bool(ok)
+    return _lse_probes[key]
 
 
 def dense_attention(
@@ -71,30 +106,31 @@ def dense_attention(
     key_valid: torch.Tensor | None,
     query_chunk: int,
     lse_from: int | None = None,
+    lse_op: str = "cudnn",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bidirectional attention, q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L].
 
     Runs in query chunks so that no [Hq, T, L] score matrix is ever held at once (SDPA's math
     fallback on CPU would materialise it).
 
-    Returns (out [B, Hq, T, D], lse). With ``lse_from`` set and the fused flash forward available
-    (``_flash_with_lse_ok``), lse is the fp32 natural-log log-sum-exp [B, Hq, T - lse_from] of
-    query rows ``lse_from:`` that the forward computes anyway: ``select_and_gather`` then skips
-    its own pass over K. Otherwise lse is None.
+    Returns (out [B, Hq, T, D], lse). With ``lse_from`` set and the fused forward ``lse_op``
+    ("cudnn" or "flash") usable (``_lse_op_usable``), lse is the fp32 natural-log log-sum-exp
+    [B, Hq, T - lse_from] of query rows ``lse_from:`` that the forward computes anyway:
+    ``select_and_gather`` then skips its own pass over K. Otherwise lse is None.
     """
     G = q.shape[1] // k.shape[1]
     if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
         k = k.repeat_interleave(G, 1)
         v = v.repeat_interleave(G, 1)
     T = q.shape[2]
-    if lse_from is not None and _flash_with_lse_ok(q, key_valid):
+    if lse_from is not None and _lse_op_usable(lse_op, q, key_valid):
         outs, lses = [], []
-        flash = torch.ops.aten._scaled_dot_product_flash_attention
         for s in range(0, T, query_chunk):
-            out, lse = flash(q[:, :, s : s + query_chunk], k, v, 0.0, False, False)[:2]
+            q_chunk = q[:, :, s : s + query_chunk]
+            out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
             outs.append(out)
             if s + query_chunk > lse_from:
-                lses.append(lse[:, :, max(lse_from - s, 0) :])
+                lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         return out, (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
     mask = None if key_valid is None else key_valid[:, None, None, :]
@@ -209,8 +245,9 @@ class Denoiser:
         backend: passed to the ``maskkv_kernels`` ops.
         cuda_graphs: on CUDA, capture each later step that runs without stored response KV
             (PromptCache) as one CUDA graph (all layers) and replay it; False runs it eagerly.
-        step1_lse: let the step-1 attention return the mask rows' LSE (torch's fused flash
-            forward) so that mask-query scoring skips its own pass over K; False keeps SDPA's own
+        step1_lse: let the step-1 attention return the mask rows' LSE so that mask-query
+            scoring skips its own pass over K: True uses torch's cuDNN forward (where it is
+            available and probes correct), "flash" its flash forward; False keeps SDPA's own
             backend choice and lets ``select_and_gather`` compute the LSE.
         cache: the cache policy (default ``PromptCache()``). A method that caches nothing
             (NoCache) runs a full pass at every step whatever the policy.
@@ -227,7 +264,7 @@ class Denoiser:
         token_chunk: int = 4096,
         backend: str = "auto",
         cuda_graphs: bool = True,
-        step1_lse: bool = True,
+        step1_lse: bool | str = True,
         cache: CachePolicy | None = None,
     ) -> None:
         self.model = model
@@ -242,6 +279,10 @@ class Denoiser:
         self.token_chunk = token_chunk
         self.backend = backend
         self.cuda_graphs = cuda_graphs
+        if step1_lse not in (True, False, "cudnn", "flash"):
+            raise ValueError(
+                f"step1_lse must be True, False, 'cudnn' or 'flash', got {step1_lse!r}"
+            )
         self.step1_lse = step1_lse
         self._graphs: dict[tuple[int, ...], dict] = {}  # (B, T, lo, hi) -> graph
         self._backend = backend  # resolved per device in _setup (the hot path skips the checks)
@@ -334,7 +375,10 @@ class Denoiser:
         lse_from = self.P if build_cache and self.step1_lse and self._mask_scored() else None
         for i, layer in enumerate(model.layers):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            attn, lse = dense_attention(q, k, v, self._key_valid, chunk, lse_from)
+            attn, lse = dense_attention(
+                q, k, v, self._key_valid, chunk, lse_from,
+                lse_op="flash" if self.step1_lse == "flash" else "cudnn",
+            )  # fmt: skip
             if build_cache:
                 self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
                 budget = None if budgets is None else budgets[i]
