@@ -194,6 +194,18 @@ def test_bad_arguments(models):
         )
     with pytest.raises(ValueError, match="name: unknown method"):
         generate(model, torch.zeros(1, 5, dtype=torch.long), method="h2o")
+    with pytest.raises(ValueError, match="step1_lse must be True, False, 'cudnn' or 'flash'"):
+        Denoiser(model, methods.MaskKV(budget=4), 5, step1_lse="sdpa")
+
+
+def test_step1_lse_falls_back_off_cuda():
+    """Off CUDA no fused forward returns the LSE: plain SDPA, lse None, same output."""
+    from maskkv.generation.engine import dense_attention
+
+    q, k, v = (torch.randn(1, 4, 40, 16) for _ in range(3))
+    out, lse = dense_attention(q, k, v, None, 16, lse_from=30)
+    assert lse is None
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
 class _null:
