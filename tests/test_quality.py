@@ -285,6 +285,24 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
         torch.testing.assert_close(p, q, msg=name)
 
 
+def test_recall_batch_targets_the_values_of_prompt_pairs():
+    """The training-only kv_recall rows: the question's answer, then pairs of the prompt whose
+    values (only) are targets, and each recalled value is the one its key has in the prompt."""
+    from maskkv.quality.train import RECALL_EXTRA, RECALL_TASK, make_batch
+
+    x0, targets = make_batch(RECALL_TASK, [4, 5], 90, 8, num_pairs=[3, 1])
+    assert x0.shape == targets.shape == (2, 90 + 5 + 9 * RECALL_EXTRA)
+    for row, tgt in zip(x0.tolist(), targets.tolist()):
+        ex_prompt = tasks.decode(row[1:90])
+        response = tasks.decode(row[90:])
+        assert not any(tgt[:90])
+        assert [tasks.decode([t]) for t, is_t in zip(row, tgt) if is_t] == [
+            c for c in re.sub(r"[^A-Z0-9!#$%&*+@^~]", "", response)
+        ]
+        for key, value in re.findall(r"([a-z]{3}) (\S{3})\. ", response):
+            assert f"{key} {value}. " in ex_prompt
+
+
 def test_eval_subcommand(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     evaluate.add_eval_parser(parser.add_subparsers(dest="command"))

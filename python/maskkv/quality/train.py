@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class TrainConfig:
     adaptive_threshold: float = 0.9
     adaptive_step: int = 12
     adaptive_min_steps: int = 50
+    start_level: int = 1  # a warm start that already copies can begin with several pairs
     #: a checkpoint directory of the same shape whose weights start the run (warm start)
     init_from: str | None = None
     seed: int = 0
@@ -115,6 +117,8 @@ def make_batch(
     """An SFT batch: token ids x0 [B, prompt_len + gen_length] = prompt || answer (EOS-padded),
     and the bool mask of the positions that may be masked (the answer). ``num_pairs``: per row,
     the key-value pairs of a retrieval task (default: the task's own draw)."""
+    if task == RECALL_TASK:
+        return _recall_batch(seeds, prompt_len, num_pairs)
     rows = []
     for i, s in enumerate(seeds):
         kw = {} if num_pairs is None else {"num_pairs": num_pairs[i]}
@@ -124,6 +128,36 @@ def make_batch(
     targets = torch.zeros_like(x0, dtype=torch.bool)
     targets[:, prompt_len:] = True
     return x0, targets
+
+
+#: Training-only auxiliary task (not evaluated): a ``kv_retrieval`` prompt whose answer is
+#: followed by RECALL_EXTRA more pairs "key value." of the prompt, keys given and values to
+#: predict. The answer of the question is one lookup per example; the recalled pairs add
+#: RECALL_EXTRA more (as multi-query associative recall does), each reading "find the key I
+#: follow in the prompt, copy the value after it", the routing the retrieval tasks need.
+RECALL_TASK = "kv_recall"
+RECALL_EXTRA = 3
+_PAIR = re.compile(r"([a-z]{3}) ([A-Z][0-9][!#$%&*+@^~])\. ")
+
+
+def _recall_batch(
+    seeds: list[int], prompt_len: int, num_pairs: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, target_rows = [], []
+    for i, s in enumerate(seeds):
+        kw = {} if num_pairs is None else {"num_pairs": num_pairs[i]}
+        ex = task_lib.make_example("kv_retrieval", s, prompt_len, **kw)
+        pairs = _PAIR.findall(ex.prompt)
+        rng = random.Random(s)
+        # The answer, then RECALL_EXTRA pairs of the prompt (with repeats when it has fewer).
+        text = ex.answer + ". "
+        is_target = [True] * len(ex.answer) + [False] * 2
+        for key, value in (rng.choice(pairs) for _ in range(RECALL_EXTRA)):
+            text += f"{key} {value}. "
+            is_target += [False] * 4 + [True] * len(value) + [False] * 2
+        rows.append(task_lib.encode_prompt(ex) + task_lib.encode(text))
+        target_rows.append([False] * prompt_len + is_target)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(target_rows, dtype=torch.bool)
 
 
 def masked_diffusion_loss(
@@ -190,7 +224,7 @@ def _num_pairs(
     """Curriculum draw of the key-value pairs of a retrieval prompt: uniform in
     [most // 3, most] with ``most`` the task's maximum at this length (and at most ``cap``):
     fewer than the evaluated minimum of 16 on short prompts, which teach the lookup cheaply."""
-    if task not in task_lib.RETRIEVAL_TASKS:
+    if task not in task_lib.RETRIEVAL_TASKS and task != RECALL_TASK:
         return None
     # A pair is 9 characters and the question up to 13: (prompt_len - 14) // 11 pairs leave
     # some filler on the shortest prompts.
@@ -261,8 +295,8 @@ def train(
     adaptive = cfg.schedule == "adaptive"
     if cfg.schedule not in ("linear", "adaptive"):
         raise ValueError(f"schedule: expected 'linear' or 'adaptive', got {cfg.schedule!r}")
-    level, level_step = 1, 0
-    max_len = min(cfg.min_prompt_len + cfg.adaptive_step, cfg.max_prompt_len)
+    level, level_step = cfg.start_level, 0
+    max_len = min(cfg.min_prompt_len + cfg.adaptive_step * level, cfg.max_prompt_len)
     first_step, minutes_before = 0, 0.0
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if checkpoint is not None and checkpoint.exists():
@@ -313,11 +347,11 @@ def train(
         task = cfg.tasks[step % len(cfg.tasks)]
         longest = max_len if adaptive else _max_len_at(step, cfg)
         prompt_len = rng.randint(cfg.min_prompt_len, longest)
-        gen_length = max(cfg.gen_length, task_lib.TASK_GEN_LENGTH[task])
+        gen_length = max(cfg.gen_length, task_lib.TASK_GEN_LENGTH.get(task, 0))
         seeds = list(range(next_seed, next_seed + cfg.batch_size))
         next_seed += cfg.batch_size
         pairs = None
-        if task in task_lib.RETRIEVAL_TASKS:
+        if task in task_lib.RETRIEVAL_TASKS or task == RECALL_TASK:
             cap = level if adaptive else None
             pairs = [_num_pairs(task, prompt_len, rng, cap) for _ in seeds]
         x0, targets = make_batch(task, seeds, prompt_len, gen_length, pairs)
@@ -395,7 +429,8 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
     n = cfg.max_prompt_len
     rng = random.Random(cfg.seed)
     prompts = []
-    for task in cfg.tasks:
+    evaluated = [t for t in cfg.tasks if t in task_lib.TASKS]
+    for task in evaluated:
         base = task_lib.SPLIT_SEEDS["calib"]
         for i in range(per_task):
             # Below a retrieval task's evaluated minimum (tiny test runs) use the curriculum's
@@ -405,11 +440,9 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
                 kw = {"num_pairs": _num_pairs(task, n, rng)}
             ex = task_lib.make_example(task, base + i, n, **kw)
             prompts.append(torch.tensor(task_lib.encode_prompt(ex)))
-    gen_length = max([cfg.gen_length, *(task_lib.TASK_GEN_LENGTH[t] for t in cfg.tasks)])
+    gen_length = max([cfg.gen_length, *(task_lib.TASK_GEN_LENGTH[t] for t in evaluated)])
     profile = calibrate(model, prompts, gen_length=gen_length)
-    profile.meta.update(
-        {"tasks": list(cfg.tasks), "split": "calib", "prompt_len": cfg.max_prompt_len}
-    )
+    profile.meta.update({"tasks": evaluated, "split": "calib", "prompt_len": cfg.max_prompt_len})
     return profile
 
 
@@ -469,6 +502,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", default=defaults.schedule, choices=("linear", "adaptive"))
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument(
+        "--start-level", type=int, default=defaults.start_level,
+        help="adaptive schedule: first level (max pairs per retrieval prompt)",
+    )  # fmt: skip
+    parser.add_argument(
         "--init-from", default=None, help="checkpoint directory (same shape) to start from"
     )
     parser.add_argument("--n-layers", type=int, default=MODEL_OVERRIDES["n_layers"])
@@ -492,6 +529,11 @@ def main(argv: list[str] | None = None) -> None:
         "--no-progress", action="store_true", help="no progress bar (background runs)"
     )
     args = parser.parse_args(argv)
+    unknown = set(args.tasks.split(",")) - set(task_lib.TASKS) - {RECALL_TASK}
+    if unknown:
+        parser.error(f"--tasks: unknown {sorted(unknown)}; known: {[*task_lib.TASKS, RECALL_TASK]}")
+    if args.start_level < 1:
+        parser.error(f"--start-level: expected >= 1, got {args.start_level}")
     if args.export_only:
         if not args.checkpoint or not Path(args.checkpoint).is_file():
             parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
@@ -518,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         schedule=args.schedule,
         warmup=args.warmup,
+        start_level=args.start_level,
         init_from=args.init_from,
         model=model_overrides,
     )
