@@ -60,10 +60,10 @@ PY
 sanitizers() {
   command -v compute-sanitizer >/dev/null || { echo "== no compute-sanitizer"; return 0; }
   for tool in ${SANITIZERS-memcheck racecheck initcheck}; do
-    # racecheck is much slower (autotuning runs under it too): fewer cases.
+    # racecheck is much slower (autotuning runs under it too): fewer cases, one config each.
     stage "sanitize_$tool" "${SANITIZE_CAP:-120}" compute-sanitizer --tool "$tool" \
       --error-exitcode 9 --print-limit 20 python3 benchmarks/sanitize_kernels.py \
-      $([ "$tool" = racecheck ] && echo --quick)
+      $([ "$tool" = racecheck ] && echo --quick --one-config)
   done
   return $status
 }

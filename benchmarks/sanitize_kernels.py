@@ -18,13 +18,40 @@ from maskkv_kernels.attention.triton_ragged import ragged_attention_triton
 from maskkv_kernels.select import triton_scores, triton_topk
 
 
+def one_config_per_kernel() -> int:
+    """Make every autotuned kernel of the package pick its first eligible config (after its own
+    pruning) without benchmarking: under racecheck each benchmarked config is another slow,
+    instrumented launch, and the configs run the same code paths. Returns how many were patched."""
+    from triton.runtime.autotuner import Autotuner
+
+    from maskkv_kernels.attention import triton_ragged
+
+    patched = 0
+    for module in (triton_scores, triton_topk, triton_ragged):
+        for obj in vars(module).values():
+            if isinstance(obj, Autotuner):
+                prune = getattr(obj, "prune_configs", None)
+                if prune is None:  # a Triton without the hook: the first config outright
+                    obj.configs = obj.configs[:1]
+                else:
+                    obj.prune_configs = lambda kwargs, prune=prune: prune(kwargs)[:1]
+                patched += 1
+    return patched
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick", action="store_true",
         help="one selecting mask case, one window case (racecheck is slow: it also autotunes)",
     )  # fmt: skip
+    ap.add_argument(
+        "--one-config", action="store_true",
+        help="every autotuned kernel runs its first eligible config, without benchmarking",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.one_config:
+        print(f"autotuning off for {one_config_per_kernel()} kernels", flush=True)
     torch.manual_seed(0)
     dev, dt = ("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16
     B, Hq, Hkv, D, P, R = 2, 8, 2, 128, 1000, 100
