@@ -2,7 +2,8 @@
 
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
-decoded from the pruned cache) and the answer is scored by exact match. FullCache (prompt cached,
+decoded from the pruned cache; a Dream checkpoint decodes with its own sampler, ``maskgit_plus``
+confidence order, and its own BOS / EOS / mask ids) and the answer is scored by exact match. FullCache (prompt cached,
 nothing evicted) is the reference every method is compared with (``relative``: accuracy over
 FullCache's on the same task); NoCache (everything recomputed every step) shows what caching
 itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
@@ -85,13 +86,17 @@ def _sampler_kwargs(model) -> dict[str, Any]:
     """Greedy confidence-ordered decoding for either layout: LLaDA's low_confidence remasking
     (``generate``'s default) or, for Dream, ``alg="maskgit_plus"`` (the same rule: reveal the
     masked positions whose argmax token is most probable); Dream's default ``"origin"`` reveals
-    positions in random order."""
+    positions in random order. Dream keeps its own timestep schedule: with steps = gen_length
+    the first step reveals no token (int(n (1 - s/t)) rounds 0.999 down) and the last two."""
     return {"alg": "maskgit_plus"} if _is_dream(model) else {}
 
 
 def _sampler_description(model) -> str:
     if _is_dream(model):
-        return "greedy, Dream maskgit_plus (confidence) order, one block, steps = gen_length"
+        return (
+            "greedy, Dream maskgit_plus (confidence) order and timestep schedule, one block, "
+            "steps = gen_length"
+        )
     return "greedy, low_confidence remasking, one block, one token per step"
 
 

@@ -1,5 +1,10 @@
-"""Train the quality suite's tiny LLaDA on the synthetic tasks with LLaDA's masked-diffusion SFT
-objective, on the CPU, in minutes.
+"""Train the quality suite's tiny LLaDA (or Dream) on the synthetic tasks with LLaDA's
+masked-diffusion SFT objective, on the CPU, in minutes.
+
+Two model layouts (``--kind``): "llada" (OLMo names, MHA; the prediction of token i is the
+logits at position i) and "dream" (Qwen2 names, grouped-query attention via ``--n-kv-heads``; the
+prediction of token i is the logits at position i - 1, as in Dream's generation). Prompts and
+answers are encoded with the model's own BOS / EOS / mask ids (``tasks.token_ids``).
 
 Objective (LLaDA SFT, Nie et al. 2025): for a prompt p and answer r0 (padded with EOS to
 ``gen_length``), draw t, mask every answer token independently with probability
@@ -19,6 +24,7 @@ steps: short prompts are cheap and teach the retrieval, the long ones make it ho
 evaluated length.
 
     python -m maskkv.quality.train --out python/maskkv/assets/tiny-llada-retrieval
+    python -m maskkv.quality.train --kind dream --n-kv-heads 2 --out /tmp/tiny-dream
 
 >>> from maskkv.quality.train import TrainConfig, train
 >>> model, log = train(TrainConfig(steps=50))                                     # doctest: +SKIP
