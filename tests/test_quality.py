@@ -426,7 +426,7 @@ def test_token_ids_from_the_model_config():
 
 
 def test_dream_train_config_names():
-    from maskkv.quality.train import DREAM_MODEL_OVERRIDES, model_overrides
+    from maskkv.quality.train import DREAM_MODEL_OVERRIDES, build_model, model_overrides
 
     assert TrainConfig(kind="dream").model == DREAM_MODEL_OVERRIDES
     shape = model_overrides("dream", n_layers=6, d_model=192, n_heads=4, n_kv_heads=2, mlp=384)
@@ -443,6 +443,10 @@ def test_dream_train_config_names():
         TrainConfig(kind="dream", model={"n_layers": 2})
     with pytest.raises(ValueError, match="kind"):
         TrainConfig(kind="gpt")
+    edited = TrainConfig(kind="dream")
+    edited.model.update(n_layers=1)  # after construction: caught when the model is built
+    with pytest.raises(ValueError, match="model: .*n_layers"):
+        build_model(edited)
 
 
 class _FixedLogits(torch.nn.Module):

@@ -195,7 +195,11 @@ class TrainConfig:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
         if self.kind == "dream" and self.model == MODEL_OVERRIDES:
             self.model = dict(DREAM_MODEL_OVERRIDES)
-        # A size under the other layout's name would be added to the config and ignored.
+        self.check_model_names()
+
+    def check_model_names(self) -> None:
+        """``ValueError`` if ``model`` sizes a layer count, width, heads or MLP under the other
+        layout's config name (the config would take it as an unknown extra and ignore it)."""
         other = _SHAPE_NAMES["dream" if self.kind == "llada" else "llada"].values()
         wrong = sorted(set(self.model) & set(other) - set(_SHAPE_NAMES[self.kind].values()))
         if wrong:
@@ -351,6 +355,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     (``maskkv.testing.random_model``)."""
     from maskkv.testing import random_model
 
+    cfg.check_model_names()  # ``model`` may have been edited after construction
     return random_model(cfg.kind, seed=cfg.seed, **cfg.model).train()
 
 
