@@ -386,3 +386,195 @@ def test_heatmap_subcommand(tmp_path, capsys):
     cells = {(c["method"], c["depth"], c["prompt_len"]) for c in result["cells"]}
     assert len(cells) == 8 and out.with_suffix(".png").stat().st_size > 1000
     assert "P=256" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- Dream layout
+
+DREAM_TINY = {
+    "num_hidden_layers": 1,
+    "max_window_layers": 1,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 32,
+}
+
+
+def _dream_cfg(**kw) -> TrainConfig:
+    base = dict(steps=2, batch_size=2, min_prompt_len=40, max_prompt_len=48, warmup=1)
+    cfg = TrainConfig(kind="dream", **(base | kw))
+    cfg.model.update(DREAM_TINY)
+    return cfg
+
+
+def test_token_ids_from_the_model_config():
+    from maskkv.testing import random_model
+
+    llada = tasks.token_ids(random_model("llada").config)
+    assert llada == tasks.LLADA_TOKEN_IDS == tasks.TokenIds(256, 257, 258)
+    dream = tasks.token_ids(random_model("dream").config)
+    assert (dream.bos, dream.eos, dream.mask) == (256, 256, 260)  # the tiny Dream tokenizer
+    ex = tasks.make_example("passkey", 0, 48)
+    prompt, answer = tasks.encode_prompt(ex, dream), tasks.encode_answer(ex, 8, dream)
+    assert prompt[0] == dream.bos and prompt[1:] == tasks.encode(ex.prompt)
+    assert answer == tasks.encode(ex.answer) + [dream.eos] * (8 - len(ex.answer))
+    assert tasks.parse_answer(answer, dream.eos) == ex.answer
+    # The LLaDA default is unchanged.
+    assert tasks.encode_prompt(ex)[0] == 256 and tasks.encode_answer(ex, 8)[-1] == 257
+    with pytest.raises(ValueError, match="mask_token_id"):
+        tasks.token_ids(argparse.Namespace(bos_token_id=256, eos_token_id=256, mask_token_id=7))
+
+
+def test_dream_train_config_names():
+    from maskkv.quality.train import DREAM_MODEL_OVERRIDES, build_model, model_overrides
+
+    assert TrainConfig(kind="dream").model == DREAM_MODEL_OVERRIDES
+    shape = model_overrides("dream", n_layers=6, d_model=192, n_heads=4, n_kv_heads=2, mlp=384)
+    assert (shape["num_hidden_layers"], shape["hidden_size"], shape["intermediate_size"]) == (
+        6,
+        192,
+        384,
+    )
+    assert (shape["num_attention_heads"], shape["num_key_value_heads"]) == (4, 2)
+    assert model_overrides("llada", n_heads=2)["n_kv_heads"] == 2  # MHA by default
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        model_overrides("dream", n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="model: .*n_layers"):
+        TrainConfig(kind="dream", model={"n_layers": 2})
+    with pytest.raises(ValueError, match="kind"):
+        TrainConfig(kind="gpt")
+    edited = TrainConfig(kind="dream")
+    edited.model.update(n_layers=1)  # after construction: caught when the model is built
+    with pytest.raises(ValueError, match="model: .*n_layers"):
+        build_model(edited)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are a given tensor (whatever the input)."""
+
+    def __init__(self, logits: torch.Tensor, kind: str):
+        super().__init__()
+        self.logits = logits
+        self.dllm_kind = kind
+
+    def forward(self, x):
+        return argparse.Namespace(logits=self.logits)
+
+
+def test_dream_loss_reads_the_previous_position():
+    from maskkv.quality.train import masked_diffusion_loss
+
+    B, L, V = 2, 6, 11
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V, (B, L), generator=gen)
+    targets = torch.zeros(B, L, dtype=torch.bool)
+    targets[:, 3:] = True
+    logits = torch.randn(B, L, V, generator=gen)
+
+    def loss(kind, lg):
+        # full_mask_frac=1: every target masked with weight 1, so the loss is the mean CE.
+        g = torch.Generator().manual_seed(1)
+        return masked_diffusion_loss(
+            _FixedLogits(lg, kind), x0, targets, 10, g, full_mask_frac=1.0, return_exact=True
+        )
+
+    # Explicit formula: target i is scored by the logits at i - 1 (Dream), at i (LLaDA).
+    ce = torch.nn.functional.cross_entropy
+    dream_ref = sum(ce(logits[b, i - 1], x0[b, i]) for b in range(B) for i in range(3, L))
+    llada_ref = sum(ce(logits[b, i], x0[b, i]) for b in range(B) for i in range(3, L))
+    dream, _ = loss("dream", logits)
+    llada, _ = loss("llada", logits)
+    torch.testing.assert_close(dream, dream_ref / targets.sum())
+    torch.testing.assert_close(llada, llada_ref / targets.sum())
+    # The last position's logits predict nothing in Dream; position 2's predict target 3.
+    changed = logits.clone()
+    changed[:, L - 1] += 5 * torch.randn(B, V, generator=gen)
+    assert loss("dream", changed)[0] == dream and loss("llada", changed)[0] != llada
+    changed = logits.clone()
+    changed[:, 2] += 5 * torch.randn(B, V, generator=gen)
+    assert loss("dream", changed)[0] != dream and loss("llada", changed)[0] == llada
+    # One-shot exact match: the argmax at i - 1 must be token i.
+    perfect = torch.full((B, L, V), -10.0)
+    for i in range(1, L):
+        perfect[torch.arange(B), i - 1, x0[:, i]] = 10.0
+    assert loss("dream", perfect)[1] == 1.0 and loss("llada", perfect)[1] == 0.0
+    with pytest.raises(ValueError, match="targets"):
+        masked_diffusion_loss(_FixedLogits(logits, "dream"), x0, ~targets, 10, gen)
+
+
+def test_dream_train_and_save_roundtrip(tmp_path):
+    cfg = _dream_cfg()
+    trained, log = train(cfg, progress=False, log_every=1)
+    assert trained.dllm_kind == "dream" and trained.config.num_key_value_heads == 1
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for r in log for k, v in r.items() if "loss" in k)
+    path = save(trained, tmp_path / "m", cfg, log)
+    loaded = load_checkpoint(path)
+    assert loaded.dllm_kind == "dream" and tasks.token_ids(loaded.config).mask == 260
+    ids = tasks.token_ids(loaded.config)
+    x = torch.tensor([tasks.encode_prompt(tasks.make_example("passkey", 0, 48), ids)])
+    torch.testing.assert_close(loaded(x).logits, trained(x).logits)
+    assert json.loads((path / "train_log.json").read_text())["config"]["kind"] == "dream"
+
+
+def test_dream_eval_subcommand(tmp_path, capsys):
+    cfg = _dream_cfg(steps=1)
+    trained, log = train(cfg, progress=False, log_every=1)
+    path = save(trained, tmp_path / "m", cfg, log)
+    out = tmp_path / "q.json"
+    parser = argparse.ArgumentParser()
+    evaluate.add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--methods",
+            "fullcache,maskkv",
+            "--budgets",
+            "8",
+            "--num-examples",
+            "2",
+            "--tasks",
+            "passkey",
+            "--prompt-len",
+            "48",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-plot",
+        ]
+    )
+    args.func(args)
+    result = json.loads(out.read_text())
+    assert "maskgit_plus" in result["config"]["sampler"]
+    rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {("fullcache", None), ("maskkv", 8)}
+    for row in rows.values():
+        assert row["n"] == 2 and len(row["correct"]) == 2 and 0.0 <= row["accuracy"] <= 1.0
+        assert 0.0 <= row["evidence_recall"] <= 1.0
+    assert rows[("fullcache", None)]["evidence_recall"] == 1.0
+    assert rows[("maskkv", 8)]["kept_per_head"] == pytest.approx(8, abs=1e-6)
+    assert "recall.any" in capsys.readouterr().out
+
+
+def test_train_cli_dream(tmp_path, capsys):
+    from maskkv.quality.train import main
+
+    out = tmp_path / "cli"
+    main(
+        [
+            "--out", str(out), "--kind", "dream", "--n-kv-heads", "1", "--steps", "3",
+            "--batch-size", "2", "--min-prompt-len", "40", "--max-prompt-len", "48",
+            "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--mlp", "32",
+            "--warmup", "1", "--no-progress", "--log-every", "1",
+        ]
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "Dream"
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (1, 32)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+    assert "step 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), "--kind", "dream", "--n-heads", "4", "--n-kv-heads", "3"])

@@ -2,7 +2,8 @@
 
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
-decoded from the pruned cache) and the answer is scored by exact match. FullCache (prompt cached,
+decoded from the pruned cache; a Dream checkpoint decodes with its own sampler, ``maskgit_plus``
+confidence order, and its own BOS / EOS / mask ids) and the answer is scored by exact match. FullCache (prompt cached,
 nothing evicted) is the reference every method is compared with (``relative``: accuracy over
 FullCache's on the same task); NoCache (everything recomputed every step) shows what caching
 itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
@@ -62,21 +63,41 @@ UNBUDGETED = ("fullcache", "nocache")
 
 
 def load_model(path: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None):
-    """The checkpoint in fp32 on ``device`` (default: CUDA if available, else CPU), eval mode."""
+    """The checkpoint (LLaDA or Dream) in fp32 on ``device`` (default: CUDA if available, else
+    CPU), eval mode. Its BOS / EOS / mask ids (``tasks.token_ids``) must lie after the byte ids
+    of the tasks' byte-level text (``ValueError`` otherwise); prompts and answers are encoded
+    and parsed with them."""
     from maskkv.models import load_checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(path, dtype=torch.float32, device=device).eval()
-    if (
-        model.config.mask_token_id != task_lib.MASK_ID
-        or model.config.eos_token_id != task_lib.EOS_ID
-    ):
-        raise ValueError(
-            f"model {path}: mask/eos ids {model.config.mask_token_id}/"
-            f"{model.config.eos_token_id} differ from the task tokenizer's "
-            f"{task_lib.MASK_ID}/{task_lib.EOS_ID}"
-        )
+    try:
+        task_lib.token_ids(model.config)
+    except ValueError as err:
+        raise ValueError(f"model {path}: {err}") from None
     return model
+
+
+def _is_dream(model) -> bool:
+    return getattr(model, "dllm_kind", "llada") == "dream"
+
+
+def _sampler_kwargs(model) -> dict[str, Any]:
+    """Greedy confidence-ordered decoding for either layout: LLaDA's low_confidence remasking
+    (``generate``'s default) or, for Dream, ``alg="maskgit_plus"`` (the same rule: reveal the
+    masked positions whose argmax token is most probable); Dream's default ``"origin"`` reveals
+    positions in random order. Dream keeps its own timestep schedule: with steps = gen_length
+    the first step reveals no token (int(n (1 - s/t)) rounds 0.999 down) and the last two."""
+    return {"alg": "maskgit_plus"} if _is_dream(model) else {}
+
+
+def _sampler_description(model) -> str:
+    if _is_dream(model):
+        return (
+            "greedy, Dream maskgit_plus (confidence) order and timestep schedule, one block, "
+            "steps = gen_length"
+        )
+    return "greedy, low_confidence remasking, one block, one token per step"
 
 
 def _method(name: str, budget: int | None):
@@ -185,13 +206,14 @@ def evaluate_method(
 
     method = _method(name, budget)
     device = next(model.parameters()).device
+    ids_of_model = task_lib.token_ids(model.config)
     correct = digits = kept_sum = 0.0
     per_example: list[str] = []
     recall_layers: torch.Tensor | None = None  # [2, layers]: sums over rows
     t0 = time.perf_counter()
     for s in range(0, len(examples), batch_size):
         batch = examples[s : s + batch_size]
-        ids = torch.tensor([task_lib.encode_prompt(e) for e in batch], device=device)
+        ids = torch.tensor([task_lib.encode_prompt(e, ids_of_model) for e in batch], device=device)
         out = generate(
             model,
             ids,
@@ -200,9 +222,10 @@ def evaluate_method(
             block_length=block_length or gen_length,
             steps=steps,
             profile=profile,
+            **_sampler_kwargs(model),
         )
         for ex, resp in zip(batch, out.responses.tolist()):
-            pred = task_lib.parse_answer(resp)
+            pred = task_lib.parse_answer(resp, ids_of_model.eos)
             correct += pred == ex.answer
             per_example.append("1" if pred == ex.answer else "0")
             digits += sum(a == b for a, b in zip(pred, ex.answer)) / len(ex.answer)
@@ -302,7 +325,7 @@ def _base_config(model, model_path, profile, **extra) -> dict[str, Any]:
         "model": model_path,
         "profile": None if profile is None else profile.importance,
         **extra,
-        "sampler": "greedy, low_confidence remasking, one block, one token per step",
+        "sampler": _sampler_description(model),
         "split": "test",
         "device": str(next(model.parameters()).device),
         "torch": torch.__version__,

@@ -71,12 +71,14 @@ __all__ = [
     "MIN_PROMPT_LEN",
     "CONTROL_TASKS",
     "KEY_WORDS",
+    "LLADA_TOKEN_IDS",
     "RETRIEVAL_TASKS",
     "SPLIT_SEEDS",
     "TASKS",
     "TASK_GEN_LENGTH",
     "TASK_MIN_PROMPT_LEN",
     "Example",
+    "TokenIds",
     "decode",
     "depth_length_grid",
     "encode",
@@ -86,6 +88,7 @@ __all__ = [
     "make_example",
     "make_examples",
     "parse_answer",
+    "token_ids",
 ]
 
 # The tiny LLaDA tokenizer of `maskkv.testing`: ids 0..255 are the bytes, then
@@ -94,6 +97,48 @@ BOS_ID = 256
 EOS_ID = 257
 MASK_ID = 258
 _NUM_BYTES = 256
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special token ids a model's byte-level tokenizer puts after the 256 bytes.
+
+    The tiny LLaDA tokenizer (``LLADA_TOKEN_IDS``): BOS 256, EOS 257, mask 258. The tiny Dream
+    tokenizer: BOS = EOS = pad = 256 (``<|endoftext|>``, Dream's config bos), mask 260. Take them
+    from the model's config with ``token_ids``.
+    """
+
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    mask: int = MASK_ID
+
+
+#: The tiny LLaDA tokenizer's ids, the default of every encoder.
+LLADA_TOKEN_IDS = TokenIds()
+
+
+def token_ids(config) -> TokenIds:
+    """The special ids of a model config (``LLaDAConfig`` or ``DreamConfig``): ``bos_token_id``,
+    ``eos_token_id``, ``mask_token_id``. LLaDA's config has no BOS id: its tokenizer puts
+    ``<|startoftext|>`` right before ``<|endoftext|>`` (126080 / 126081 in LLaDA-8B, 256 / 257 in
+    the tiny one), so BOS = EOS - 1 there.
+
+    Raises ``ValueError`` when an id is missing or inside the byte range 0..255 (the tasks'
+    text would collide with it)."""
+    eos = getattr(config, "eos_token_id", None)
+    mask = getattr(config, "mask_token_id", None)
+    bos = getattr(config, "bos_token_id", None)
+    if bos is None and isinstance(eos, int):
+        bos = eos - 1
+    ids = {"bos_token_id": bos, "eos_token_id": eos, "mask_token_id": mask}
+    for name, value in ids.items():
+        if not isinstance(value, int) or value < _NUM_BYTES:
+            raise ValueError(
+                f"config.{name}: expected a special token id >= {_NUM_BYTES} (after the byte "
+                f"ids of the task tokenizer), got {value!r}"
+            )
+    return TokenIds(bos=bos, eos=eos, mask=mask)
+
 
 #: Held-out data never shares a seed with training data: example i of split s uses seed
 #: SPLIT_SEEDS[s] + i, and training draws fewer than 10**8 examples per seed.
@@ -411,21 +456,22 @@ def decode(ids: Sequence[int]) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < _NUM_BYTES).decode("ascii", "replace")
 
 
-def encode_prompt(example: Example) -> list[int]:
-    """[BOS] + the prompt's bytes."""
-    return [BOS_ID, *encode(example.prompt)]
+def encode_prompt(example: Example, ids: TokenIds = LLADA_TOKEN_IDS) -> list[int]:
+    """[BOS] + the prompt's bytes (``ids.bos``: the model's BOS, see ``token_ids``)."""
+    return [ids.bos, *encode(example.prompt)]
 
 
-def encode_answer(example: Example, gen_length: int) -> list[int]:
-    """The training target of the response: the answer's bytes, then EOS up to ``gen_length``
-    (LLaDA's SFT recipe pads answers with EOS, so the model learns where to stop)."""
-    ids = encode(example.answer)
-    if len(ids) >= gen_length:
+def encode_answer(example: Example, gen_length: int, ids: TokenIds = LLADA_TOKEN_IDS) -> list[int]:
+    """The training target of the response: the answer's bytes, then ``ids.eos`` up to
+    ``gen_length`` (LLaDA's SFT recipe pads answers with EOS, so the model learns where to
+    stop)."""
+    answer = encode(example.answer)
+    if len(answer) >= gen_length:
         raise ValueError(
-            f"gen_length: expected > {len(ids)} (answer {example.answer!r} plus EOS), "
+            f"gen_length: expected > {len(answer)} (answer {example.answer!r} plus EOS), "
             f"got {gen_length}"
         )
-    return ids + [EOS_ID] * (gen_length - len(ids))
+    return answer + [ids.eos] * (gen_length - len(answer))
 
 
 def parse_answer(ids: Sequence[int], eos_id: int = EOS_ID) -> str:

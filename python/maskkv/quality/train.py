@@ -1,5 +1,10 @@
-"""Train the quality suite's tiny LLaDA on the synthetic tasks with LLaDA's masked-diffusion SFT
-objective, on the CPU, in minutes.
+"""Train the quality suite's tiny LLaDA (or Dream) on the synthetic tasks with LLaDA's
+masked-diffusion SFT objective, on the CPU, in minutes.
+
+Two model layouts (``--kind``): "llada" (OLMo names, MHA; the prediction of token i is the
+logits at position i) and "dream" (Qwen2 names, grouped-query attention via ``--n-kv-heads``; the
+prediction of token i is the logits at position i - 1, as in Dream's generation). Prompts and
+answers are encoded with the model's own BOS / EOS / mask ids (``tasks.token_ids``).
 
 Objective (LLaDA SFT, Nie et al. 2025): for a prompt p and answer r0 (padded with EOS to
 ``gen_length``), draw t, mask every answer token independently with probability
@@ -19,6 +24,7 @@ steps: short prompts are cheap and teach the retrieval, the long ones make it ho
 evaluated length.
 
     python -m maskkv.quality.train --out python/maskkv/assets/tiny-llada-retrieval
+    python -m maskkv.quality.train --kind dream --n-kv-heads 2 --out /tmp/tiny-dream
 
 >>> from maskkv.quality.train import TrainConfig, train
 >>> model, log = train(TrainConfig(steps=50))                                     # doctest: +SKIP
@@ -43,12 +49,15 @@ import torch.nn.functional as F
 from . import tasks as task_lib
 
 __all__ = [
+    "DREAM_MODEL_OVERRIDES",
+    "KINDS",
     "MODEL_OVERRIDES",
     "TrainConfig",
     "build_model",
     "calibrate_profile",
     "make_batch",
     "masked_diffusion_loss",
+    "model_overrides",
     "save",
     "train",
 ]
@@ -69,11 +78,86 @@ MODEL_OVERRIDES: dict[str, Any] = {
     "rope_theta": 10000.0,
 }
 
+#: The Dream-layout counterpart of ``MODEL_OVERRIDES`` (Qwen2 config names): the same shape with
+#: grouped-query attention, 4 query heads sharing 2 KV heads (Dream-7B shares 7 per KV head).
+DREAM_MODEL_OVERRIDES: dict[str, Any] = {
+    "num_hidden_layers": 4,
+    "max_window_layers": 4,  # unused without a sliding window; kept equal to the layer count
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,  # see MODEL_OVERRIDES
+}
+
+KINDS = ("llada", "dream")
+
+# The config names of one shape in each layout (``model_overrides``).
+_SHAPE_NAMES = {
+    "llada": {
+        "n_layers": "n_layers",
+        "d_model": "d_model",
+        "n_heads": "n_heads",
+        "n_kv_heads": "n_kv_heads",
+        "mlp": "mlp_hidden_size",
+    },
+    "dream": {
+        "n_layers": "num_hidden_layers",
+        "d_model": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "mlp": "intermediate_size",
+    },
+}
+
+
+def model_overrides(
+    kind: str,
+    *,
+    n_layers: int | None = None,
+    d_model: int | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    mlp: int | None = None,
+) -> dict[str, Any]:
+    """The config overrides of a trained model of ``kind`` ("llada" | "dream"): the kind's
+    defaults (``MODEL_OVERRIDES`` / ``DREAM_MODEL_OVERRIDES``) with the given sizes under the
+    kind's config names. n_kv_heads defaults to n_heads for LLaDA (MHA, as LLaDA-8B) and to the
+    default's ratio of query to KV heads (2) for Dream."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    names = _SHAPE_NAMES[kind]
+    out = dict(MODEL_OVERRIDES if kind == "llada" else DREAM_MODEL_OVERRIDES)
+    given = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "mlp": mlp}
+    out.update({names[k]: v for k, v in given.items() if v is not None})
+    if n_kv_heads is None and n_heads is not None:
+        default = out[names["n_heads"]] if kind == "llada" else max(1, n_heads // 2)
+        n_kv_heads = default
+    if n_kv_heads is not None:
+        out[names["n_kv_heads"]] = n_kv_heads
+    heads, kv = out[names["n_heads"]], out[names["n_kv_heads"]]
+    if heads % kv or out[names["d_model"]] % heads:
+        raise ValueError(
+            f"n_kv_heads: expected a divisor of n_heads={heads} (and n_heads a divisor of "
+            f"d_model={out[names['d_model']]}), got n_kv_heads={kv}"
+        )
+    if kind == "dream":
+        out["max_window_layers"] = out["num_hidden_layers"]
+    return out
+
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run (recorded in the asset's train_log.json)."""
+    """Everything that determines a training run (recorded in the asset's train_log.json).
 
+    kind: the model layout, "llada" (OLMo names, MHA, logits[i] predicts token i) or "dream"
+    (Qwen2 names, GQA, logits[i - 1] predicts token i). model: config overrides in the kind's
+    names (``model_overrides``); the LLaDA default ``MODEL_OVERRIDES`` becomes
+    ``DREAM_MODEL_OVERRIDES`` for ``kind="dream"``.
+    """
+
+    kind: str = "llada"
     tasks: tuple[str, ...] = tuple(task_lib.TASKS)
     steps: int = 3000
     batch_size: int = 32
@@ -106,6 +190,24 @@ class TrainConfig:
     max_minutes: float | None = None  # stop early (the cosine schedule still assumes `steps`)
     model: dict[str, Any] = field(default_factory=lambda: dict(MODEL_OVERRIDES))
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if self.kind == "dream" and self.model == MODEL_OVERRIDES:
+            self.model = dict(DREAM_MODEL_OVERRIDES)
+        self.check_model_names()
+
+    def check_model_names(self) -> None:
+        """``ValueError`` if ``model`` sizes a layer count, width, heads or MLP under the other
+        layout's config name (the config would take it as an unknown extra and ignore it)."""
+        other = _SHAPE_NAMES["dream" if self.kind == "llada" else "llada"].values()
+        wrong = sorted(set(self.model) & set(other) - set(_SHAPE_NAMES[self.kind].values()))
+        if wrong:
+            raise ValueError(
+                f"model: {wrong} are not {self.kind} config names; expected "
+                f"{sorted(_SHAPE_NAMES[self.kind].values())} (see model_overrides)"
+            )
+
 
 def make_batch(
     task: str,
@@ -113,17 +215,19 @@ def make_batch(
     prompt_len: int,
     gen_length: int,
     num_pairs: list[int] | None = None,
+    ids: task_lib.TokenIds = task_lib.LLADA_TOKEN_IDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An SFT batch: token ids x0 [B, prompt_len + gen_length] = prompt || answer (EOS-padded),
     and the bool mask of the positions that may be masked (the answer). ``num_pairs``: per row,
-    the key-value pairs of a retrieval task (default: the task's own draw)."""
+    the key-value pairs of a retrieval task (default: the task's own draw). ``ids``: the model's
+    BOS / EOS (``tasks.token_ids(model.config)``)."""
     if task == RECALL_TASK:
-        return _recall_batch(seeds, prompt_len, num_pairs)
+        return _recall_batch(seeds, prompt_len, num_pairs, ids)
     rows = []
     for i, s in enumerate(seeds):
         kw = {} if num_pairs is None else {"num_pairs": num_pairs[i]}
         ex = task_lib.make_example(task, s, prompt_len, **kw)
-        rows.append(task_lib.encode_prompt(ex) + task_lib.encode_answer(ex, gen_length))
+        rows.append(task_lib.encode_prompt(ex, ids) + task_lib.encode_answer(ex, gen_length, ids))
     x0 = torch.tensor(rows, dtype=torch.long)
     targets = torch.zeros_like(x0, dtype=torch.bool)
     targets[:, prompt_len:] = True
@@ -141,7 +245,7 @@ _PAIR = re.compile(r"([a-z]{3}) ([A-Z][0-9][!#$%&*+@^~])\. ")
 
 
 def _recall_batch(
-    seeds: list[int], prompt_len: int, num_pairs: list[int] | None
+    seeds: list[int], prompt_len: int, num_pairs: list[int] | None, ids: task_lib.TokenIds
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, target_rows = [], []
     for i, s in enumerate(seeds):
@@ -155,7 +259,7 @@ def _recall_batch(
         for key, value in (rng.choice(pairs) for _ in range(RECALL_EXTRA)):
             text += f"{key} {value}. "
             is_target += [False] * 4 + [True] * len(value) + [False] * 2
-        rows.append(task_lib.encode_prompt(ex) + task_lib.encode(text))
+        rows.append(task_lib.encode_prompt(ex, ids) + task_lib.encode(text))
         target_rows.append([False] * prompt_len + is_target)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(target_rows, dtype=torch.bool)
 
@@ -180,6 +284,10 @@ def masked_diffusion_loss(
 
     return_exact: also return the fraction of the t = 1 rows whose every target token is the
     argmax (one-shot exact match, a cheap training-accuracy signal; None without such rows).
+
+    The prediction of token i is the model's logits at position i for LLaDA, and at position
+    i - 1 for a Dream model (``model.dllm_kind == "dream"``: Dream predicts the next token, as
+    its autoregressive initialisation did), so there position 0 cannot be a target.
     """
     B, L = x0.shape
     # Stratified t (one uniform draw shifted evenly over the rows): the same distribution as B
@@ -192,7 +300,13 @@ def masked_diffusion_loss(
     masked = (torch.rand(B, L, generator=generator) < p_mask) & targets
     masked[:n_full] = targets[:n_full]
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    logits = model(xt).logits
+    logits = model(xt).logits  # [B, L, V]
+    if getattr(model, "dllm_kind", "llada") == "dream":
+        if targets[:, 0].any():
+            raise ValueError("targets: position 0 has no prediction in a Dream model")
+        # Row i of the shifted logits predicts token i (Dream's own generation does the same
+        # concatenation); row 0 repeats row 0 and is never a target.
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # [B, L]
     loss = (ce * masked / p_mask).sum() / targets.sum()
     if not return_exact:
@@ -237,10 +351,12 @@ def _num_pairs(
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """A freshly initialised LLaDA of the asset's shape (``maskkv.testing.random_model``)."""
+    """A freshly initialised model of ``cfg.kind`` and ``cfg.model``'s shape
+    (``maskkv.testing.random_model``)."""
     from maskkv.testing import random_model
 
-    return random_model("llada", seed=cfg.seed, **cfg.model).train()
+    cfg.check_model_names()  # ``model`` may have been edited after construction
+    return random_model(cfg.kind, seed=cfg.seed, **cfg.model).train()
 
 
 def train(
@@ -274,10 +390,13 @@ def train(
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
-    mask_id = model.config.mask_token_id
-    # No weight decay on norms and embeddings (the usual transformer recipe).
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "wte" in n]
+    ids = task_lib.token_ids(model.config)
+    # No weight decay on norms and embeddings (the usual transformer recipe; "wte" is LLaDA's
+    # embedding, "embed_tokens" Dream's).
+    named = list(model.named_parameters())
+    is_embedding = [("wte" in n or "embed_tokens" in n) for n, _ in named]
+    decay = [p for (_, p), emb in zip(named, is_embedding) if p.dim() >= 2 and not emb]
+    no_decay = [p for (_, p), emb in zip(named, is_embedding) if p.dim() < 2 or emb]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
@@ -354,7 +473,7 @@ def train(
         if task in task_lib.RETRIEVAL_TASKS or task == RECALL_TASK:
             cap = level if adaptive else None
             pairs = [_num_pairs(task, prompt_len, rng, cap) for _ in seeds]
-        x0, targets = make_batch(task, seeds, prompt_len, gen_length, pairs)
+        x0, targets = make_batch(task, seeds, prompt_len, gen_length, pairs, ids)
         lr = _lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -362,7 +481,7 @@ def train(
             model,
             x0,
             targets,
-            mask_id,
+            ids.mask,
             gen,
             cfg.eps,
             full_mask_frac=cfg.full_mask_frac,
@@ -427,6 +546,7 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
     from maskkv.calibrate import calibrate
 
     n = cfg.max_prompt_len
+    ids = task_lib.token_ids(model.config)
     rng = random.Random(cfg.seed)
     prompts = []
     evaluated = [t for t in cfg.tasks if t in task_lib.TASKS]
@@ -439,7 +559,7 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
             if task in task_lib.RETRIEVAL_TASKS and n < task_lib.TASK_MIN_PROMPT_LEN[task]:
                 kw = {"num_pairs": _num_pairs(task, n, rng)}
             ex = task_lib.make_example(task, base + i, n, **kw)
-            prompts.append(torch.tensor(task_lib.encode_prompt(ex)))
+            prompts.append(torch.tensor(task_lib.encode_prompt(ex, ids)))
     gen_length = max([cfg.gen_length, *(task_lib.TASK_GEN_LENGTH[t] for t in evaluated)])
     profile = calibrate(model, prompts, gen_length=gen_length)
     profile.meta.update({"tasks": evaluated, "split": "calib", "prompt_len": cfg.max_prompt_len})
@@ -447,8 +567,8 @@ def calibrate_profile(model: torch.nn.Module, cfg: TrainConfig, per_task: int = 
 
 
 def save(model: torch.nn.Module, path: str | Path, cfg: TrainConfig, log: list[dict]) -> Path:
-    """Write the checkpoint in the official LLaDA file layout: config.json and the tokenizer files
-    of ``maskkv.testing.tiny_checkpoint``, model.safetensors with the trained weights (fp32, the
+    """Write the checkpoint in the official file layout of ``cfg.kind`` (LLaDA or Dream):
+    config.json and the tokenizer files of ``maskkv.testing.tiny_checkpoint``, model.safetensors with the trained weights (fp32, the
     official tensor names), train_log.json (config and loss curve) and maskkv_profile.json
     (``calibrate_profile``)."""
     from safetensors.torch import save_file
@@ -458,7 +578,7 @@ def save(model: torch.nn.Module, path: str | Path, cfg: TrainConfig, log: list[d
     path = Path(path)
     # tiny_checkpoint writes config.json + tokenizer files + random weights of this shape; the
     # weights are then replaced by the trained ones under the same names.
-    tiny_checkpoint("llada", path, seed=cfg.seed, **cfg.model)
+    tiny_checkpoint(cfg.kind, path, seed=cfg.seed, **cfg.model)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     record = {"config": dataclasses.asdict(cfg), "log": log}
@@ -508,9 +628,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--init-from", default=None, help="checkpoint directory (same shape) to start from"
     )
+    parser.add_argument(
+        "--kind", default="llada", choices=KINDS,
+        help="model layout: llada (MHA) or dream (GQA, shifted logits)",
+    )  # fmt: skip
     parser.add_argument("--n-layers", type=int, default=MODEL_OVERRIDES["n_layers"])
     parser.add_argument("--d-model", type=int, default=MODEL_OVERRIDES["d_model"])
     parser.add_argument("--n-heads", type=int, default=MODEL_OVERRIDES["n_heads"])
+    parser.add_argument(
+        "--n-kv-heads", type=int, default=None,
+        help="KV heads (GQA; a divisor of --n-heads); default: --n-heads for llada, "
+        "--n-heads // 2 for dream",
+    )  # fmt: skip
     parser.add_argument("--mlp", type=int, default=MODEL_OVERRIDES["mlp_hidden_size"])
     parser.add_argument(
         "--checkpoint",
@@ -539,15 +668,19 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
         print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
         return
-    model_overrides = dict(MODEL_OVERRIDES)
-    model_overrides.update(
-        n_layers=args.n_layers,
-        d_model=args.d_model,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_heads,
-        mlp_hidden_size=args.mlp,
-    )
+    try:
+        shape = model_overrides(
+            args.kind,
+            n_layers=args.n_layers,
+            d_model=args.d_model,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads,
+            mlp=args.mlp,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     cfg = TrainConfig(
+        kind=args.kind,
         tasks=tuple(args.tasks.split(",")),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -562,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         start_level=args.start_level,
         init_from=args.init_from,
-        model=model_overrides,
+        model=shape,
     )
     model, log = train(
         cfg,
