@@ -3,10 +3,10 @@
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
 decoded from the pruned cache; a Dream checkpoint decodes with its own sampler, ``maskgit_plus``
-confidence order, and its own BOS / EOS / mask ids) and the answer is scored by exact match. FullCache (prompt cached,
-nothing evicted) is the reference every method is compared with (``relative``: accuracy over
-FullCache's on the same task); NoCache (everything recomputed every step) shows what caching
-itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
+confidence order, and its own BOS / EOS / mask ids) and the answer is scored by exact match.
+FullCache (prompt cached, nothing evicted) is the reference every method is compared with
+(``relative``: accuracy over FullCache's on the same task); NoCache (everything recomputed every
+step) shows what caching itself costs. Response length = steps = the task's ``TASK_GEN_LENGTH`` unless given.
 
 Besides accuracy, each row records **evidence recall**: the fraction of the answer's evidence
 tokens (the value or values the answer copies) that the method's first selection kept, per KV head
