@@ -235,10 +235,11 @@ def make_batch(
 
 
 #: Training-only auxiliary task (not evaluated): a ``kv_retrieval`` prompt whose answer is
-#: followed by RECALL_EXTRA more pairs "key value." of the prompt, keys given and values to
-#: predict. The answer of the question is one lookup per example; the recalled pairs add
-#: RECALL_EXTRA more (as multi-query associative recall does), each reading "find the key I
-#: follow in the prompt, copy the value after it", the routing the retrieval tasks need.
+#: followed by every pair "key value." of the prompt again (in random order, at least
+#: RECALL_EXTRA, repeats filling up to the batch's largest count), keys given and values to
+#: predict. The answer of the question is one lookup per example; each recalled pair adds one
+#: more (as multi-query associative recall does), reading "find the key I follow in the prompt,
+#: copy the value after it", the routing the retrieval tasks need.
 RECALL_TASK = "kv_recall"
 RECALL_EXTRA = 3
 _PAIR = re.compile(r"([a-z]{3}) ([A-Z][0-9][!#$%&*+@^~])\. ")
@@ -248,15 +249,24 @@ def _recall_batch(
     seeds: list[int], prompt_len: int, num_pairs: list[int] | None, ids: task_lib.TokenIds
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, target_rows = [], []
-    for i, s in enumerate(seeds):
-        kw = {} if num_pairs is None else {"num_pairs": num_pairs[i]}
-        ex = task_lib.make_example("kv_retrieval", s, prompt_len, **kw)
+    examples = [
+        task_lib.make_example(
+            "kv_retrieval", s, prompt_len, **({} if num_pairs is None else {"num_pairs": n})
+        )
+        for s, n in zip(seeds, num_pairs or [None] * len(seeds))
+    ]
+    # Every row recalls the same number of pairs (equal lengths, no padding): all of its own
+    # prompt's pairs in random order, then random repeats.
+    count = max(RECALL_EXTRA, *(ex.num_pairs for ex in examples))
+    for s, ex in zip(seeds, examples):
         pairs = _PAIR.findall(ex.prompt)
         rng = random.Random(s)
-        # The answer, then RECALL_EXTRA pairs of the prompt (with repeats when it has fewer).
+        rng.shuffle(pairs)
+        recalled = pairs + [rng.choice(pairs) for _ in range(count - len(pairs))]
+        # The answer, then the recalled pairs.
         text = ex.answer + ". "
         is_target = [True] * len(ex.answer) + [False] * 2
-        for key, value in (rng.choice(pairs) for _ in range(RECALL_EXTRA)):
+        for key, value in recalled:
             text += f"{key} {value}. "
             is_target += [False] * 4 + [True] * len(value) + [False] * 2
         rows.append(task_lib.encode_prompt(ex, ids) + task_lib.encode(text))
