@@ -303,31 +303,21 @@ def test_recall_batch_targets_the_values_of_prompt_pairs():
             assert f"{key} {value}. " in ex_prompt
 
 
-def test_eval_subcommand(tmp_path, capsys):
+def run_eval_cli(out: Path, prompt_len: int, *extra: str) -> None:
+    """`maskkv eval` of FullCache and MaskKV at budget 8 on 2 passkey examples, JSON to ``out``."""
     parser = argparse.ArgumentParser()
     evaluate.add_eval_parser(parser.add_subparsers(dest="command"))
-    out = tmp_path / "q.json"
     args = parser.parse_args(
-        [
-            "eval",
-            "--methods",
-            "fullcache,maskkv",
-            "--budgets",
-            "8",
-            "--num-examples",
-            "2",
-            "--tasks",
-            "passkey",
-            "--prompt-len",
-            "96",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--no-plot",
-        ]
+        ["eval", *extra, "--methods", "fullcache,maskkv", "--budgets", "8", "--num-examples", "2"]
+        + ["--tasks", "passkey", "--prompt-len", str(prompt_len), "--device", "cpu"]
+        + ["--out", str(out), "--no-plot"]
     )
     args.func(args)
+
+
+def test_eval_subcommand(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    run_eval_cli(out, 96)
     result = json.loads(out.read_text())
     assert [(r["method"], r["budget"]) for r in result["rows"]] == [
         ("fullcache", None),
@@ -522,31 +512,7 @@ def test_dream_eval_subcommand(tmp_path, capsys):
     trained, log = train(cfg, progress=False, log_every=1)
     path = save(trained, tmp_path / "m", cfg, log)
     out = tmp_path / "q.json"
-    parser = argparse.ArgumentParser()
-    evaluate.add_eval_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "eval",
-            "--model",
-            str(path),
-            "--methods",
-            "fullcache,maskkv",
-            "--budgets",
-            "8",
-            "--num-examples",
-            "2",
-            "--tasks",
-            "passkey",
-            "--prompt-len",
-            "48",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--no-plot",
-        ]
-    )
-    args.func(args)
+    run_eval_cli(out, 48, "--model", str(path))
     result = json.loads(out.read_text())
     assert "maskgit_plus" in result["config"]["sampler"]
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
