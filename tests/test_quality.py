@@ -315,6 +315,22 @@ def run_eval_cli(out: Path, prompt_len: int, *extra: str) -> None:
     args.func(args)
 
 
+def test_routing_probe_and_its_cli(tmp_path, capsys):
+    from maskkv.quality.train import main, routing_probe
+
+    cfg = TrainConfig(tasks=("kv_retrieval",), steps=1, batch_size=2, warmup=1)
+    cfg.model.update(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=32)
+    ckpt = tmp_path / "state.pt"
+    model, _ = train(cfg, progress=False, checkpoint=ckpt)
+    probe = routing_probe(model, pair_counts=(1, 3), n=4)
+    assert set(probe) == {1, 3} and all(0.0 <= v <= 1.0 for v in probe.values())
+    main(["--probe", "--checkpoint", str(ckpt)])
+    out = capsys.readouterr().out
+    assert "step 1:" in out and "kv_retrieval_qfirst  4 pairs:" in out
+    with pytest.raises(SystemExit):
+        main(["--steps", "1"])  # no --out
+
+
 def test_eval_subcommand(tmp_path, capsys):
     out = tmp_path / "q.json"
     run_eval_cli(out, 96)

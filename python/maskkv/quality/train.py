@@ -58,6 +58,7 @@ __all__ = [
     "make_batch",
     "masked_diffusion_loss",
     "model_overrides",
+    "routing_probe",
     "save",
     "train",
 ]
@@ -327,6 +328,34 @@ def masked_diffusion_loss(
             hit = (logits[:n_full].argmax(-1) == x0[:n_full]) | ~targets[:n_full]
             exact = float(hit.all(1).float().mean())
     return loss, exact
+
+
+def routing_probe(
+    model: torch.nn.Module,
+    task: str = "kv_retrieval",
+    pair_counts: tuple[int, ...] = (1, 2, 3, 4),
+    n: int = 64,
+) -> dict[int, float]:
+    """One-shot exact match (every answer token the argmax of one fully masked pass) on ``n``
+    held-out ("calib" split) ``task`` prompts per number of key-value pairs. The training
+    log's running exact match mixes pair counts; this separates copying from routing: a model
+    that copies some code of the prompt without reading the question scores 1 with one pair and
+    about 1 / pairs (a consistent code) or 1 / pairs**3 (each of the 3 answer tokens from any
+    code) with more, while routing through the question keeps it near 1."""
+    ids = task_lib.token_ids(model.config)
+    prompt_len = max(72, 14 + 11 * max(pair_counts))  # room for the most pairs (_num_pairs)
+    seeds = list(range(task_lib.SPLIT_SEEDS["calib"], task_lib.SPLIT_SEEDS["calib"] + n))
+    gen_length = max(TrainConfig.gen_length, task_lib.TASK_GEN_LENGTH.get(task, 0))
+    out = {}
+    with torch.no_grad():
+        for count in pair_counts:
+            x0, targets = make_batch(task, seeds, prompt_len, gen_length, [count] * n, ids)
+            _, exact = masked_diffusion_loss(
+                model, x0, targets, ids.mask, torch.Generator().manual_seed(0),
+                full_mask_frac=1.0, return_exact=True,
+            )  # fmt: skip
+            out[count] = exact
+    return out
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -618,7 +647,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument(
+        "--out", default=None, help="checkpoint directory to write (required unless --probe)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -660,6 +691,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument(
+        "--probe", action="store_true",
+        help="print --checkpoint's routing_probe (exact match by pairs in the prompt) and exit",
+    )  # fmt: skip
+    parser.add_argument(
         "--export-only",
         action="store_true",
         help="write --out from --checkpoint as it stands, without training",
@@ -673,6 +708,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tasks: unknown {sorted(unknown)}; known: {[*task_lib.TASKS, RECALL_TASK]}")
     if args.start_level < 1:
         parser.error(f"--start-level: expected >= 1, got {args.start_level}")
+    if args.probe:
+        if not args.checkpoint or not Path(args.checkpoint).is_file():
+            parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
+        state = torch.load(args.checkpoint, weights_only=False)
+        cfg = config_from_dict(state["config"])
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+        model.eval()
+        print(f"step {state['step']}: one-shot exact match by key-value pairs in the prompt")
+        for task in ("kv_retrieval", "kv_retrieval_qfirst"):
+            for pairs, exact in routing_probe(model, task).items():
+                print(
+                    f"  {task:<20} {pairs} pair{'s' * (pairs > 1)}: {exact:.2f} (copying "
+                    "without routing: "
+                    f"{1 / pairs:.2f} consistent, {1 / pairs**3:.2f} per token)"
+                )
+        return
+    if args.out is None:
+        parser.error("--out: required (the checkpoint directory to write)")
     if args.export_only:
         if not args.checkpoint or not Path(args.checkpoint).is_file():
             parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
