@@ -97,9 +97,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, prompt_l
     return Dims(B, Hq, Hkv, M, D, L, prompt_len)
 
 
-def _bad_prompt_lens(lens: list[int], P: int) -> ValueError | None:
+def _bad_prompt_lens(lens: list[int], P: int, what: str = "prompt_len") -> ValueError | None:
     if any(not 0 <= x <= P for x in lens):
-        return fail("prompt_lens", f"values in [0, prompt_len={P}]", lens)
+        return fail("prompt_lens", f"values in [0, {what}={P}]", lens)
     return None
 
 
@@ -154,9 +154,9 @@ def check_prompt_lens_tensor(
         raise fail("prompt_lens", f"a tensor on the CPU or on {device}", describe(prompt_lens))
     # Under torch.compile the values are checked where they are read (host_prompt_lens).
     if prompt_lens.device.type == "cpu" and not torch.compiler.is_compiling():
-        lens = prompt_lens.tolist()
-        if any(not 0 <= x <= P for x in lens):
-            raise fail("prompt_lens", f"values in [0, {what}={P}]", lens)
+        error = _bad_prompt_lens(prompt_lens.tolist(), P, what)
+        if error is not None:
+            raise error
 
 
 def check_prompt_lens(prompt_lens: torch.Tensor | None, dims: Dims, device: torch.device) -> None:
