@@ -508,6 +508,53 @@ def test_dream_loss_reads_the_previous_position():
         masked_diffusion_loss(_FixedLogits(logits, "dream"), x0, ~targets, 10, gen)
 
 
+class _RecordingLogits(_FixedLogits):
+    """A stand-in model that also keeps the input it was given."""
+
+    def forward(self, x):
+        self.seen = x.clone()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_prompt_masking_adds_the_masked_lm_loss(kind):
+    from maskkv.quality.train import masked_diffusion_loss
+
+    B, L, V, mask_id = 4, 40, 11, 10
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V - 1, (B, L), generator=gen)
+    targets = torch.zeros(B, L, dtype=torch.bool)
+    targets[:, 30:] = True
+    targets[:, 34] = False  # a non-target inside the answer is not prompt
+    model = _RecordingLogits(torch.randn(B, L, V, generator=gen), kind)
+
+    def run(prob):
+        g = torch.Generator().manual_seed(3)
+        return masked_diffusion_loss(
+            model, x0, targets, mask_id, g, full_mask_frac=0.5, prompt_mask_prob=prob
+        )
+
+    plain = run(0.0)
+    answer_masked = model.seen == mask_id
+    assert not answer_masked[:, :30].any()
+    with_mlm = run(0.5)
+    seen = model.seen
+    prompt_masked = (seen == mask_id) & ~targets
+    # Only prompt positions (before the first target, BOS kept) of the t < 1 rows are masked.
+    assert not prompt_masked[:2].any() and not prompt_masked[:, 0].any()
+    assert not prompt_masked[:, 30:].any()
+    assert 0.3 < prompt_masked[2:, 1:30].float().mean() < 0.7
+    # The answer's masking is the same draw; the loss adds the masked prompt tokens' mean CE.
+    assert torch.equal((seen == mask_id) & targets, answer_masked)
+    logits = model.logits
+    if kind == "dream":
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    torch.testing.assert_close(with_mlm - plain, ce[prompt_masked].mean())
+    with pytest.raises(ValueError, match="prompt_mask_prob"):
+        TrainConfig(prompt_mask_prob=1.0)
+
+
 def test_dream_train_and_save_roundtrip(tmp_path):
     cfg = _dream_cfg()
     trained, log = train(cfg, progress=False, log_every=1)
