@@ -370,6 +370,18 @@ def test_eval_rejects_bad_input(extra, match):
         evaluate.run_from_args(args)
 
 
+def test_trained_max_prompt_len_is_the_longest_prompt_reached(tmp_path):
+    # An adaptive run exported mid-curriculum: its config says 512, its log says 372.
+    record = {"config": {"max_prompt_len": 512}, "log": [{"max_len": 96}, {"max_len": 372}]}
+    (tmp_path / "train_log.json").write_text(json.dumps(record))
+    assert evaluate.trained_max_prompt_len(tmp_path) == 372
+    record["log"] = [{"step": 1}]  # older logs without the curriculum column: the config
+    (tmp_path / "train_log.json").write_text(json.dumps(record))
+    assert evaluate.trained_max_prompt_len(tmp_path) == 512
+    with pytest.raises(ValueError, match="trained on prompts up to 512"):
+        evaluate.check_eval_args(prompt_len=600, max_prompt_len=512)
+
+
 def test_heatmap_subcommand(tmp_path, capsys):
     out = tmp_path / "heat.json"
     args = _eval_args(
@@ -575,7 +587,7 @@ def test_dream_eval_subcommand(tmp_path, capsys):
     trained, log = train(cfg, progress=False, log_every=1)
     path = save(trained, tmp_path / "m", cfg, log)
     out = tmp_path / "q.json"
-    run_eval_cli(out, 48, "--model", str(path))
+    run_eval_cli(out, 40, "--model", str(path))  # a 1-step run saw prompts up to 40
     result = json.loads(out.read_text())
     assert "maskgit_plus" in result["config"]["sampler"]
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}

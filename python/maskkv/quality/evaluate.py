@@ -262,11 +262,15 @@ def evaluate_method(
 
 
 def trained_max_prompt_len(model_path: str | Path, model=None) -> int | None:
-    """The longest prompt the checkpoint was trained on (``max_prompt_len`` of its
-    train_log.json), else what its position range leaves for a 12-token answer, else None."""
+    """The longest prompt the checkpoint was trained on: the curriculum's longest (``max_len``)
+    over the rows of its train_log.json (a run exported before its curriculum ended has not seen
+    ``max_prompt_len`` yet), else the config's ``max_prompt_len``, else what its position range
+    leaves for a 12-token answer, else None."""
     log = Path(model_path) / "train_log.json"
     if log.is_file():
-        return int(json.loads(log.read_text())["config"]["max_prompt_len"])
+        record = json.loads(log.read_text())
+        reached = [row["max_len"] for row in record.get("log", []) if "max_len" in row]
+        return int(max(reached)) if reached else int(record["config"]["max_prompt_len"])
     if model is not None and getattr(model.config, "max_sequence_length", None):
         return int(model.config.max_sequence_length) - 12
     return None
