@@ -177,8 +177,8 @@ class TrainConfig:
     curriculum: float = 0.5
     #: "linear": the longest prompt grows linearly over the first ``curriculum`` fraction of the
     #: steps. "adaptive": a level that starts at 1 and rises by one whenever every task's
-    #: running full-mask exact match (kv_recall's excepted) reaches ``adaptive_threshold`` (at least
-    #: ``adaptive_min_steps`` steps apart); at level k the longest prompt is
+    #: running full-mask exact match (kv_recall's excepted) reaches ``adaptive_threshold`` (at
+    #: least ``adaptive_min_steps`` steps apart); at level k the longest prompt is
     #: ``min_prompt_len + adaptive_step * k`` tokens and a retrieval prompt holds at most k
     #: key-value pairs (multi_needle at least 3; it joins the gate from level 4).
     schedule: str = "linear"
@@ -305,7 +305,7 @@ def masked_diffusion_loss(
     of the masked prompt tokens to the loss: masked-LM pretraining of the prompt, next to the
     SFT objective. It is what makes the key-value lookup trainable: predicting a key's letters
     from their neighbours builds the previous-token heads that the lookup composes with (see
-    TRAINING.md; without it no run left the copying plateau).
+    TRAINING.md; without it no run got past copying some code of the prompt).
 
     return_exact: also return the fraction of the t = 1 rows whose every target token is the
     argmax (one-shot exact match, a cheap training-accuracy signal; None without such rows).
