@@ -31,6 +31,7 @@ from maskkv.testing import random_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--kind", default="llada", choices=("llada", "dream"))
+p.add_argument("--n-kv-heads", type=int, default=None, help="default: the layout's (Dream 2)")
 p.add_argument("--keys", default="word", choices=("word", "char"))  # 3-letter words | 1 letter
 p.add_argument("--pairs", default="2,8", help="fewest,most pairs per row")
 p.add_argument("--vlen", type=int, default=3, help="value length (1..3)")
@@ -86,7 +87,8 @@ def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # The trainer's default shape (train.model_overrides): 4 layers, d 128, 4 heads (Dream: 2 KV
 # heads), MLP 256, RoPE theta 10000; the same weights as ``train.py`` would start from.
-model = random_model(a.kind, seed=0, **model_overrides(a.kind)).train()
+shape = model_overrides(a.kind, n_heads=4, n_kv_heads=a.n_kv_heads)
+model = random_model(a.kind, seed=0, **shape).train()
 special = T.token_ids(model.config)  # BOS / EOS / mask ids of the layout
 
 

@@ -23,13 +23,16 @@ for name, label in RUNS.items():
     ax.plot([r["step"] for r in rows], [r["tok"] for r in rows], label=f"{name}: {label}")
 w24b = [json.loads(line) for line in (here / "w24b.log").read_text().splitlines()]
 ax.plot([7400 + r["step"] for r in w24b], [r["tok"] for r in w24b], "C0--", label="w24 resumed")
-# The Dream-layout run of w24's recipe, in two parts (the second resumed from the first's weights).
-dream = [json.loads(line) for line in (here / "dream.log").read_text().splitlines()]
-resumed = [json.loads(line) for line in (here / "dream_b.log").read_text().splitlines()]
-dream += [r | {"step": dream[-1]["step"] + r["step"]} for r in resumed]
-ax.plot(
-    [r["step"] for r in dream], [r["tok"] for r in dream], "k:", label="Dream layout, w24's recipe"
-)
+# The Dream-layout runs of w24's recipe: GQA in three parts (each resumed from the previous
+# one's weights with a fresh optimizer), and MHA.
+dream: list[dict] = []
+for part in ("dream.log", "dream_b.log", "dream_c.log"):
+    rows = [json.loads(line) for line in (here / part).read_text().splitlines()]
+    offset = dream[-1]["step"] if dream else 0
+    dream += [r | {"step": offset + r["step"]} for r in rows]
+ax.plot([r["step"] for r in dream], [r["tok"] for r in dream], "k:", label="Dream, GQA 4/2")
+mha = [json.loads(line) for line in (here / "dream_mha.log").read_text().splitlines()]
+ax.plot([r["step"] for r in mha], [r["tok"] for r in mha], "k-.", label="Dream, MHA")
 ax.set_xlabel("step (batch 32)")
 ax.set_ylabel("held-out value-token accuracy")
 ax.set_ylim(0, 1)
