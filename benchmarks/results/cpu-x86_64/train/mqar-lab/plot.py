@@ -36,7 +36,7 @@ ax.plot([r["step"] for r in mha], [r["tok"] for r in mha], "k-.", label="Dream, 
 ax.set_xlabel("step (batch 32)")
 ax.set_ylabel("held-out value-token accuracy")
 ax.set_ylim(0, 1)
-ax.set_title("Multi-query recall, 4-layer d128 LLaDA, one CPU core")
+ax.set_title("Multi-query recall, 4 layers d128, one CPU core (LLaDA layout unless Dream)")
 ax.legend(fontsize=7, loc="upper right")
 ax.grid(alpha=0.3)
 fig.tight_layout()
