@@ -662,14 +662,22 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the model of a (possibly unfinished) training checkpoint as an asset directory
-    (``save``), with the log so far; the checkpoint itself is untouched, so training resumes."""
+def _load_checkpoint_model(
+    checkpoint: str | Path,
+) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+    """(model in eval mode, its config, the whole training state) of a training checkpoint."""
     state = torch.load(checkpoint, weights_only=False)
     cfg = config_from_dict(state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    return save(model.eval(), out, cfg, state["log"])
+    return model.eval(), cfg, state
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the model of a (possibly unfinished) training checkpoint as an asset directory
+    (``save``), with the log so far; the checkpoint itself is untouched, so training resumes."""
+    model, cfg, state = _load_checkpoint_model(checkpoint)
+    return save(model, out, cfg, state["log"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -741,14 +749,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tasks: unknown {sorted(unknown)}; known: {[*task_lib.TASKS, RECALL_TASK]}")
     if args.start_level < 1:
         parser.error(f"--start-level: expected >= 1, got {args.start_level}")
+    needs_checkpoint = args.probe or args.export_only
+    if needs_checkpoint and (not args.checkpoint or not Path(args.checkpoint).is_file()):
+        parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
     if args.probe:
-        if not args.checkpoint or not Path(args.checkpoint).is_file():
-            parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
-        state = torch.load(args.checkpoint, weights_only=False)
-        cfg = config_from_dict(state["config"])
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
-        model.eval()
+        model, _, state = _load_checkpoint_model(args.checkpoint)
         print(f"step {state['step']}: one-shot exact match by key-value pairs in the prompt")
         for task in ("kv_retrieval", "kv_retrieval_qfirst"):
             for pairs, exact in routing_probe(model, task).items():
@@ -761,8 +766,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         parser.error("--out: required (the checkpoint directory to write)")
     if args.export_only:
-        if not args.checkpoint or not Path(args.checkpoint).is_file():
-            parser.error(f"--checkpoint: no checkpoint at {args.checkpoint!r}")
         print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
         return
     try:
