@@ -60,6 +60,7 @@ __all__ = [
     "model_overrides",
     "routing_probe",
     "save",
+    "token_logits",
     "train",
 ]
 
@@ -281,6 +282,20 @@ def _recall_batch(
     return torch.tensor(rows, dtype=torch.long), torch.tensor(target_rows, dtype=torch.bool)
 
 
+def _is_dream(model: torch.nn.Module) -> bool:
+    return getattr(model, "dllm_kind", "llada") == "dream"
+
+
+def token_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits [B, L, V] of token ids x [B, L] whose row i predicts token i: the model's own for
+    LLaDA; for a Dream model (``model.dllm_kind == "dream"``) the logits at i - 1, Dream's
+    generation's concatenation, with row 0 repeating row 0 (no prediction of token 0)."""
+    logits = model(x).logits
+    if _is_dream(model):
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    return logits
+
+
 def masked_diffusion_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,
@@ -333,13 +348,9 @@ def masked_diffusion_loss(
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     if prompt_masked is not None:
         xt = torch.where(prompt_masked, torch.full_like(x0, mask_id), xt)
-    logits = model(xt).logits  # [B, L, V]
-    if getattr(model, "dllm_kind", "llada") == "dream":
-        if targets[:, 0].any():
-            raise ValueError("targets: position 0 has no prediction in a Dream model")
-        # Row i of the shifted logits predicts token i (Dream's own generation does the same
-        # concatenation); row 0 repeats row 0 and is never a target.
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    if _is_dream(model) and targets[:, 0].any():
+        raise ValueError("targets: position 0 has no prediction in a Dream model")
+    logits = token_logits(model, xt)  # [B, L, V]
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # [B, L]
     loss = (ce * masked / p_mask).sum() / targets.sum()
     if prompt_masked is not None and prompt_masked.any():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from maskkv.quality import tasks as T
-from maskkv.quality.train import model_overrides
+from maskkv.quality.train import model_overrides, token_logits
 from maskkv.testing import random_model
 
 p = argparse.ArgumentParser()
@@ -92,14 +92,6 @@ model = random_model(a.kind, seed=0, **shape).train()
 special = T.token_ids(model.config)  # BOS / EOS / mask ids of the layout
 
 
-def predict(x: torch.Tensor) -> torch.Tensor:
-    """Logits whose row i predicts token i (Dream's logits at i - 1 predict token i)."""
-    logits = model(x).logits
-    if a.kind == "dream":
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
-    return logits
-
-
 for path in (a.init, a.diagnose):
     if path:
         model.load_state_dict(torch.load(path))
@@ -108,7 +100,7 @@ if a.diagnose:  # accuracy of each value position, by the number of pairs in the
     model.eval()
     x, m = batch(random.Random(7), 256)
     with torch.no_grad():
-        hit = predict(torch.where(m, special.mask, x)).argmax(-1) == x
+        hit = token_logits(model, torch.where(m, special.mask, x)).argmax(-1) == x
     acc = collections.defaultdict(list)
     for b in range(len(x)):
         idx = m[b].nonzero().flatten().tolist()
@@ -133,7 +125,7 @@ def evaluate() -> tuple[float, float]:
     model.eval()
     x, m = held_out
     with torch.no_grad():
-        hit = predict(torch.where(m, special.mask, x)).argmax(-1) == x
+        hit = token_logits(model, torch.where(m, special.mask, x)).argmax(-1) == x
     model.train()
     return float(hit[m].float().mean()), float((hit | ~m).all(1).float().mean())
 
@@ -146,7 +138,7 @@ while time.time() - t0 < a.minutes * 60:
     masked = m | prompt_masked
     for group in opt.param_groups:
         group["lr"] = a.lr * min(1.0, (step + 1) / 100)
-    logits = predict(torch.where(masked, special.mask, x))
+    logits = token_logits(model, torch.where(masked, special.mask, x))
     loss = F.cross_entropy(logits[masked].float(), x[masked])
     opt.zero_grad()
     loss.backward()
