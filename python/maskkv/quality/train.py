@@ -339,21 +339,19 @@ def masked_diffusion_loss(
     p_mask = (1 - eps) * t + eps  # [B, 1]
     masked = (torch.rand(B, L, generator=generator) < p_mask) & targets
     masked[:n_full] = targets[:n_full]
-    prompt_masked = None
+    prompt_masked = torch.zeros_like(targets)
     if prompt_mask_prob > 0:
         prompt = targets.long().cumsum(1) == 0
         prompt[:, 0] = False
         prompt[:n_full] = False
         prompt_masked = prompt & (torch.rand(B, L, generator=generator) < prompt_mask_prob)
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    if prompt_masked is not None:
-        xt = torch.where(prompt_masked, torch.full_like(x0, mask_id), xt)
+    xt = torch.where(masked | prompt_masked, torch.full_like(x0, mask_id), x0)
     if _is_dream(model) and targets[:, 0].any():
         raise ValueError("targets: position 0 has no prediction in a Dream model")
     logits = token_logits(model, xt)  # [B, L, V]
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # [B, L]
     loss = (ce * masked / p_mask).sum() / targets.sum()
-    if prompt_masked is not None and prompt_masked.any():
+    if prompt_masked.any():
         loss = loss + (ce * prompt_masked).sum() / prompt_masked.sum()
     if not return_exact:
         return loss
