@@ -619,3 +619,84 @@ def test_train_cli_dream(tmp_path, capsys):
     assert "step 3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--kind", "dream", "--n-heads", "4", "--n-kv-heads", "3"])
+
+
+def _llada_and_dream(n_kv_heads: int, **dream_overrides):
+    from maskkv.quality.train import model_overrides
+    from maskkv.testing import random_model
+
+    shape = {"n_layers": 2, "d_model": 64, "n_heads": 4, "mlp": 96}
+    llada = random_model("llada", seed=1, **model_overrides("llada", **shape))
+    dream_shape = model_overrides("dream", n_kv_heads=n_kv_heads, **shape)
+    dream = random_model("dream", seed=2, **dream_shape, **dream_overrides)
+    return llada, dream
+
+
+def _prompt_pair(llada, dream) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt in each model's special ids (BOS, bytes, two masks)."""
+    example = tasks.make_example("kv_retrieval", 3, 192)
+    rows = []
+    for model in (llada, dream):
+        ids = tasks.token_ids(model.config)
+        rows.append(torch.tensor([tasks.encode_prompt(example, ids) + [ids.mask] * 2]))
+    return rows[0], rows[1]
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_dream_from_llada_computes_the_same_logits(n_kv_heads):
+    from maskkv.quality.convert import dream_state_from_llada
+
+    # The norms' epsilon is the one difference of the layouts' arithmetic: make it equal.
+    llada, dream = _llada_and_dream(n_kv_heads, rms_norm_eps=1e-5)
+    assert llada.config.rms_norm_eps == 1e-5
+    state = llada.state_dict()
+    if n_kv_heads == 2:  # K / V of each pair of query heads equal, so the average is exact
+        for name, w in state.items():
+            if name.endswith(("k_proj.weight", "v_proj.weight")):
+                w.view(2, 2, 16, 64)[:, 1] = w.view(2, 2, 16, 64)[:, 0]
+        llada.load_state_dict(state)
+    dream.load_state_dict(dream_state_from_llada(state, llada.config, dream.config))
+    x_llada, x_dream = _prompt_pair(llada, dream)
+    with torch.no_grad():
+        want, got = llada(x_llada).logits, dream(x_dream).logits
+    torch.testing.assert_close(got[..., :256], want[..., :256], atol=1e-4, rtol=1e-4)
+    src, dst = tasks.token_ids(llada.config), tasks.token_ids(dream.config)
+    torch.testing.assert_close(got[..., dst.mask], want[..., src.mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[..., dst.bos], want[..., src.bos], atol=1e-4, rtol=1e-4)
+
+
+def test_dream_from_llada_grouping_averages_each_pair_of_heads():
+    from maskkv.quality.convert import dream_state_from_llada
+
+    llada, dream = _llada_and_dream(2)
+    state = dream_state_from_llada(llada.state_dict(), llada.config, dream.config)
+    k = llada.state_dict()["model.transformer.blocks.1.k_proj.weight"].view(4, 16, 64)
+    want = torch.stack([(k[0] + k[1]) / 2, (k[2] + k[3]) / 2]).reshape(32, 64)
+    torch.testing.assert_close(state["model.layers.1.self_attn.k_proj.weight"], want)
+    assert not state["model.layers.1.self_attn.q_proj.bias"].any()
+
+
+def test_dream_from_llada_rejects_other_shapes():
+    from maskkv.quality.convert import dream_state_from_llada
+    from maskkv.quality.train import model_overrides
+    from maskkv.testing import random_model
+
+    llada, _ = _llada_and_dream(2)
+    other = random_model("dream", **model_overrides("dream", n_layers=2, d_model=64, n_heads=2))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        dream_state_from_llada(llada.state_dict(), llada.config, other.config)
+
+
+def test_dream_training_starts_from_a_llada_checkpoint(tmp_path):
+    llada_cfg = TrainConfig(steps=1, batch_size=2, min_prompt_len=40, max_prompt_len=48, warmup=1)
+    llada_cfg.model.update(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=32)
+    llada, log = train(llada_cfg, progress=False, log_every=1)
+    path = save(llada, tmp_path / "llada", llada_cfg, log)
+    cfg = _dream_cfg(steps=1, init_from=str(path), lr=1e-12)  # a step that changes ~nothing
+    dream, _ = train(cfg, progress=False, log_every=1)
+    got = dream.state_dict()["model.layers.0.self_attn.o_proj.weight"]
+    want = llada.state_dict()["model.transformer.blocks.0.attn_out.weight"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    (path / "config.json").unlink()
+    with pytest.raises(ValueError, match="init_from: .*config.json"):
+        train(cfg, progress=False)

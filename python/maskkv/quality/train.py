@@ -187,7 +187,8 @@ class TrainConfig:
     adaptive_step: int = 12
     adaptive_min_steps: int = 50
     start_level: int = 1  # a warm start that already copies can begin with several pairs
-    #: a checkpoint directory of the same shape whose weights start the run (warm start)
+    #: a checkpoint directory of the same shape whose weights start the run (warm start); for
+    #: kind "dream" it may hold a LLaDA-layout model (converted, see ``convert``)
     init_from: str | None = None
     seed: int = 0
     threads: int = 1  # more threads only pay on an idle machine
@@ -431,6 +432,31 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return random_model(cfg.kind, seed=cfg.seed, **cfg.model).train()
 
 
+def _init_state(init_from: str | Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``init_from``/model.safetensors for ``model``; LLaDA-layout weights for a
+    Dream-layout model are converted (``convert.dream_state_from_llada``, which needs the LLaDA
+    config.json next to them)."""
+    from safetensors.torch import load_file
+
+    from . import convert
+
+    path = Path(init_from)
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"init_from: expected a directory holding model.safetensors, got {path}")
+    state = load_file(str(path / "model.safetensors"))
+    if _is_dream(model) and convert.is_llada_state(state):
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"init_from: converting LLaDA weights to the Dream layout needs their "
+                f"config.json in {path}"
+            )
+        from maskkv.models import LLaDAConfig
+
+        llada_config = LLaDAConfig.from_pretrained(str(path))
+        state = convert.dream_state_from_llada(state, llada_config, model.config)
+    return state
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -459,9 +485,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if cfg.init_from:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
+        model.load_state_dict(_init_state(cfg.init_from, model))
     ids = task_lib.token_ids(model.config)
     # No weight decay on norms and embeddings (the usual transformer recipe; "wte" is LLaDA's
     # embedding, "embed_tokens" Dream's).
@@ -717,7 +741,10 @@ def main(argv: list[str] | None = None) -> None:
         help="adaptive schedule: first level (max pairs per retrieval prompt)",
     )  # fmt: skip
     parser.add_argument(
-        "--init-from", default=None, help="checkpoint directory (same shape) to start from"
+        "--init-from",
+        default=None,
+        help="checkpoint directory (same shape) to start from; with --kind dream it may hold a "
+        "LLaDA-layout model, converted (maskkv.quality.convert)",
     )
     parser.add_argument(
         "--kind", default="llada", choices=KINDS,
