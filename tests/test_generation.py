@@ -231,3 +231,40 @@ def test_llada_gumbel_noise_follows_the_official_stream_up_to_the_cap(monkeypatc
     small = llada.gumbel_uniforms(rows, (2, 9, 11), torch.device("cpu"))
     torch.manual_seed(0)
     assert small.shape == (3, 11) and torch.equal(small, torch.rand((3, 11), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_pass_memo_replays_step_one_exactly(models, kind):
+    from maskkv.generation import FirstPassMemo
+
+    model = models[kind, 3]
+    ids = _prompt(B=2, P=48, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: the attention mask is part of what must match
+    runs = [
+        ("fullcache", None),
+        ("maskkv", methods.MaskKV(budget=8)),
+        ("snapkv", methods.SnapKV(budget=16)),
+        ("adakv", methods.AdaKV(budget=8)),
+        ("nocache", None),
+        ("dual", methods.MaskKV(budget=8)),
+        ("dllm", methods.MaskKV(budget=8)),  # keeps block outputs: not served by the memo
+    ]
+    memo = FirstPassMemo()
+    for name, method in runs:
+        cache = name if name in ("dual", "dllm") else None
+        method = method if method is not None else name
+        kw = dict(gen_length=8, steps=8, attention_mask=mask, cache=cache, method=method, seed=0)
+        alone, shared = generate(model, ids, **kw), generate(model, ids, first_pass=memo, **kw)
+        assert torch.equal(shared.sequences, alone.sequences), name
+        if alone.stats.first_kept_positions is not None:
+            for a, b in zip(alone.stats.first_kept_positions, shared.stats.first_kept_positions):
+                assert torch.equal(a, b), name
+    assert memo.replays == len(runs) - 2  # all but the recording run and DLLMCache's
+    assert memo.nbytes > 0
+    # Another batch is not served from the record: it recomputes (and records itself).
+    other = _prompt(B=2, P=48, seed=4)
+    kw = dict(gen_length=8, steps=8, method=methods.MaskKV(budget=8), seed=0)
+    shared = generate(model, other, first_pass=memo, **kw)
+    assert torch.equal(shared.sequences, generate(model, other, **kw).sequences)
+    assert memo.replays == len(runs) - 2

@@ -10,7 +10,7 @@ import torch
 from ..methods import LayerProfile, Method, get
 from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import ALGORITHMS, sample_dream
-from .engine import Denoiser, StepStats
+from .engine import Denoiser, FirstPassMemo, StepStats
 from .llada import LLADA_EOT_TOKEN_ID, REMASKING, sample_llada
 from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
 
@@ -20,6 +20,7 @@ __all__ = [
     "DecodingRule",
     "DualCache",
     "Factor",
+    "FirstPassMemo",
     "FixedSteps",
     "GenerationOutput",
     "PrefixCache",
@@ -115,6 +116,7 @@ def generate(
     cuda_graphs: bool = True,
     seed: int | None = None,
     progress: bool = False,
+    first_pass: FirstPassMemo | None = None,
 ) -> GenerationOutput:
     """Generate ``gen_length`` tokens after ``input_ids`` [B, P] (left-padded when batched).
 
@@ -169,6 +171,9 @@ def generate(
             draws as ``torch.manual_seed(seed)`` followed by the official loop, and the caller's
             generator states are restored afterwards.
         progress: show a progress bar.
+        first_pass: a ``FirstPassMemo`` shared by several ``generate`` calls on the same batch
+            (e.g. one per method and budget): step 1's full pass runs once and is replayed,
+            exactly, by the others; each still makes its own selection.
 
     Random streams: Dream's (``origin``'s uniform draw, Categorical sampling, the ``alg_temp``
     multinomial) and LLaDA's random remasking ([B, L] uniforms per step) are the official ones.
@@ -249,6 +254,7 @@ def generate(
         backend=backend,
         cuda_graphs=cuda_graphs,
         cache=policy,
+        first_pass=first_pass,
     )
     if cfg_scale > 0 and full_mask is not None:
         denoiser.attention_mask = torch.cat([full_mask, full_mask])
