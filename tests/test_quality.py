@@ -260,7 +260,7 @@ def test_train_and_save_roundtrip(tmp_path):
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path):
-    # 2 steps, checkpoint, 2 more steps from the checkpoint == 4 steps in one go (weights, log).
+    # 2 steps, checkpoint, 1 + 1 more from the checkpoint == 4 steps in one go (weights, log).
     cfg = TrainConfig(
         tasks=("kv_retrieval", "multi_needle"),
         steps=4,
@@ -275,6 +275,8 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     ckpt = tmp_path / "state.pt"
     _, first = train(cfg, progress=False, log_every=1, checkpoint=ckpt, stop_after=2)
     assert [r["step"] for r in first] == [1, 2] and ckpt.is_file()
+    _, upto3 = train(cfg, progress=False, log_every=1, checkpoint=ckpt, stop_at=3)
+    assert [r["step"] for r in upto3] == [1, 2, 3]  # stop_at counts the steps of the whole run
     resumed, rest = train(cfg, progress=False, log_every=1, checkpoint=ckpt)
     assert [r["step"] for r in rest] == [1, 2, 3, 4]
     for a, b in zip(log, rest):

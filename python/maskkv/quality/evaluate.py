@@ -40,8 +40,10 @@ from ..generation import FirstPassMemo
 from . import tasks as task_lib
 
 __all__ = [
+    "ASSETS",
     "DEFAULT_BUDGETS",
     "DEFAULT_MODEL",
+    "DREAM_MODEL",
     "add_eval_parser",
     "evaluate_method",
     "evidence_recall",
@@ -56,9 +58,12 @@ __all__ = [
     "save",
 ]
 
-#: The committed checkpoint (trained by ``maskkv.quality.train``; see its README.md).
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llada-retrieval"
-DEFAULT_BUDGETS = (8, 16, 32, 64)
+#: The committed checkpoints (trained by ``maskkv.quality.train``; each has a README.md).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "tiny-llada-kv"  # LLaDA layout (MHA)
+DREAM_MODEL = ASSETS / "tiny-dream-kv"  # Dream layout (GQA, shifted logits)
+#: KV pairs kept per head; at the 512-token default prompt 8 / 16 / 24 are 1.6 / 3.1 / 4.7%.
+DEFAULT_BUDGETS = (8, 16, 24, 64)
 #: Methods whose budget does not matter: evaluated once, drawn as horizontal lines.
 UNBUDGETED = ("fullcache", "nocache")
 
@@ -702,7 +707,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from maskkv import methods as method_lib
 
     parser.add_argument(
-        "--model", default=str(DEFAULT_MODEL), help="checkpoint (default: the committed asset)"
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help=f"checkpoint directory, or the name of a committed asset ({DEFAULT_MODEL.name}, "
+        f"{DREAM_MODEL.name}); default {DEFAULT_MODEL.name}",
     )
     parser.add_argument(
         "--methods",
@@ -759,6 +767,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     model is loaded)."""
     task_names = [t for t in args.tasks.split(",") if t]
     budgets = _ints(args.budgets, "budgets")
+    if not Path(args.model).exists() and (ASSETS / args.model).is_dir():
+        args.model = str(ASSETS / args.model)  # an asset by name, e.g. "tiny-dream-kv"
     if args.prompt_len is None and Path(args.model).is_dir():
         args.prompt_len = trained_max_prompt_len(args.model) or task_lib.DEFAULT_PROMPT_LEN
     check_eval_args(

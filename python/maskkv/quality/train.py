@@ -465,6 +465,7 @@ def train(
     checkpoint: str | Path | None = None,
     checkpoint_minutes: float = 5.0,
     stop_after: int | None = None,
+    stop_at: int | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train from scratch, or resume from ``checkpoint``; returns (model in eval mode, log rows).
 
@@ -477,7 +478,8 @@ def train(
     checkpoint: a file; when it exists the run resumes from it (model, optimizer, step, random
     states, curriculum, log), and the state is written there every ``checkpoint_minutes`` and at
     the end, so an interrupted run continues where it stopped. stop_after: run at most this many
-    steps in this call (the schedule still spans ``cfg.steps``).
+    steps in this call (the schedule still spans ``cfg.steps``). stop_at: stop once the run
+    has made this many steps in all (a resumed run stops at the same step as an uninterrupted one).
     """
     from tqdm.auto import tqdm
 
@@ -614,6 +616,7 @@ def train(
         minutes = minutes_before + (now - t_start) / 60
         done = cfg.max_minutes is not None and minutes > cfg.max_minutes
         done = done or (stop_after is not None and step + 1 - first_step >= stop_after)
+        done = done or (stop_at is not None and step + 1 >= stop_at)
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps or done:
             log.append(
                 {
@@ -734,6 +737,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this many steps in all (the cosine schedule still spans --steps)",
+    )
     parser.add_argument("--schedule", default=defaults.schedule, choices=("linear", "adaptive"))
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument(
@@ -841,6 +850,7 @@ def main(argv: list[str] | None = None) -> None:
         log_every=args.log_every,
         checkpoint=args.checkpoint,
         checkpoint_minutes=args.checkpoint_minutes,
+        stop_at=args.stop_at,
     )
     path = save(model, args.out, cfg, log)
     last = log[-1]
