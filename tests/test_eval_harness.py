@@ -166,9 +166,13 @@ def reference_accuracy():
     held-out examples: a method that gets some, not all, right on this model."""
     model = load_model(TINY, "cpu")
 
-    def accuracy(task: str, n: int) -> float:
-        examples = task_lib.make_examples(task, n, split="test")
-        return evaluate_method(model, "snapkv", 64, examples, recall=False)["accuracy"]
+    def accuracy(task: str, n: int, prompt_len: int = task_lib.DEFAULT_PROMPT_LEN) -> float:
+        examples = task_lib.make_examples(task, n, split="test", prompt_len=prompt_len)
+        length = task_lib.TASK_GEN_LENGTH[task]
+        row = evaluate_method(
+            model, "snapkv", 64, examples, gen_length=length, steps=length, recall=False
+        )
+        return row["accuracy"]
 
     return accuracy
 
@@ -187,6 +191,28 @@ def test_offline_lm_eval_task_matches_maskkv_eval(tmp_path, reference_accuracy):
         want = reference_accuracy(task, 100)
         assert 0 < want < 1  # the comparison can tell a right answer from a wrong one
         assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "tasks,gen_length",
+    [(("kv_retrieval", "kv_retrieval_qfirst"), 8), (("multi_needle",), 12)],
+)
+def test_offline_retrieval_tasks_match_maskkv_eval(tmp_path, reference_accuracy, tasks, gen_length):
+    # The question-routed tasks at the models' 512 tokens, in one block of the task's length
+    # (multi_needle answers in 12 tokens), as `maskkv eval` runs them.
+    n = 25
+    args = f"pretrained={TINY},add_bos_token=true,gen_length={gen_length},steps={gen_length}"
+    cmd = [
+        sys.executable, "-m", "maskkv.eval_harness", "--model", "maskkv",
+        "--model_args", f"{args},method=snapkv,budget=64", "--include_path", str(TASKS_DIR),
+        "--tasks", ",".join(f"maskkv_{t}" for t in tasks),
+        "--batch_size", "25", "--limit", str(n), "--device", "cpu", "--output_path", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env=_env(), cwd=tmp_path, capture_output=True)
+    results = _results(tmp_path)
+    for task in tasks:
+        got = results[f"maskkv_{task}"]["exact_match,strip"]
+        assert got == pytest.approx(reference_accuracy(task, n, 512), abs=1e-12), task
 
 
 def test_accelerate_two_processes(tmp_path, reference_accuracy):

@@ -10,6 +10,8 @@ of the package; run from the repository root with PYTHONPATH=python:
     PYTHONPATH=python python benchmarks/results/cpu-x86_64/train/mqar-lab/mqar.py \\
         --keys word --mlm 0.3 --pairs 2,4 --lr 2e-3 --minutes 20 --out /tmp/w24.pt
     PYTHONPATH=python python .../mqar.py --pairs 5,8 --diagnose /tmp/w24.pt
+    PYTHONPATH=python python .../mqar.py --kind dream --keys word --mlm 0.3 --pairs 2,4 \
+        --lr 2e-3 --init-llada .../mqar-lab/stage1/model.safetensors --minutes 3   # "dream-from-llada"
 
 One JSON line per 200 steps: running loss, and on 128 held-out rows the token accuracy of the
 masked values ("tok") and the fraction of rows with every value right ("exact").
@@ -41,6 +43,11 @@ p.add_argument("--wd", type=float, default=0.01)
 p.add_argument("--bs", type=int, default=32)
 p.add_argument("--minutes", type=float, default=12)
 p.add_argument("--init", default=None, help="state dict to start from (optimizer starts anew)")
+p.add_argument(
+    "--init-llada", default=None,
+    help="a LLaDA-layout model.safetensors of the lab's shape to start a --kind dream run from "
+    "(converted by maskkv.quality.convert)",
+)  # fmt: skip
 p.add_argument("--out", default=None, help="state dict written every 200 steps and at the end")
 p.add_argument(
     "--export", default=None,
@@ -95,6 +102,14 @@ special = T.token_ids(model.config)  # BOS / EOS / mask ids of the layout
 for path in (a.init, a.diagnose):
     if path:
         model.load_state_dict(torch.load(path))
+if a.init_llada:
+    from safetensors.torch import load_file
+
+    from maskkv.quality.convert import dream_state_from_llada
+
+    llada_config = random_model("llada", **model_overrides("llada", n_heads=4)).config
+    state = dream_state_from_llada(load_file(a.init_llada), llada_config, model.config)
+    model.load_state_dict(state)
 
 if a.diagnose:  # accuracy of each value position, by the number of pairs in the row
     model.eval()
