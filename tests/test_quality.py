@@ -144,44 +144,68 @@ def test_bad_arguments():
 # ----------------------------------------------------------------------------- committed model
 
 
+ASSETS = [evaluate.DEFAULT_MODEL, evaluate.DREAM_MODEL]
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return evaluate.load_model(evaluate.DEFAULT_MODEL, "cpu")
 
 
-def test_asset_is_small_and_complete():
-    files = {p.name: p.stat().st_size for p in evaluate.DEFAULT_MODEL.iterdir()}
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        assert name in files
-    assert methods.PROFILE_FILENAME in files and "README.md" in files
-    assert sum(files.values()) <= 4 * 2**20
+@pytest.fixture(scope="module", params=ASSETS, ids=lambda p: p.name)
+def asset(request):
+    """(path, model) of each shipped model: the LLaDA layout and the Dream layout."""
+    return request.param, evaluate.load_model(request.param, "cpu")
 
 
-def test_fullcache_solves_held_out_examples(model):
-    # Measured (benchmarks/results/cpu-x86_64/quality-tiny-llada-retrieval.json, 100 held-out
-    # examples per task):
-    # FullCache exact match 1.00 on passkey and 1.00 on passkey_qfirst, so 16/16 here. The
-    # threshold leaves room for other CPUs' and GPUs' float rounding, not for a broken model.
+def test_assets_are_small_and_complete():
+    total = 0
+    for path in ASSETS:
+        files = {p.name: p.stat().st_size for p in path.iterdir()}
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert name in files, (path, name)
+        assert methods.PROFILE_FILENAME in files and "README.md" in files, path
+        assert "train_log.json" in files, path
+        total += sum(files.values())
+    assert total <= 20 * 2**20  # everything shipped under assets/
+    assert sum(p.stat().st_size for p in evaluate.ASSETS.rglob("*") if p.is_file()) <= 20 * 2**20
+
+
+def test_asset_layouts(asset):
+    path, model = asset
+    kind = "dream" if path == evaluate.DREAM_MODEL else "llada"
+    assert model.dllm_kind == kind
+    if kind == "dream":  # grouped-query attention, as Dream-7B
+        assert model.config.num_key_value_heads < model.config.num_attention_heads
+    assert evaluate.trained_max_prompt_len(path) >= 512
+
+
+def test_fullcache_solves_held_out_controls(asset):
+    # Measured (benchmarks/results/cpu-x86_64/quality-<asset>.json, 100 held-out examples per
+    # task at 512 tokens): FullCache 1.00 on passkey and passkey_qfirst for both models. Here
+    # 16 examples at the tasks' default 288 tokens; the threshold leaves room for other CPUs'
+    # and GPUs' float rounding, not for a broken model.
+    path, model = asset
     for task in tasks.CONTROL_TASKS:
         examples = tasks.make_examples(task, 16, split="test")
         row = evaluate.evaluate_method(model, "fullcache", None, examples, batch_size=16)
-        assert row["accuracy"] >= 0.8, (task, row)
+        assert row["accuracy"] >= 0.8, (path.name, task, row)
         assert row["evidence_recall"] == 1.0
 
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-x86_64"
 
 
-def test_fullcache_reaches_its_recorded_accuracy(model):
+def test_fullcache_reaches_its_recorded_accuracy(asset):
     """FullCache on the first 10 held-out examples of every task answers as the committed results
     say it did (per example), so the published table belongs to the shipped weights."""
-    path = RESULTS / f"quality-{evaluate.DEFAULT_MODEL.name}.json"
-    result = json.loads(path.read_text())
+    path, model = asset
+    result = json.loads((RESULTS / f"quality-{path.name}.json").read_text())
     prompt_len = result["config"]["prompt_len"]
-    for row in result["rows"]:
-        if row["method"] != "fullcache":
-            continue
+    rows = [r for r in result["rows"] if r["method"] == "fullcache"]
+    assert {r["task"] for r in rows} == set(tasks.TASKS)
+    for row in rows:
         examples = tasks.make_examples(row["task"], 10, split="test", prompt_len=prompt_len)
         got = evaluate.evaluate_method(
             model,
@@ -195,7 +219,7 @@ def test_fullcache_reaches_its_recorded_accuracy(model):
         )
         # One flip allowed for another CPU's float rounding on a near-tie.
         flips = sum(a != b for a, b in zip(got["correct"], row["correct"][:10]))
-        assert flips <= 1, (row["task"], got["correct"], row["correct"][:10])
+        assert flips <= 1, (path.name, row["task"], got["correct"], row["correct"][:10])
 
 
 def test_every_method_runs_at_one_budget(model):
@@ -695,10 +719,14 @@ def test_dream_training_starts_from_a_llada_checkpoint(tmp_path):
     llada, log = train(llada_cfg, progress=False, log_every=1)
     path = save(llada, tmp_path / "llada", llada_cfg, log)
     cfg = _dream_cfg(steps=1, init_from=str(path), lr=1e-12)  # a step that changes ~nothing
-    dream, _ = train(cfg, progress=False, log_every=1)
+    ckpt = tmp_path / "dream.pt"
+    dream, _ = train(cfg, progress=False, log_every=1, checkpoint=ckpt)
     got = dream.state_dict()["model.layers.0.self_attn.o_proj.weight"]
     want = llada.state_dict()["model.transformer.blocks.0.attn_out.weight"]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     (path / "config.json").unlink()
     with pytest.raises(ValueError, match="init_from: .*config.json"):
         train(cfg, progress=False)
+    resumed, _ = train(cfg, progress=False, checkpoint=ckpt)  # init_from is not read again
+    for (name, p), q in zip(dream.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, msg=name)

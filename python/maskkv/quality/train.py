@@ -9,8 +9,8 @@ answers are encoded with the model's own BOS / EOS / mask ids (``tasks.token_ids
 Objective (LLaDA SFT, Nie et al. 2025): for a prompt p and answer r0 (padded with EOS to
 ``gen_length``), draw t, mask every answer token independently with probability
 p_mask = (1 - eps) t + eps, and minimise the cross-entropy of the masked tokens weighted by
-1 / p_mask, averaged over the answer positions. The prompt is never masked (SFT; inference starts
-from a clean prompt).
+1 / p_mask, averaged over the answer positions. The prompt is not masked (SFT; inference starts
+from a clean prompt) unless ``prompt_mask_prob`` > 0 adds a masked-LM term on it.
 
 One deviation, for speed: t ~ U(0, 1) for a fraction ``1 - full_mask_frac`` of the rows, and
 t = 1 (every answer token masked, weight 1) for the others. t = 1 is the state generation starts
@@ -21,10 +21,17 @@ against 56% after 600 steps with t = 1 only; those two runs also differed in the
 Curriculum: the prompt length is drawn per batch from [min_prompt_len, L(step)], L growing
 linearly from min_prompt_len to max_prompt_len over the first ``curriculum`` fraction of the
 steps: short prompts are cheap and teach the retrieval, the long ones make it hold at the
-evaluated length.
+evaluated length. ``schedule="adaptive"`` raises the length and the number of key-value pairs
+whenever the running exact match says the current level is learned (``TrainConfig``).
 
-    python -m maskkv.quality.train --out python/maskkv/assets/tiny-llada-retrieval
-    python -m maskkv.quality.train --kind dream --n-kv-heads 2 --out /tmp/tiny-dream
+Two more things the question-routed tasks need (TRAINING.md has the runs): ``--prompt-mask``
+(masked-LM on the prompt; without it no run left the copying plateau) and, for the Dream layout,
+a start from a trained LLaDA-layout model (``--init-from``, converted by ``convert``). The
+shipped models' exact commands are in their READMEs (``python/maskkv/assets/*/README.md``).
+
+    python -m maskkv.quality.train --out /tmp/tiny-llada --prompt-mask 0.3 --schedule adaptive
+    python -m maskkv.quality.train --kind dream --n-kv-heads 2 --init-from /tmp/tiny-llada \
+        --out /tmp/tiny-dream --prompt-mask 0.3
 
 >>> from maskkv.quality.train import TrainConfig, train
 >>> model, log = train(TrainConfig(steps=50))                                     # doctest: +SKIP
@@ -187,8 +194,8 @@ class TrainConfig:
     adaptive_step: int = 12
     adaptive_min_steps: int = 50
     start_level: int = 1  # a warm start that already copies can begin with several pairs
-    #: a checkpoint directory of the same shape whose weights start the run (warm start); for
-    #: kind "dream" it may hold a LLaDA-layout model (converted, see ``convert``)
+    #: a checkpoint directory of the same shape whose weights start the run (warm start; not
+    #: read when resuming); for kind "dream" it may hold a LLaDA-layout model (see ``convert``)
     init_from: str | None = None
     seed: int = 0
     threads: int = 1  # more threads only pay on an idle machine
@@ -486,7 +493,9 @@ def train(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    if cfg.init_from:
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    resuming = checkpoint is not None and checkpoint.exists()
+    if cfg.init_from and not resuming:  # a resumed run has its own weights
         model.load_state_dict(_init_state(cfg.init_from, model))
     ids = task_lib.token_ids(model.config)
     # No weight decay on norms and embeddings (the usual transformer recipe; "wte" is LLaDA's
@@ -515,8 +524,7 @@ def train(
     level, level_step = cfg.start_level, 0
     max_len = min(cfg.min_prompt_len + cfg.adaptive_step * level, cfg.max_prompt_len)
     first_step, minutes_before = 0, 0.0
-    checkpoint = None if checkpoint is None else Path(checkpoint)
-    if checkpoint is not None and checkpoint.exists():
+    if resuming:
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
