@@ -397,6 +397,8 @@ def test_eval_rejects_bad_input(extra, match):
     args = _eval_args(*extra)
     with pytest.raises(ValueError, match=match):
         evaluate.run_from_args(args)
+    with pytest.raises(SystemExit, match=f"maskkv eval: .*{match}"):  # the CLI: one line
+        args.func(_eval_args(*extra))
 
 
 def test_trained_max_prompt_len_is_the_longest_prompt_reached(tmp_path):

@@ -847,7 +847,11 @@ def report(result: dict[str, Any], out: str | Path | None, plot_png: bool = True
 
 
 def _cli(args: argparse.Namespace) -> None:
-    report(run_from_args(args), args.out, not args.no_plot)
+    try:
+        result = run_from_args(args)
+    except ValueError as err:  # bad input: one line naming the argument, not a traceback
+        raise SystemExit(f"maskkv eval: {err}") from None
+    report(result, args.out, not args.no_plot)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
