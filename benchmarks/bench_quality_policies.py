@@ -1,12 +1,14 @@
 """Accuracy and tokens per step of every cache policy x decoding rule, with MaskKV and FullCache,
-on the shipped tiny trained LLaDA and the synthetic passkey tasks (CPU, a few minutes).
+on a shipped tiny trained model and every synthetic task (CPU, minutes).
 
-    python benchmarks/bench_quality_policies.py [--num-examples 100] [--budget 16]
+    python benchmarks/bench_quality_policies.py [--model tiny-dream-kv] [--num-examples 100]
 
-Each configuration answers the same held-out examples greedily (gen 8 in 2 blocks of 4, 8 steps
-for FixedSteps); accuracy is exact match, as in ``maskkv eval``. ``Threshold(0.9)`` reveals as
+Each configuration answers the same held-out examples (at the model's trained prompt length)
+greedily, in blocks of 4 tokens (8 answer tokens, 12 for ``multi_needle``; FixedSteps reveals
+one per step); accuracy is exact match, as in ``maskkv eval``. ``Threshold(0.9)`` reveals as
 many tokens per step as the model is confident about, so its row also reports the mean tokens
-per step and the number of forward passes (NFE).
+per step and the number of forward passes (NFE). Step 1 is the same for every configuration of
+a batch and runs once (``FirstPassMemo``; DLLMCache, which keeps block outputs, computes its own).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import common  # noqa: E402
 
 import maskkv  # noqa: E402
 from maskkv import methods as method_lib  # noqa: E402
+from maskkv.generation import FirstPassMemo  # noqa: E402
+from maskkv.quality import evaluate  # noqa: E402
 from maskkv.quality import tasks as task_lib  # noqa: E402
-from maskkv.quality.evaluate import DEFAULT_MODEL, load_model  # noqa: E402
 
 POLICIES = {
     "prompt": maskkv.PromptCache(),
@@ -37,18 +40,24 @@ POLICIES = {
 RULES = {"fixed": maskkv.FixedSteps(), "threshold(0.9)": maskkv.Threshold(0.9)}
 
 
-def run(model, method, policy, rule, examples, profile, batch_size=25) -> dict:
+BLOCK = 4
+
+
+def run(model, method, policy, rule, examples, profile, memos, batch_size=25) -> dict:
     correct, tokens, nfe, n_steps = 0, 0.0, 0, 0
+    ids_of_model = task_lib.token_ids(model.config)
+    gen_length = task_lib.TASK_GEN_LENGTH[examples[0].task]
     t0 = time.perf_counter()
     for s in range(0, len(examples), batch_size):
         batch = examples[s : s + batch_size]
-        ids = torch.tensor([task_lib.encode_prompt(e) for e in batch])
+        ids = torch.tensor([task_lib.encode_prompt(e, ids_of_model) for e in batch])
         out = maskkv.generate(
-            model, ids, method=method, cache=policy, decoding=rule, gen_length=8,
-            block_length=4, steps=8, profile=profile,
+            model, ids, method=method, cache=policy, decoding=rule, gen_length=gen_length,
+            block_length=BLOCK, steps=gen_length, profile=profile,
+            first_pass=memos[s // batch_size], **evaluate.sampler_kwargs(model),
         )  # fmt: skip
         for ex, resp in zip(batch, out.responses.tolist()):
-            correct += task_lib.parse_answer(resp) == ex.answer
+            correct += task_lib.parse_answer(resp, ids_of_model.eos) == ex.answer
         tokens += sum(out.stats.tokens_per_step)
         n_steps += len(out.stats.tokens_per_step)
         nfe += out.stats.nfe
@@ -63,26 +72,32 @@ def run(model, method, policy, rule, examples, profile, batch_size=25) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=evaluate.DEFAULT_MODEL.name, help="an asset or a directory")
     ap.add_argument("--num-examples", type=int, default=100)
     ap.add_argument("--budget", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(DEFAULT_MODEL, "cpu")
-    profile = method_lib.LayerProfile.find(DEFAULT_MODEL)
+    path = Path(args.model) if Path(args.model).exists() else evaluate.ASSETS / args.model
+    model = evaluate.load_model(path, "cpu")
+    profile = method_lib.LayerProfile.find(path)
+    prompt_len = evaluate.trained_max_prompt_len(path) or task_lib.DEFAULT_PROMPT_LEN
     methods = {"fullcache": method_lib.FullCache(), "maskkv": method_lib.MaskKV(args.budget)}
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", method_lib.MissingProfileWarning)
         for task in task_lib.TASKS:
-            examples = task_lib.make_examples(task, args.num_examples, split="test")
+            examples = task_lib.make_examples(
+                task, args.num_examples, split="test", prompt_len=prompt_len
+            )
+            memos = [FirstPassMemo() for _ in range(0, len(examples), 25)]
             for mname, method in methods.items():
                 for pname, policy in POLICIES.items():
                     for rname, rule in RULES.items():
                         row = dict(task=task, method=mname, budget=getattr(method, "budget", None),
                                    cache=pname, decoding=rname)  # fmt: skip
-                        row.update(run(model, method, policy, rule, examples, profile))
+                        row.update(run(model, method, policy, rule, examples, profile, memos))
                         rows.append(row)
                         print(
                             f"{task} {mname} {pname} {rname}: acc {row['accuracy']:.2f}, "
@@ -93,11 +108,13 @@ def main(argv=None) -> None:
                "nfe_per_batch", "seconds"],
     )  # fmt: skip
     config = dict(
-        model=str(DEFAULT_MODEL.name), num_examples=args.num_examples, budget=args.budget,
-        gen_length=8, block_length=4, steps=8, threads=args.threads,
+        model=path.name, num_examples=args.num_examples, budget=args.budget,
+        prompt_len=prompt_len, gen_length=dict(task_lib.TASK_GEN_LENGTH), block_length=BLOCK,
+        steps="= gen_length", threads=args.threads,
+        sampler="greedy, confidence order (Dream: maskgit_plus)",
     )  # fmt: skip
-    path = common.save("quality_policies", torch.device("cpu"), config, rows, args.out)
-    print(f"wrote {path}")
+    out = common.save(f"quality_policies-{path.name}", torch.device("cpu"), config, rows, args.out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

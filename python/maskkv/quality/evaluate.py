@@ -55,6 +55,7 @@ __all__ = [
     "report",
     "run_eval",
     "run_heatmap",
+    "sampler_kwargs",
     "save",
 ]
 
@@ -88,7 +89,7 @@ def _is_dream(model) -> bool:
     return getattr(model, "dllm_kind", "llada") == "dream"
 
 
-def _sampler_kwargs(model) -> dict[str, Any]:
+def sampler_kwargs(model) -> dict[str, Any]:
     """Greedy confidence-ordered decoding for either layout: LLaDA's low_confidence remasking
     (``generate``'s default) or, for Dream, ``alg="maskgit_plus"`` (the same rule: reveal the
     masked positions whose argmax token is most probable); Dream's default ``"origin"`` reveals
@@ -232,7 +233,7 @@ def evaluate_method(
             steps=steps,
             profile=profile,
             first_pass=None if first_pass is None else first_pass[s // batch_size],
-            **_sampler_kwargs(model),
+            **sampler_kwargs(model),
         )
         for ex, resp in zip(batch, out.responses.tolist()):
             pred = task_lib.parse_answer(resp, ids_of_model.eos)
