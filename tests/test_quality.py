@@ -367,6 +367,10 @@ def test_eval_subcommand(tmp_path, capsys):
         ("maskkv", 8),
     ]
     assert "rel.full" in capsys.readouterr().out
+    for summary in result["summary"]:  # the last layer's recall, averaged over tasks
+        rows = [r for r in result["rows"] if r["method"] == summary["method"]]
+        want = sum(r["evidence_recall_any_head_per_layer"][-1] for r in rows) / len(rows)
+        assert summary["evidence_recall_last_layer"] == pytest.approx(want)
     png = evaluate.plot(result, tmp_path / "q.png")  # accuracy and last-layer evidence panels
     assert png.stat().st_size > 1000
 

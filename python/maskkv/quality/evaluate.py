@@ -570,7 +570,8 @@ def plot_heatmap(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, budget): accuracy and evidence recalls averaged over tasks, and accuracy
+    """Per (method, budget): accuracy and evidence recalls averaged over tasks (per head, in any
+    head of a layer averaged over layers, and in any head of the last layer), and accuracy
     relative to FullCache's average (``relative``; None without a FullCache row or when it
     scored 0)."""
     groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
@@ -587,6 +588,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, budget), rs in groups.items():
         acc = mean(rs, "accuracy")
         routed = [r for r in rs if r["task"] in task_lib.RETRIEVAL_TASKS]
+        last = [
+            {"last": r["evidence_recall_any_head_per_layer"][-1]}
+            for r in rs
+            if r.get("evidence_recall_any_head_per_layer")
+        ]
         out.append(
             {
                 "method": method,
@@ -596,6 +602,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "relative": acc / full_acc if full_acc else None,
                 "evidence_recall": mean(rs, "evidence_recall"),
                 "evidence_recall_any_head": mean(rs, "evidence_recall_any_head"),
+                "evidence_recall_last_layer": mean(last, "last") if last else None,
                 "per_task": {r["task"]: r["accuracy"] for r in rs},
             }
         )
@@ -603,8 +610,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table: accuracy per task, mean, relative to FullCache, evidence recall per head
-    and in any head of the layer (``maskkv.tables.format_rows``, as ``maskkv bench``)."""
+    """Plain-text table: accuracy per task, mean, relative to FullCache, evidence recall per head,
+    in any head of a layer and in any head of the last layer (``maskkv.tables.format_rows``, as
+    ``maskkv bench``)."""
     from ..tables import format_rows
 
     task_names = result["config"]["tasks"]
@@ -617,6 +625,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("rel.full", "relative", ".3f"),
         ("recall", "evidence_recall", ".3f"),
         ("recall.any", "evidence_recall_any_head", ".3f"),
+        ("recall.last", "evidence_recall_last_layer", ".3f"),
     ]
     return format_rows(rows, columns)
 
