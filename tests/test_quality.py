@@ -302,6 +302,8 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert [r["step"] for r in first] == [1, 2] and ckpt.is_file()
     _, upto3 = train(cfg, progress=False, log_every=1, checkpoint=ckpt, stop_at=3)
     assert [r["step"] for r in upto3] == [1, 2, 3]  # stop_at counts the steps of the whole run
+    _, again = train(cfg, progress=False, log_every=1, checkpoint=ckpt, stop_at=3)
+    assert [r["step"] for r in again] == [1, 2, 3]  # already there: no step taken
     resumed, rest = train(cfg, progress=False, log_every=1, checkpoint=ckpt)
     assert [r["step"] for r in rest] == [1, 2, 3, 4]
     for a, b in zip(log, rest):

@@ -179,9 +179,11 @@ class FirstPassMemo:
     and only run their own selection. Replay is exact: the recorded tensors are the ones a fresh
     pass would compute (same inputs, same kernels).
 
-    A pass is replayed only when its token ids, attention mask and LSE request equal the
-    recorded ones (compared element by element); anything else recomputes and records anew.
-    Not for big models: it holds every layer's q, k, v of the batch (``nbytes``).
+    A pass is replayed only for the same model, token ids and attention mask (compared element
+    by element) and when it would run the same attention kernel (the fused LSE forward a mask-
+    scored method may ask for on CUDA rounds differently from SDPA); anything else recomputes
+    and records anew. Not for big models: it holds every layer's q, k, v of the batch
+    (``nbytes``).
     """
 
     def __init__(self) -> None:

@@ -559,8 +559,9 @@ def train(
 
     t_start = time.perf_counter()
     last_save = t_start
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     bar = tqdm(
-        range(first_step, cfg.steps),
+        range(first_step, end),
         desc="training",
         unit="step",
         disable=not progress,
@@ -624,7 +625,7 @@ def train(
         minutes = minutes_before + (now - t_start) / 60
         done = cfg.max_minutes is not None and minutes > cfg.max_minutes
         done = done or (stop_after is not None and step + 1 - first_step >= stop_after)
-        done = done or (stop_at is not None and step + 1 >= stop_at)
+        done = done or step + 1 == end
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps or done:
             log.append(
                 {
@@ -646,7 +647,7 @@ def train(
         if done:
             break
     bar.close()
-    save_state(step + 1 if cfg.steps > first_step else first_step)
+    save_state(step + 1 if end > first_step else first_step)
     return model.eval(), log
 
 
