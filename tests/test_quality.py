@@ -741,3 +741,11 @@ def test_dream_training_starts_from_a_llada_checkpoint(tmp_path):
     resumed, _ = train(cfg, progress=False, checkpoint=ckpt)  # init_from is not read again
     for (name, p), q in zip(dream.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, msg=name)
+
+
+def test_eval_finds_an_asset_by_name():
+    args = _eval_args("--model", "tiny-dream-kv", "--tasks", "passkey", "--budgets", "8")
+    result = evaluate.run_from_args(args)
+    assert Path(result["config"]["model"]) == evaluate.DREAM_MODEL
+    assert result["config"]["prompt_len"] == 512  # the longest prompt it was trained on
+    assert "maskgit_plus" in result["config"]["sampler"]
