@@ -33,6 +33,10 @@ for part in ("dream.log", "dream_b.log", "dream_c.log"):
 ax.plot([r["step"] for r in dream], [r["tok"] for r in dream], "k:", label="Dream, GQA 4/2")
 mha = [json.loads(line) for line in (here / "dream_mha.log").read_text().splitlines()]
 ax.plot([r["step"] for r in mha], [r["tok"] for r in mha], "k-.", label="Dream, MHA")
+# The Dream layout from random weights with masked-LM 0.5 (fourth session).
+mlm05 = [json.loads(line) for line in (here / "dream_mlm05.log").read_text().splitlines()]
+ax.plot([r["step"] for r in mlm05], [r["tok"] for r in mlm05], "c-",
+        label="Dream, GQA 4/2, MLM 0.5, from scratch")  # fmt: skip
 # The Dream layout (GQA 4/2) started from w24's converted weights (stage1; --init-llada).
 conv = [json.loads(line) for line in (here / "dream_from_llada.log").read_text().splitlines()]
 ax.plot([r["step"] for r in conv], [r["tok"] for r in conv], "m-o", ms=3,
