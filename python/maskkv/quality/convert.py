@@ -75,11 +75,12 @@ def dream_state_from_llada(
     d = dream_config.hidden_size
     group, head_dim = heads // kv_heads, d // heads
 
+    llada_ids, dream_ids = task_lib.token_ids(llada_config), task_lib.token_ids(dream_config)
+
     def rows(t: torch.Tensor) -> torch.Tensor:  # [vocab, d] with the specials moved
         out = t.clone()
-        src, dst = task_lib.token_ids(llada_config), task_lib.token_ids(dream_config)
         for name in ("eos", "mask", "bos"):  # bos last: it wins a shared BOS / EOS id
-            out[getattr(dst, name)] = t[getattr(src, name)]
+            out[getattr(dream_ids, name)] = t[getattr(llada_ids, name)]
         return out
 
     out = {

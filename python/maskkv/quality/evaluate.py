@@ -38,6 +38,7 @@ import torch
 
 from ..generation import FirstPassMemo
 from . import tasks as task_lib
+from .train import _is_dream
 
 __all__ = [
     "ASSETS",
@@ -83,10 +84,6 @@ def load_model(path: str | Path = DEFAULT_MODEL, device: str | torch.device | No
     except ValueError as err:
         raise ValueError(f"model {path}: {err}") from None
     return model
-
-
-def _is_dream(model) -> bool:
-    return getattr(model, "dllm_kind", "llada") == "dream"
 
 
 def sampler_kwargs(model) -> dict[str, Any]:
