@@ -50,15 +50,14 @@ from .presets import (
     weight_bytes,
 )
 from .report import (
-    check_targets,
     format_search,
     format_table,
     format_targets,
     plot_results,
     report,
 )
+from .result import BenchResult, check_targets
 from .runner import (
-    BenchResult,
     later_step_need,
     max_prompt_search,
     measure_ceilings,

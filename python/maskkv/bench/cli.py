@@ -11,7 +11,8 @@ import torch
 
 from .presets import DEFAULT_METHODS, PRESETS, device_name, environment
 from .report import plot_results, report
-from .runner import _LATER_KEY, BenchResult, run_e2e
+from .result import _LATER_KEY, BenchResult
+from .runner import run_e2e
 
 # ----------------------------------------------------------------------------- CLI
 

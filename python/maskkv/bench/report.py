@@ -1,62 +1,18 @@
-"""Reports of a benchmark run: targets PASS / MISS, the one table printer shared by ``maskkv
-bench`` and ``maskkv eval`` (``maskkv.tables.format_rows``), and the plots."""
+"""Reports of a benchmark run: the result table, the targets' PASS / MISS lines, the
+longest-prompt search and the plots. Reads results only (``result.py``); never runs anything."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..tables import format_cell
-from .presets import _TARGETS, device_name
-from .runner import _LATER_KEY, BenchResult, _ratio
+from .presets import device_name
+from .result import _LATER_KEY, BenchResult
 
-# ----------------------------------------------------------------------------- targets, table
-
-
-def _check(name: str, measured: float | None, op: str, bound: float, note: str = "") -> dict:
-    if measured is None or not math.isfinite(measured):
-        status = "N/A"
-    else:
-        status = "PASS" if (measured >= bound if op == ">=" else measured <= bound) else "MISS"
-    return {
-        "target": name,
-        "measured": measured,
-        "op": op,
-        "bound": bound,
-        "status": status,
-        "note": note,
-    }
-
-
-def check_targets(result: BenchResult) -> list[dict[str, Any]]:
-    """DESIGN "Performance contract" targets, from the measured rows (PASS / MISS / N/A).
-
-    CPU preset at an 8k prompt: MaskKV later steps >= 50x NoCache and >= 2x FullCache.
-    llada-8b at a 32k prompt: >= 100x NoCache, later step <= 1.5x the floor, peak memory <= 50%
-    of FullCache's, and (with the search) longest prompt >= 8x FullCache's.
-    N/A: the row needed was not measured (another prompt length, an OOM, a method left out).
-    """
-    if result.preset not in _TARGETS:
-        return []
-    P, specs = _TARGETS[result.preset]
-    r = result.row("maskkv", P) or {}
-    why = "" if r.get("status") == "ok" else f"MaskKV at P={P} not measured"
-    checks = [
-        _check(f"{result.preset} P={P}: MaskKV {what}", r.get(key), op, bound, why)
-        for what, key, op, bound in specs
-    ]
-    if result.preset == "llada-8b":
-        s = result.search or {}
-        fc, mkv = s.get("fullcache", {}), s.get("maskkv", {})
-        note = "" if s else "run with --max-prompt-search"
-        if mkv and mkv.get("first_oom") is None:
-            note = f"MaskKV fit up to the search limit {mkv.get('limit')}: a lower bound"
-        ratio = _ratio(mkv.get("max_fit"), fc.get("max_fit"))
-        checks.append(_check("llada-8b: longest prompt MaskKV / FullCache", ratio, ">=", 8, note))
-    return checks
+# ----------------------------------------------------------------------------- table, targets
 
 
 _TABLE = [

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +21,7 @@ from .presets import (
     random_prompt,
     weight_bytes,
 )
+from .result import _LATER_KEY, BenchResult, _ratio, check_targets
 
 # ----------------------------------------------------------------------------- ceilings, floor
 
@@ -229,43 +228,6 @@ def _failed_row(method, prompt_len: int, batch: int, status: str) -> dict[str, A
         "batch": batch,
         "status": status,
     }
-
-
-@dataclass
-class BenchResult:
-    """Everything one ``run_e2e`` measured; ``to_dict()`` is what the JSON file holds."""
-
-    preset: str
-    config: dict[str, Any]
-    rows: list[dict[str, Any]]
-    ceilings: dict[str, float] | None = None
-    search: dict[str, Any] | None = None
-    targets: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def row(self, method: str, prompt_len: int) -> dict[str, Any] | None:
-        """The row of ``method`` (any alias) at ``prompt_len``, if it ran."""
-        from .. import methods
-
-        name = methods.get(method).name
-        for r in self.rows:
-            if r["method"] == name and r["prompt_len"] == prompt_len:
-                return r
-        return None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
-        return None
-    return a / b
-
-
-# Which later-step statistic the ratios and targets use. "median" is the engine's
-# `later_step_time`; "min" is robust to other processes' load on a shared machine (load only ever
-# adds time), at the price of being optimistic on a quiet one.
-_LATER_KEY = {"median": "later_step_s", "min": "later_step_min_s"}
 
 
 def _add_ratios(rows: list[dict[str, Any]], timing: str = "median") -> None:
@@ -498,8 +460,6 @@ def run_e2e(
         "seed": seed,
     }
     result = BenchResult(p.name, config, rows, ceilings, search)
-    from .report import check_targets  # report imports this module
-
     result.targets = check_targets(result)
     return result
 

@@ -69,13 +69,13 @@ def run_whole(
     Returns:
         ``{"config": ..., "rows": [...], "targets": [...]}`` ready for a result file.
     """
-    from .. import bench, methods
+    from .. import methods
     from ..calibrate import calibrate
     from ..generation import generate
     from ..generation.engine import Denoiser
-    from .presets import _dtype
+    from .presets import PRESETS, _dtype, build_model, random_prompt
 
-    p = bench.PRESETS[preset]
+    p = PRESETS[preset]
     device = torch.device(p.device)
     dtype = _dtype(p.dtype)
     prompt_len = prompt_len or max(p.prompt_lens)
@@ -93,11 +93,9 @@ def run_whole(
         )
     if threads is not None:
         torch.set_num_threads(threads)
-    model = bench.build_model(p, device=device, dtype=dtype, seed=seed)
-    profile = calibrate(
-        model, [bench.random_prompt(model, 512, seed=seed + 1)], gen_length=gen_length
-    )
-    ids = bench.random_prompt(model, prompt_len, seed=seed + prompt_len, device=device)
+    model = build_model(p, device=device, dtype=dtype, seed=seed)
+    profile = calibrate(model, [random_prompt(model, 512, seed=seed + 1)], gen_length=gen_length)
+    ids = random_prompt(model, prompt_len, seed=seed + prompt_len, device=device)
     rows: list[dict[str, Any]] = []
     for label, name, cache_name, cache_kwargs in CONFIGURATIONS:
         method = methods.get(name, budget=budget)
