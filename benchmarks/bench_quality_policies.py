@@ -26,6 +26,7 @@ import common  # noqa: E402
 
 import maskkv  # noqa: E402
 from maskkv import methods as method_lib  # noqa: E402
+from maskkv.cli_common import resolve_model  # noqa: E402
 from maskkv.generation import FirstPassMemo  # noqa: E402
 from maskkv.quality import evaluate  # noqa: E402
 from maskkv.quality import tasks as task_lib  # noqa: E402
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = Path(args.model) if Path(args.model).exists() else evaluate.ASSETS / args.model
+    path = resolve_model(args.model)
     model = evaluate.load_model(path, "cpu")
     profile = method_lib.LayerProfile.find(path)
     prompt_len = evaluate.trained_max_prompt_len(path) or task_lib.DEFAULT_PROMPT_LEN

@@ -1,54 +1,24 @@
-"""Command line: ``maskkv demo | generate | calibrate | bench | eval``."""
+"""Command line: ``maskkv <command>``; ``maskkv --help`` lists the commands.
+
+Every subcommand follows one convention (``maskkv.cli_common``): a model is a checkpoint
+directory or a shipped model's name, and bad input ends in one line
+``maskkv <command>: <argument>: <what is wrong>`` with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-
-def _kernel_demo(args: argparse.Namespace) -> None:
-    """select_and_gather + ragged_attention on one random LLaDA-shaped layer."""
-    import torch
-
-    import maskkv_kernels as mk
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    B, H, D, P, R = 1, 32, 128, args.prompt_len, args.gen_length
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(B, H, R, D, device=device, dtype=dtype, generator=g)
-    k = torch.randn(B, H, P + R, D, device=device, dtype=dtype, generator=g)
-    v = torch.randn(B, H, P + R, D, device=device, dtype=dtype, generator=g)
-    print(
-        f"device {device}, dtype {dtype}: one LLaDA-8B layer (32 heads, head dim 128), "
-        f"prompt {P}, {R} mask queries, budget {args.budget}"
-    )
-    t0 = time.perf_counter()
-    cache = mk.select_and_gather(
-        q, k, v, args.budget, prompt_len=P, head_budget="prompt_preference"
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    out = mk.ragged_attention(q, cache, k[:, :, P:], v[:, :, P:])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    full_bytes = 2 * B * H * P * D * k.element_size()
-    lengths = cache.lengths()
-    print(
-        f"kept prompt tokens per head: min {int(lengths.min())}, mean {lengths.float().mean():.1f}, "
-        f"max {int(lengths.max())} of {P}"
-    )
-    print(
-        f"prompt KV bytes: {full_bytes / 2**20:.1f} MiB -> {cache.nbytes / 2**20:.2f} MiB "
-        f"({full_bytes / cache.nbytes:.1f}x smaller)"
-    )
-    print(
-        f"select_and_gather {1e3 * (t1 - t0):.1f} ms, ragged_attention {1e3 * (t2 - t1):.1f} ms, "
-        f"output {tuple(out.shape)} finite={bool(torch.isfinite(out).all())}"
-    )
+from .cli_common import (
+    CommandParser,
+    UsageError,
+    add_model_argument,
+    existing_file,
+    method_name,
+    number,
+    torch_device,
+)
 
 
 def _load(args: argparse.Namespace):
@@ -89,7 +59,8 @@ def _generate(args: argparse.Namespace) -> None:
     from .generation import generate
 
     if (args.prompt is None) == (args.prompt_file is None):
-        raise SystemExit("maskkv generate: give exactly one of --prompt and --prompt-file")
+        raise UsageError("--prompt", "give exactly one of --prompt and --prompt-file")
+    cache, decoding = _cache_policy(args), _decoding_rule(args)  # checked before the model loads
     text = args.prompt if args.prompt is not None else open(args.prompt_file).read()
     model, device = _load(args)
     tokenizer = _tokenizer(args.model)
@@ -114,8 +85,8 @@ def _generate(args: argparse.Namespace) -> None:
         model,
         ids,
         method=method,
-        cache=_cache_policy(args),
-        decoding=_decoding_rule(args),
+        cache=cache,
+        decoding=decoding,
         gen_length=args.gen_length,
         block_length=block_length,
         steps=args.steps,
@@ -146,28 +117,6 @@ def _generate(args: argparse.Namespace) -> None:
 _CONFIDENCE_DTYPES = ["logits", "float32", "float64"]
 
 
-def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, kind=float):
-    """argparse type: a number in [lo, hi] ((lo, hi] with lo_open); the error names the range
-    (argparse prefixes the option name)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-        if not ok:
-            lo_text = f"({lo}" if lo_open else f"[{lo}"
-            hi_text = f"{hi}]" if hi is not None else "inf)"
-            raise argparse.ArgumentTypeError(
-                f"expected a value in {lo_text}, {hi_text}, got {text}"
-            )
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
-
-
 def _cache_policy(args: argparse.Namespace):
     from .generation import DLLMCache, DualCache, PrefixCache, PromptCache
 
@@ -184,14 +133,15 @@ def _decoding_rule(args: argparse.Namespace):
     from .generation import Factor, FixedSteps, Threshold
 
     if args.threshold is not None and args.factor is not None:
-        raise SystemExit("maskkv generate: give at most one of --threshold and --factor")
+        raise UsageError("--factor", "give at most one of --threshold and --factor")
     try:
         if args.threshold is not None:
             return Threshold(args.threshold)
         if args.factor is not None:
             return Factor(args.factor)
     except ValueError as err:
-        raise SystemExit(f"maskkv generate: {err}") from None
+        option = "--threshold" if args.threshold is not None else "--factor"
+        raise UsageError.wrap(option, err) from None
     return FixedSteps()
 
 
@@ -224,14 +174,20 @@ def _read_prompts(path: str) -> list[str]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError("--prompts", f"{path}:{n}: not JSON ({err.msg})") from None
             if isinstance(item, dict):
                 item = item.get("prompt", item.get("text"))
             if not isinstance(item, str):
-                raise SystemExit(
-                    f"{path}:{n}: expected a string or an object with 'prompt' or 'text'"
+                raise UsageError(
+                    "--prompts",
+                    f"{path}:{n}: expected a string or an object with 'prompt' or 'text'",
                 )
             prompts.append(item)
+    if not prompts:
+        raise UsageError("--prompts", f"{path} holds no prompt")
     return prompts
 
 
@@ -241,11 +197,14 @@ def _calibrate(args: argparse.Namespace) -> None:
     import torch
 
     from .calibrate import calibrate
+    from .cli_common import ASSETS
     from .methods import PROFILE_FILENAME
 
+    if args.out is None and os.path.realpath(args.model).startswith(str(ASSETS) + os.sep):
+        raise UsageError("--out", "required for a shipped model (its own profile stays as shipped)")
+    prompts = _read_prompts(args.prompts)[: args.max_prompts]
     model, device = _load(args)
     tokenizer = _tokenizer(args.model)
-    prompts = _read_prompts(args.prompts)[: args.max_prompts]
     ids = [torch.tensor(_encode(tokenizer, p, not args.no_chat_template)) for p in prompts]
     profile = calibrate(model, ids, gen_length=args.gen_length, progress=True)
     out = args.out or os.path.join(args.model, PROFILE_FILENAME)
@@ -253,99 +212,49 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {path}: I(l) = " + ", ".join(f"{x:.4f}" for x in profile.importance))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    """Kernel demo on one LLaDA-shaped layer, then a tiny LLaDA end to end with every method."""
-    import tempfile
-
-    import torch
-
-    from . import methods
-    from .generation import generate
-    from .models import load_checkpoint
-    from .testing import tiny_checkpoint
-
-    _kernel_demo(args)
-    print()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_checkpoint(tiny_checkpoint("llada", tmp, n_layers=4)).eval()
-    prompt = torch.randint(0, 250, (1, 512), generator=torch.Generator().manual_seed(0))
-    print("tiny random LLaDA (4 layers, d 64): prompt 512 tokens, 32 generated, budget 32 per head")
-    order = ["nocache"] + [m for m in methods.available() if m != "nocache"]
-    reference = None
-    for name in order:
-        method = (
-            methods.get(name) if name in ("fullcache", "nocache") else methods.get(name, budget=32)
-        )
-        with _quiet_profile_warning():
-            out = generate(model, prompt, method=method, gen_length=32, block_length=32, steps=8)
-        if reference is None:
-            reference = out.responses
-        agree = float((out.responses == reference).float().mean())
-        s = out.stats.summary()
-        kept = (
-            s["prompt_kv_bytes_kept"] / s["prompt_kv_bytes_full"]
-            if s["prompt_kv_bytes_full"]
-            else 1.0
-        )
-        print(
-            f"  {name:17s} later step {1e3 * s['later_step_s']:6.2f} ms   prompt KV kept {kept:6.1%}   "
-            f"tokens equal to NoCache's {agree:6.1%}"
-        )
-
-
-class _quiet_profile_warning:
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        from .methods import MissingProfileWarning
-
-        warnings.simplefilter("ignore", MissingProfileWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
     p.add_argument(
-        "--model", required=True, help="checkpoint directory (config.json + safetensors)"
+        "--device", type=torch_device, default=None, help="default: cuda if available, else cpu"
     )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maskkv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> CommandParser:
+    """The ``maskkv`` parser with every subcommand registered (each a ``CommandParser``)."""
+    from . import methods
+    from .demo import add_demo_parser
 
-    demo = sub.add_parser("demo", help="run the embedded default end to end")
-    demo.add_argument("--prompt-len", type=int, default=4096)
-    demo.add_argument("--gen-length", type=int, default=256)
-    demo.add_argument("--budget", type=int, default=256)
-    demo.set_defaults(func=_demo)
+    parser = CommandParser(
+        prog="maskkv",
+        description="Long-prompt inference of diffusion LLMs with KV eviction: MaskKV, its "
+        "baselines, the shipped trained models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    add_demo_parser(sub)
 
     gen = sub.add_parser("generate", help="generate with a pruned prompt cache")
     _add_model_args(gen)
-    gen.add_argument("--prompt")
-    gen.add_argument("--prompt-file")
+    gen.add_argument("--prompt", help="the prompt text (or --prompt-file)")
+    gen.add_argument("--prompt-file", type=existing_file, help="a file holding the prompt text")
     gen.add_argument(
-        "--method",
-        default="maskkv",
-        help="maskkv, snapkv, pyramidkv, squeezeattention, adakv, fullcache, nocache",
+        "--method", type=method_name, default="maskkv", help=", ".join(methods.available())
     )
     gen.add_argument(
-        "--budget", type=int, default=256, help="average prompt KV pairs kept per layer and KV head"
+        "--budget",
+        type=number(0, kind=int),
+        default=256,
+        help="average prompt KV pairs kept per layer and KV head",
     )
-    gen.add_argument("--gen-length", type=int, default=128)
+    gen.add_argument("--gen-length", type=number(1, kind=int), default=128)
     gen.add_argument(
         "--steps",
-        type=int,
+        type=number(1, kind=int),
         default=None,
         help="denoising steps (default: LLaDA gen length, Dream 512 as the official config)",
     )
-    gen.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=number(0.0), default=0.0, help="0 = greedy (default)")
     gen.add_argument(
         "--confidence-dtype",
         default="logits",
@@ -353,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         help="softmax dtype of the confidences: the logits' dtype (official, default) or "
         "float64 (LLaDA before June 2025, Fast-dLLM)",
     )
-    gen.add_argument("--seed", type=int, default=None, help="torch.manual_seed before sampling")
+    gen.add_argument(
+        "--seed", type=number(0, kind=int), default=None, help="torch.manual_seed before sampling"
+    )
     llada = gen.add_argument_group("LLaDA sampling (official generate.py)")
     llada.add_argument(
         "--block-length",
-        type=_number(1, kind=int),
+        type=number(1, kind=int),
         default=None,
         help="semi-autoregressive block length (default 32 as the official scripts, or the "
         "whole response if shorter)",
@@ -366,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--remasking", default="low_confidence", choices=["low_confidence", "random"]
     )
     llada.add_argument(
-        "--cfg-scale", type=_number(0.0), default=0.0, help="classifier-free guidance (0 = off)"
+        "--cfg-scale", type=number(0.0), default=0.0, help="classifier-free guidance (0 = off)"
     )
     llada.add_argument(
         "--logits-eos-inf", action="store_true", help="never propose EOS (LLaDA paper, B.4)"
@@ -385,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "--top-p 0.95",
     )
     dream.add_argument(
-        "--alg-temp", type=_number(0.0), default=None, help="sample positions at this temperature"
+        "--alg-temp", type=number(0.0), default=None, help="sample positions at this temperature"
     )
-    dream.add_argument("--top-p", type=_number(0.0, 1.0, lo_open=True), default=None)
-    dream.add_argument("--top-k", type=_number(1, kind=int), default=None)
+    dream.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True), default=None)
+    dream.add_argument("--top-k", type=number(1, kind=int), default=None)
 
     gen.add_argument(
         "--cache",
@@ -402,10 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="prefix/dual: recompute (and re-select) the prompt at every block start",
     )
-    gen.add_argument("--prompt-interval", type=int, default=50, help="dllm: prompt refresh")
-    gen.add_argument("--response-interval", type=int, default=5, help="dllm: response refresh")
+    step_count = number(1, kind=int)
+    gen.add_argument("--prompt-interval", type=step_count, default=50, help="dllm: prompt refresh")
     gen.add_argument(
-        "--transfer-ratio", type=float, default=0.25, help="dllm: share recomputed in between"
+        "--response-interval", type=step_count, default=5, help="dllm: response refresh"
+    )
+    gen.add_argument(
+        "--transfer-ratio",
+        type=number(0.0, 1.0),
+        default=0.25,
+        help="dllm: share recomputed in between",
     )
     gen.add_argument(
         "--threshold",
@@ -422,11 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     cal = sub.add_parser("calibrate", help="measure the MaskKV layer-importance profile")
     _add_model_args(cal)
     cal.add_argument(
-        "--prompts", required=True, help="JSONL: one string or {'prompt': ...} per line"
+        "--prompts",
+        type=existing_file,
+        required=True,
+        help="JSONL: one string or {'prompt': ...} per line",
     )
-    cal.add_argument("--out", default=None, help="default: <model>/maskkv_profile.json")
-    cal.add_argument("--gen-length", type=int, default=128)
-    cal.add_argument("--max-prompts", type=int, default=64)
+    cal.add_argument(
+        "--out",
+        default=None,
+        help="default: <model>/maskkv_profile.json (required for a shipped model)",
+    )
+    cal.add_argument("--gen-length", type=number(1, kind=int), default=128)
+    cal.add_argument("--max-prompts", type=number(1, kind=int), default=64)
     cal.set_defaults(func=_calibrate)
 
     try:
@@ -438,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     from .quality.evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    return parser
 
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return build_parser().run(argv)
 
 
 if __name__ == "__main__":

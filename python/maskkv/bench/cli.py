@@ -9,26 +9,13 @@ from typing import Any
 
 import torch
 
+from ..cli_common import int_list, method_names, number, torch_device
 from .presets import DEFAULT_METHODS, PRESETS, device_name, environment
 from .report import plot_results, report
 from .result import _LATER_KEY, BenchResult
 from .runner import run_e2e
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return out
-
-
-def _str_list(text: str) -> list[str]:
-    return [x for x in text.replace(" ", "").split(",") if x]
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,14 +28,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--methods",
-        type=_str_list,
+        type=method_names,
         default=None,
         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})",
     )
-    parser.add_argument("--budget", type=int, default=None, help="prompt KV pairs per head (256)")
+    parser.add_argument(
+        "--budget", type=number(0, kind=int), default=None, help="prompt KV pairs per head (256)"
+    )
     parser.add_argument(
         "--prompt-lens",
-        type=_int_list,
+        type=int_list(),
         default=None,
         help="comma-separated prompt lengths (default: the preset's)",
     )
@@ -72,9 +61,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default="median",
         help="later-step statistic for ratios/targets; min resists a loaded machine",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default=None, help="default: the preset's (cuda / cpu)")
+    parser.add_argument(
+        "--threads", type=number(1, kind=int), default=None, help="torch CPU threads"
+    )
+    parser.add_argument("--batch", type=number(1, kind=int), default=1)
+    parser.add_argument(
+        "--device", type=torch_device, default=None, help="default: the preset's (cuda / cpu)"
+    )
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument(
         "--profile",

@@ -1,4 +1,5 @@
-"""Accuracy against KV budget: every method on the committed tiny LLaDA and the synthetic tasks.
+"""Accuracy against KV budget: every method on the synthetic tasks, on a shipped trained model
+(``tiny-llada-kv``, the default, or ``tiny-dream-kv``) or any checkpoint that reads them.
 
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..cli_common import ASSETS, CommandParser, add_model_argument, method_names, torch_device
 from ..generation import FirstPassMemo
 from . import tasks as task_lib
 from .train import _is_dream
@@ -60,8 +62,7 @@ __all__ = [
     "save",
 ]
 
-#: The committed checkpoints (trained by ``maskkv.quality.train``; each has a README.md).
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: The shipped checkpoints (``maskkv/assets``, trained by ``maskkv.quality.train``).
 DEFAULT_MODEL = ASSETS / "tiny-llada-kv"  # LLaDA layout (MHA)
 DREAM_MODEL = ASSETS / "tiny-dream-kv"  # Dream layout (GQA, shifted logits)
 #: KV pairs kept per head; at the 512-token default prompt 8 / 16 / 24 are 1.6 / 3.1 / 4.7%.
@@ -720,15 +721,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``maskkv eval`` (shared with ``benchmarks/bench_quality.py``)."""
     from maskkv import methods as method_lib
 
-    parser.add_argument(
-        "--model",
-        default=str(DEFAULT_MODEL),
-        help=f"checkpoint directory, or the name of a committed asset ({DEFAULT_MODEL.name}, "
-        f"{DREAM_MODEL.name}); default {DEFAULT_MODEL.name}",
-    )
+    add_model_argument(parser, default=DEFAULT_MODEL.name)
     parser.add_argument(
         "--methods",
-        default=",".join(method_lib.available()),
+        type=method_names,
+        default=method_lib.available(),
         help="comma-separated method names (default: all)",
     )
     parser.add_argument(
@@ -760,7 +757,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--heatmap-lengths", default="256,384,512")
     parser.add_argument("--heatmap-depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--device", type=torch_device, default=None, help="default: cuda if available, else cpu"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-recall", action="store_true", help="skip evidence recall")
     parser.add_argument(
@@ -781,8 +780,6 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     model is loaded)."""
     task_names = [t for t in args.tasks.split(",") if t]
     budgets = _ints(args.budgets, "budgets")
-    if not Path(args.model).exists() and (ASSETS / args.model).is_dir():
-        args.model = str(ASSETS / args.model)  # an asset by name, e.g. "tiny-dream-kv"
     if args.prompt_len is None and Path(args.model).is_dir():
         args.prompt_len = trained_max_prompt_len(args.model) or task_lib.DEFAULT_PROMPT_LEN
     check_eval_args(
@@ -796,7 +793,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.device)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = args.methods
     if args.heatmap:
         return run_heatmap(
             model,
@@ -851,18 +848,16 @@ def report(result: dict[str, Any], out: str | Path | None, plot_png: bool = True
 
 
 def _cli(args: argparse.Namespace) -> None:
-    try:
-        result = run_from_args(args)
-    except ValueError as err:  # bad input: one line naming the argument, not a traceback
-        raise SystemExit(f"maskkv eval: {err}") from None
-    report(result, args.out, not args.no_plot)
+    # Bad input (a ValueError naming the argument) ends as one line: maskkv.cli_common.
+    report(run_from_args(args), args.out, not args.no_plot)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``maskkv eval`` on an ``argparse`` subparsers object (from ``maskkv.cli``)."""
     parser = subparsers.add_parser(
         "eval",
-        help="quality: accuracy against KV budget on the tiny trained LLaDA",
+        help="quality: accuracy against KV budget on a shipped trained model "
+        f"({DEFAULT_MODEL.name}, {DREAM_MODEL.name}) or a checkpoint",
         description=__doc__.split("\n\n")[0],
     )
     add_eval_arguments(parser)
@@ -870,11 +865,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     add_eval_arguments(parser)
-    _cli(parser.parse_args(argv))
+    parser.set_defaults(func=_cli)
+    return parser.run(argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
