@@ -396,15 +396,19 @@ def _eval_args(*extra):
         (["--budgets", "8,0"], "budgets"),
         (["--budgets", "8,x"], "budgets"),
         (["--num-examples", "0"], "num_examples"),
-        (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ],
 )
-def test_eval_rejects_bad_input(extra, match):
+def test_eval_rejects_bad_input(extra, match, capsys):
+    from maskkv.cli import main
+
     args = _eval_args(*extra)
     with pytest.raises(ValueError, match=match):
         evaluate.run_from_args(args)
-    with pytest.raises(SystemExit, match=f"maskkv eval: .*{match}"):  # the CLI: one line
-        args.func(_eval_args(*extra))
+    with pytest.raises(SystemExit) as exc:  # the CLI: one line, the option named
+        main(["eval", "--methods", "fullcache", "--num-examples", "1", "--device", "cpu", *extra])
+    assert exc.value.code == 2
+    option = "--" + match.split(":")[0].replace("_", "-")
+    assert re.fullmatch(f"maskkv eval: {option}: .*\n", capsys.readouterr().err)
 
 
 def test_trained_max_prompt_len_is_the_longest_prompt_reached(tmp_path):

@@ -245,10 +245,14 @@ def _display(method) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    kernel_demo(args.prompt_len, args.gen_length, args.budget, args.repeats)
-    print()
-    model_demo(args.example, args.repeats)
+    try:
+        kernel_demo(args.prompt_len, args.gen_length, args.budget, args.repeats)
+        print()
+        model_demo(args.example, args.repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
