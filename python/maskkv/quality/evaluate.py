@@ -1,5 +1,5 @@
 """Accuracy against KV budget: every method on the synthetic tasks, on a shipped trained model
-(``tiny-llada-kv``, the default, or ``tiny-dream-kv``) or any checkpoint that reads them.
+(tiny-llada-kv, the default, or tiny-dream-kv) or any checkpoint that reads them.
 
 For each task, method and budget, ``maskkv.generate`` answers held-out examples (greedy, LLaDA's
 low-confidence remasking, one token revealed per step, so all but the first revealed token are
