@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .cli_common import (
+    ASSETS,
     CommandParser,
     UsageError,
     add_model_argument,
@@ -197,7 +198,6 @@ def _calibrate(args: argparse.Namespace) -> None:
     import torch
 
     from .calibrate import calibrate
-    from .cli_common import ASSETS
     from .methods import PROFILE_FILENAME
 
     if args.out is None and os.path.realpath(args.model).startswith(str(ASSETS) + os.sep):
@@ -262,9 +262,7 @@ def build_parser() -> CommandParser:
         help="softmax dtype of the confidences: the logits' dtype (official, default) or "
         "float64 (LLaDA before June 2025, Fast-dLLM)",
     )
-    gen.add_argument(
-        "--seed", type=number(0, kind=int), default=None, help="torch.manual_seed before sampling"
-    )
+    gen.add_argument("--seed", type=int, default=None, help="torch.manual_seed before sampling")
     llada = gen.add_argument_group("LLaDA sampling (official generate.py)")
     llada.add_argument(
         "--block-length",

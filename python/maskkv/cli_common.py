@@ -269,12 +269,9 @@ class CommandParser(argparse.ArgumentParser):
         """argparse's errors, reworded as ``<argument>: <what>`` (no usage block)."""
         if m := re.fullmatch(r"argument (.+?): (.*)", message, re.S):
             self.fail(m.group(1), m.group(2))
-        for prefix, what in (
-            ("the following arguments are required: ", "required"),
-            ("unrecognized arguments: ", "unrecognized argument"),
-        ):
-            if message.startswith(prefix):
-                self.fail(message[len(prefix) :], what)
+        required = "the following arguments are required: "
+        if message.startswith(required):
+            self.fail(message[len(required) :], "required")
         if m := re.fullmatch(r"ambiguous option: (\S+) (.*)", message, re.S):
             self.fail(m.group(1), f"ambiguous: {m.group(2)}")
         self.fail("arguments", message)

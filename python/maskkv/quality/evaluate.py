@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from ..cli_common import ASSETS, CommandParser, add_model_argument, method_names, torch_device
+from ..cli_common import (
+    ASSETS,
+    CommandParser,
+    add_model_argument,
+    method_names,
+    number,
+    torch_device,
+)
 from ..generation import FirstPassMemo
 from . import tasks as task_lib
 from .train import _is_dream
@@ -748,7 +755,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="response tokens = denoising steps (default: each task's own)",
     )
-    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--batch-size", type=number(1, kind=int), default=25)
     parser.add_argument(
         "--heatmap",
         action="store_true",
@@ -760,7 +767,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", type=torch_device, default=None, help="default: cuda if available, else cpu"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=number(1, kind=int), default=None, help="torch CPU threads"
+    )
     parser.add_argument("--no-recall", action="store_true", help="skip evidence recall")
     parser.add_argument(
         "--out", default=None, help="JSON file to write (a PNG of the same name goes next to it)"
