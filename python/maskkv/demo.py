@@ -69,7 +69,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[A
     return out, statistics.median(times)
 
 
-def _backend_line(backend: str, seconds: float) -> str:
+def _backend_line(backend: str, device: torch.device, seconds: float) -> str:
     if backend == "cpp":
         return (
             f"backend cpp: C++ CPU kernels ready in {seconds:.1f} s (built on the first run, "
@@ -77,7 +77,8 @@ def _backend_line(backend: str, seconds: float) -> str:
         )
     if backend == "triton":
         return "backend triton: Triton kernels, compiled by the first call (not timed)"
-    return "backend torch: vectorised PyTorch (the C++ kernels are unavailable, see the warning)"
+    why = "Triton is not importable" if device.type == "cuda" else "no C++ kernels: see the warning"
+    return f"backend torch: vectorised PyTorch ({why})"
 
 
 def kernel_demo(prompt_len: int, gen_length: int, budget: int, repeats: int) -> str:
@@ -96,7 +97,7 @@ def kernel_demo(prompt_len: int, gen_length: int, budget: int, repeats: int) -> 
     )
     t0 = time.perf_counter()
     backend = mk.resolve_backend("auto", device)  # builds or loads the C++ kernels on CPU
-    print(_backend_line(backend, time.perf_counter() - t0), flush=True)
+    print(_backend_line(backend, device, time.perf_counter() - t0), flush=True)
 
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, H, R, D, device=device, dtype=dtype, generator=g)
