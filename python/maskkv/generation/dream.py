@@ -33,7 +33,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ALGORITHMS", "dream_steps", "sample_dream", "sample_tokens", "select_positions", "transfer_count"]
+__all__ = [
+    "ALGORITHMS",
+    "dream_steps",
+    "sample_dream",
+    "sample_tokens",
+    "select_positions",
+    "transfer_count",
+]
 
 from .decoding import DecodingRule, FixedSteps, select_top
 from .stepwise import BlockStart, NeedLogits, SamplerSteps, run_sampler
