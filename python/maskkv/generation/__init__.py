@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import LayerProfile, Method, get
+from .batch_invariant import batch_invariant as batch_invariant_mode
 from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import ALGORITHMS, sample_dream
 from .engine import Denoiser, FirstPassMemo, StepStats
@@ -117,6 +118,7 @@ def generate(
     seed: int | None = None,
     progress: bool = False,
     first_pass: FirstPassMemo | None = None,
+    batch_invariant: bool = True,
 ) -> GenerationOutput:
     """Generate ``gen_length`` tokens after ``input_ids`` [B, P] (left-padded when batched).
 
@@ -174,6 +176,10 @@ def generate(
         first_pass: a ``FirstPassMemo`` shared by several ``generate`` calls on the same batch
             (e.g. one per method and budget): step 1's full pass runs once and is replayed,
             exactly, by the others; each still makes its own selection.
+        batch_invariant: run the linear layers batch-invariantly
+            (``maskkv.generation.batch_invariant``): a row's logits do not depend on how many
+            rows share a matrix multiply, so the serving engine, which batches requests, gives
+            each request the tokens ``generate`` gives it alone. False: the plain kernels.
 
     Random streams: Dream's (``origin``'s uniform draw, Categorical sampling, the ``alg_temp``
     multinomial) and LLaDA's random remasking ([B, L] uniforms per step) are the official ones.
@@ -270,7 +276,7 @@ def generate(
     if seed is not None:
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with rng:
+        with rng, batch_invariant_mode(batch_invariant):
             if seed is not None:
                 torch.manual_seed(seed)
             if is_dream:
