@@ -23,9 +23,17 @@ def ragged_attention_cpp(
     v_tail: torch.Tensor | None,
     scale: float,
     return_lse: bool,
+    seg_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as the torch/Triton launchers: out [B, Hq, Lq, D] in q's dtype, lse
     [B, Hq, Lq] fp32 (None without ``return_lse``). ``max_seqlen`` is not needed on the CPU."""
+    if seg_starts is not None:  # pool views: the torch path until the C++ kernel reads starts
+        from .torch_impl import ragged_attention_torch
+
+        return ragged_attention_torch(
+            q, k, v, cu_seqlens, max_seqlen, num_kv_heads, k_tail, v_tail, scale, return_lse,
+            seg_starts,
+        )  # fmt: skip
     out, lse = torch.ops.maskkv_cpp.ragged_attention(
         q, _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens, num_kv_heads,
         _last_dim_contiguous(k_tail), _last_dim_contiguous(v_tail), scale, return_lse,

@@ -77,6 +77,7 @@ def _attend_tile(
 @triton.jit
 def _ragged_attn_fwd(
     Q, K, V, KT, VT, CU,  # q [B, Hq, Lq, D]; k, v [N, D]; k/v_tail [B, Hkv, Lt, D]; cu int32
+    STARTS,  # first row of every segment in k / v: seg_starts (int64), or CU itself
     Out, Lse, OPart, LsePart,  # out [B*Hq*Lq, D], lse [B*Hq*Lq]; partials (see the launcher)
     ITEM_START, NSEG, SEARCH_ITERS,  # work list: int32 [NSEG + 1] first item of each segment
     qk_scale, Lq, Lt, HKV, G, ROWS, ROW_TILES, R_TOTAL, D, CHUNK, NUM_SPLITS,
@@ -114,7 +115,7 @@ def _ragged_attn_fwd(
     b = (seg // HKV).to(tl.int64)
     g = (seg % HKV).to(tl.int64)
 
-    seg_start = tl.load(CU + seg).to(tl.int64)
+    seg_start = tl.load(STARTS + seg).to(tl.int64)
     n_seg = tl.load(CU + seg + 1) - tl.load(CU + seg)  # int32: one segment is < 2^31 rows
     n_tot = n_seg + Lt
     if WORKLIST:
@@ -361,6 +362,7 @@ def ragged_attention_triton(
     v_tail: torch.Tensor | None,
     scale: float,
     return_lse: bool,
+    seg_starts: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     planner: str | None = None,
@@ -370,7 +372,8 @@ def ragged_attention_triton(
     Args:
         q: [B, Hq, Lq, D] (any strides); k, v: [N, D]; cu_seqlens: int32 [B * Hkv + 1];
         max_seqlen: host upper bound on a segment's length (sizes the split-K grid only);
-        k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale.
+        k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale;
+        seg_starts: int64 [B * Hkv] first row of every segment (a pool view) or None.
         num_splits: force split-K with chunks of ceil((max_seqlen + Lt) / num_splits) keys
             (tests); None = heuristic, 1 = off.
         planner: "worklist" or "grid" (see ``PLANNER``, the default).
@@ -423,7 +426,10 @@ def ragged_attention_triton(
         n_tot = (cu_seqlens[1:] - cu_seqlens[:-1]) + Lt
         items = torch.clamp_min((n_tot + (chunk - 1)) // chunk, 1)
         item_start = torch.nn.functional.pad(items.cumsum(0, dtype=torch.int32), (1, 0))
-        n_items = (k.shape[0] + S * Lt) // chunk + S
+        # Kept keys over all segments: N, or in a pool (disjoint segments) at most N and at most
+        # S * max_seqlen.
+        n_keys = k.shape[0] if seg_starts is None else min(k.shape[0], S * max_seqlen)
+        n_items = (n_keys + S * Lt) // chunk + S
         search_iters = max(1, math.ceil(math.log2(S + 1)))
         o_part = torch.empty((n_items, rows, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((n_items, rows), dtype=torch.float32, device=q.device)
@@ -446,6 +452,7 @@ def ragged_attention_triton(
         k_tail,
         v_tail,
         cu_seqlens,
+        cu_seqlens if seg_starts is None else seg_starts,
         out,
         lse_arg,
         o_part,
