@@ -215,8 +215,6 @@ def test_requests_equal_per_request_dense_calls(backend, dtype):
 @pytest.mark.parametrize("garbage", [math.nan, math.inf])
 def test_pool_view_equals_packed(backend, garbage):
     """Segments and tails relocated into pools with garbage between them: bitwise equal."""
-    if backend == "cpp":
-        pytest.xfail("pool views run the torch path until the C++ kernel reads seg_starts")
     q, cache, kt, vt, kw = make_case(*CASES["mixed"], 2, 16, torch.float32, seed=5)
     want = run(backend, q, cache, kt, vt, kw)
     pool = to_pool(cache, garbage=garbage)
@@ -449,3 +447,52 @@ def test_torch_compile_fullgraph_varlen():
     want = ref.ragged_attention(q * 2, cache, kt, vt, **kw) + 1
     got = step(q, pool, kt, vt, kw["cu_seqlens_q"], kw["cu_seqlens_tail"])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- C++ kernel
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler (or CUDA tensors)")
+def test_cpp_row_tiles_and_key_blocks():
+    """More packed rows than one row tile (256, whole queries per tile) and more keys than one
+    key block (512), with GQA 3 (85 queries per tile), bf16."""
+    q, cache, kt, vt, kw = make_case([120, 1, 0], [[530, 7], [0, 3], [2, 2]], [40, 600, 1], 3, 8,
+                                     torch.bfloat16, seed=11, device="cpu")  # fmt: skip
+    got = run("cpp", q, cache, kt, vt, kw)
+    assert_close(got, ref.ragged_attention(q, cache, kt, vt, **kw, return_lse=True), q.dtype)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler (or CUDA tensors)")
+def test_cpp_direct_call_checks():
+    """Direct torch.ops.maskkv_cpp calls skip the Python checks: the kernel's own checks stop
+    every out-of-bounds read."""
+    _cpp.load()
+    op = torch.ops.maskkv_cpp.ragged_attention_varlen
+    q, cache, kt, vt, kw = make_case([2, 3], [[3, 1], [0, 5]], [1, 2], 2, 8, device="cpu")
+    cu_q, cu_t = kw["cu_seqlens_q"], kw["cu_seqlens_tail"]
+
+    def call(**change):
+        args = dict(q=q, k=cache.k, v=cache.v, cu_seqlens=cache.cu_seqlens, seg_starts=None,
+                    num_kv_heads=2, cu_seqlens_q=cu_q, k_tail=kt, v_tail=vt,
+                    cu_seqlens_tail=cu_t, tail_starts=None, scale=0.3, return_lse=True)  # fmt: skip
+        return op(*{**args, **change}.values())
+
+    assert_close(call(), run("reference", q, cache, kt, vt, kw, scale=0.3), torch.float32)
+    short_cu = cache.cu_seqlens.clone()
+    short_cu[-1] -= 1  # packed segments that do not fill k
+    for match, change in [
+        ("cu_seqlens_q: expected to end at most at Nq=5", dict(cu_seqlens_q=cu_q * 2)),
+        ("cu_seqlens_q: expected non-decreasing", dict(cu_seqlens_q=cu_q[[0, 2, 1]])),
+        ("cu_seqlens_q: expected dtype int32", dict(cu_seqlens_q=cu_q.long())),
+        ("cu_seqlens: expected to start at 0 and end at N", dict(cu_seqlens=short_cu)),
+        ("cu_seqlens_tail: expected to end at most at Nt=3", dict(cu_seqlens_tail=cu_t * 2)),
+        ("cu_seqlens_tail: expected an int32 tensor", dict(cu_seqlens_tail=None)),
+        ("tail_starts: expected rows inside", dict(tail_starts=torch.tensor([0, 2]))),
+        ("seg_starts: expected rows inside", dict(seg_starts=torch.tensor([0, 3, 4, 5]))),
+        ("seg_starts: expected a contiguous int64", dict(seg_starts=torch.zeros(3).long())),
+        ("k_tail: expected \\[Nt, Hkv=2", dict(k_tail=kt[:, :1], v_tail=vt[:, :1])),
+        ("k_tail, v_tail: expected both or neither", dict(v_tail=None)),
+        ("num_kv_heads: expected a positive divisor", dict(num_kv_heads=3)),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            call(**change)

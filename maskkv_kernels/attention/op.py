@@ -30,6 +30,10 @@ def _impl(backend: str):
 
 def _impl_varlen(backend: str):
     """The varlen launcher of a resolved backend ("triton", "cpp" or "torch")."""
+    if backend == "cpp":
+        from .cpp_impl import ragged_attention_varlen_cpp
+
+        return ragged_attention_varlen_cpp
     return ragged_attention_varlen_torch
 
 
