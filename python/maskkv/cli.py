@@ -1,4 +1,4 @@
-"""Command line: ``maskkv demo | generate | calibrate | bench | eval``."""
+"""Command line: ``maskkv demo | generate | calibrate | bench | eval | serve``."""
 
 from __future__ import annotations
 
@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     from .quality.evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    from .serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -136,6 +137,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.SystemRandom()
         self._unfinished = 0  # added and not yet finished (any thread reads it)
+        self._count_lock = threading.Lock()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -191,7 +193,8 @@ class Engine:
             on_finish=on_finish,
             eos_id=self.model.config.eos_token_id,
         )
-        self._unfinished += 1
+        with self._count_lock:
+            self._unfinished += 1
         self._inbox.put(req)
         return req
 
@@ -322,7 +325,8 @@ class Engine:
 
     def _retire(self, req: Request) -> Request:
         self.scheduler.remove(req)
-        self._unfinished -= 1
+        with self._count_lock:
+            self._unfinished -= 1
         self.stats.finished_request(req.finish_reason.value)
         if req.on_finish is not None:
             try:
