@@ -421,6 +421,13 @@ def test_fake_impl_and_opcheck():
         )
 
 
+def test_module_passes_varlen_arguments():
+    q, cache, kt, vt, kw = make_case(*CASES["mixed"], 2, 16, device="cpu")
+    layer = mk.RaggedAttention(backend="torch")
+    got = layer(q, cache, kt, vt, return_lse=True, **kw)
+    assert_bitwise(got, run("torch", q, cache, kt, vt, kw))
+
+
 def test_unchecked_path_matches():
     q, cache, kt, vt, kw = make_case(*CASES["mixed"], 2, 16, device="cpu")
     pool = to_pool(cache)
@@ -447,6 +454,35 @@ def test_torch_compile_fullgraph_varlen():
     want = ref.ragged_attention(q * 2, cache, kt, vt, **kw) + 1
     got = step(q, pool, kt, vt, kw["cu_seqlens_q"], kw["cu_seqlens_tail"])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_benchmark_tiny_preset(tmp_path):
+    """The benchmark script runs (tiny preset) and writes consistent rows."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_varlen", bench_dir / "bench_ragged_varlen.py"
+        )
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        bench.main(["--preset", "tiny", "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(bench_dir))
+    result = json.loads((tmp_path / "bench_ragged_varlen.json").read_text())
+    rows = result["rows"]
+    assert {r["case"] for r in rows} == {"B3 mixed", "B2 full"}
+    assert {r["impl"] for r in rows} == {"varlen", "varlen_torch", "loop", "loop_torch",
+                                         "padded_sdpa"}  # fmt: skip
+    for r in rows:
+        loop = next(x for x in rows if x["case"] == r["case"] and x["impl"] == "loop")
+        assert r["ms"] > 0 and math.isclose(r["speedup_vs_loop"], loop["ms"] / r["ms"])
+    assert result["env"]["torch"] and (tmp_path / "bench_ragged_varlen.png").exists()
 
 
 # ----------------------------------------------------------------------------- C++ kernel
@@ -496,3 +532,108 @@ def test_cpp_direct_call_checks():
     ]:
         with pytest.raises(RuntimeError, match=match):
             call(**change)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+
+def triton_varlen(q, cache, kt, vt, kw, num_splits, tail_starts=None):
+    from maskkv_kernels.attention.triton_ragged import ragged_attention_varlen_triton
+
+    return ragged_attention_varlen_triton(
+        q, cache.k, cache.v, cache.cu_seqlens, cache.seg_starts, cache.max_seqlen,
+        cache.num_kv_heads, kw["cu_seqlens_q"], kw["max_seqlen_q"], kt, vt,
+        kw.get("cu_seqlens_tail"), tail_starts, kw.get("max_seqlen_tail", 0), 0.25, True,
+        num_splits=num_splits,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET")
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_tiles_and_split_k(num_splits, dtype):
+    """Requests with more packed rows than one row tile next to requests with one row (idle row
+    tiles), split-K work items crossing the segment / tail boundary, a pool view."""
+    q, cache, kt, vt, kw = make_case(
+        [40, 1, 0, 3], [[9, 0], [30, 2], [5, 5], [0, 0]], [6, 0, 2, 4], 1, 16, dtype, seed=13
+    )
+    want = ref.ragged_attention(q.cpu(), cache.to("cpu"), kt.cpu(), vt.cpu(), scale=0.25,
+                                return_lse=True, **{a: x.cpu() if isinstance(x, torch.Tensor) else x
+                                                    for a, x in kw.items()})  # fmt: skip
+    got = triton_varlen(q, cache, kt, vt, kw, num_splits)
+    assert_close(got, want, dtype)
+    kp, vp, starts = tails_to_pool(kt, vt, kw["cu_seqlens_tail"])
+    assert_bitwise(triton_varlen(q, to_pool(cache), kp, vp, kw, num_splits, starts), got)
+
+
+# ----------------------------------------------------------------------------- CUDA, real shapes
+
+
+def _cuda_case(dtype, seed=0):
+    """LLaDA-8B heads (32/32, D 128): 6 requests at different positions, per-head kept lengths
+    skewed 8x around 256, one request keeping a whole 4096-token prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv = 6, 32
+    seg = torch.randint(0, 512, (B, Hkv), generator=gen)
+    seg[0, :4] = 2048
+    seg[1, 0] = 0
+    seg[5] = 4096
+    q_lens = [32, 1, 64, 0, 17, 32]
+    t_lens = [256, 0, 300, 5, 32, 64]
+    return make_case(q_lens, seg.tolist(), t_lens, 1, 128, dtype, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_real_shapes(backend, dtype):
+    q, cache, kt, vt, kw = _cuda_case(dtype)
+    want = ref.ragged_attention(
+        q.cpu(), cache.to("cpu"), kt.cpu(), vt.cpu(), return_lse=True,
+        **{a: x.cpu() if isinstance(x, torch.Tensor) else x for a, x in kw.items()},
+    )  # fmt: skip
+    assert_close(run(backend, q, cache, kt, vt, kw), want, dtype)
+    kp, vp, starts = tails_to_pool(kt, vt, kw["cu_seqlens_tail"])
+    got = run(backend, q, to_pool(cache), kp, vp, kw, tail_starts=starts)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_splits", [2, 16])
+def test_cuda_forced_splits(num_splits):
+    q, cache, kt, vt, kw = _cuda_case(torch.bfloat16, seed=1)
+    want = run("reference", q.cpu(), cache.to("cpu"), kt.cpu(), vt.cpu(),
+               {a: x.cpu() if isinstance(x, torch.Tensor) else x for a, x in kw.items()},
+               scale=0.25)  # fmt: skip
+    assert_close(triton_varlen(q, cache, kt, vt, kw, num_splits), want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_no_host_sync_and_graph_replay():
+    """The Triton varlen path never synchronises and replays from a CUDA graph with new values
+    (other lengths, same shapes: a bucketed serving step)."""
+    q, cache, kt, vt, kw = _cuda_case(torch.bfloat16, seed=2)
+    pool = to_pool(cache)
+    for lse in (False, True):  # compile + autotune (which syncs) both variants first
+        mk.ragged_attention(q, pool, kt, vt, **kw, backend="triton", return_lse=lse)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mk.ragged_attention(q, pool, kt, vt, **kw, backend="triton", return_lse=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cu_q = kw["cu_seqlens_q"].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mk.ragged_attention(q, pool, kt, vt, **{**kw, "cu_seqlens_q": cu_q},
+                                  backend="triton", check_inputs=False)  # fmt: skip
+    # New query split, same shapes: requests 0 and 1 trade 16 queries.
+    cu_q.copy_(torch.tensor([0, 16, 33, 97, 97, 114, 146], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = mk.ragged_attention(q, pool, kt, vt, **{**kw, "cu_seqlens_q": cu_q}, backend="torch")
+    atol, rtol = OUT_TOL[torch.bfloat16]
+    torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=rtol)

@@ -30,6 +30,10 @@ def _impl(backend: str):
 
 def _impl_varlen(backend: str):
     """The varlen launcher of a resolved backend ("triton", "cpp" or "torch")."""
+    if backend == "triton":
+        from .triton_ragged import ragged_attention_varlen_triton
+
+        return ragged_attention_varlen_triton
     if backend == "cpp":
         from .cpp_impl import ragged_attention_varlen_cpp
 
@@ -200,7 +204,8 @@ def ragged_attention(
     else:
         dims = C.check_ragged_attention_varlen(q, cache, k_tail, v_tail, **varlen)
         D = dims.D
-        varlen["max_seqlen_tail"] = dims.max_seqlen_tail
+        if k_tail is not None:  # the host bound, Nt when not given
+            varlen["max_seqlen_tail"] = dims.max_seqlen_tail
     scale = C.check_scale(scale, D)
     if not isinstance(return_lse, bool):
         raise C.fail("return_lse", "a bool", repr(return_lse))
