@@ -183,6 +183,8 @@ def serve(args: argparse.Namespace) -> None:
     )
     async_engine.start()
     try:
-        server.run()
+        server.run()  # returns (or re-raises SIGINT) after draining the open connections
+    except KeyboardInterrupt:
+        pass
     finally:
         async_engine.stop(drain_timeout=0.0)

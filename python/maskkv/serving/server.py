@@ -90,8 +90,8 @@ def build_app(async_engine: AsyncEngine, tokenizer, config: ServerConfig) -> Fas
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             return error(400, f"body: malformed JSON ({first.get('msg')})", "body")
-        # drop pydantic's union-member tags ("str", "list[int]") from the path
-        loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int")]
+        # the field, then list indices and message fields; not pydantic's union-member tags
+        loc = loc[:1] + [x for x in loc[1:] if x.isdigit() or x in ("role", "content")]
         param = ".".join(loc) if loc else None
         return error(400, f"{param or 'body'}: {first.get('msg')}", param)
 
@@ -204,15 +204,16 @@ def build_app(async_engine: AsyncEngine, tokenizer, config: ServerConfig) -> Fas
         return await _collect(reply, events, raw)
 
     async def _collect(reply: _Reply, events: asyncio.Queue, raw: Request):
+        gone = asyncio.ensure_future(_disconnected(raw))
         try:
             while True:
-                try:
-                    kind, item = await asyncio.wait_for(events.get(), timeout=0.25)
-                except TimeoutError:
-                    if await raw.is_disconnected():
-                        async_engine.abort(reply.req.request_id)
-                        return Response(status_code=499)
-                    continue
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client went away: free its cache now
+                    get.cancel()
+                    async_engine.abort(reply.req.request_id)
+                    return Response(status_code=499)
+                kind, item = get.result()
                 if kind == "block":
                     if reply.add(item) and not reply.req.finished:
                         async_engine.abort(reply.req.request_id)  # a stop string: done early
@@ -221,6 +222,8 @@ def build_app(async_engine: AsyncEngine, tokenizer, config: ServerConfig) -> Fas
         except asyncio.CancelledError:
             async_engine.abort(reply.req.request_id)
             raise
+        finally:
+            gone.cancel()
 
     def _finish_or_raise(reply: _Reply, output):
         if output.finish_reason.value == "error" and not reply.stopped:
@@ -262,6 +265,13 @@ def build_app(async_engine: AsyncEngine, tokenizer, config: ServerConfig) -> Fas
     return app
 
 
+async def _disconnected(raw: Request) -> None:
+    """Returns when the client disconnects (the body is read: the next ASGI message is the
+    disconnect)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -275,6 +285,8 @@ def _value_error(err: ValueError, default_param: str, prompt_field: str = "promp
         param = prompt_field
     if " " in param:
         param = default_param
+    elif arg != param:
+        message = param + message[len(arg) :]
     return _ApiError(400, message, param)
 
 
