@@ -78,20 +78,6 @@ Tensor attend_rows(const Tensor& qf, int64_t tq, const Tensor* keys, const Tenso
   return acc;
 }
 
-// k / v [N, D] of the same dtype as q, unit stride along D.
-void check_keys(const Tensor& q, const Tensor& k, const Tensor& v, int64_t D) {
-  check_float(k, "k");
-  check_dim(k, 2, "k", "[N, D]");
-  TORCH_CHECK(k.size(1) == D && k.scalar_type() == q.scalar_type(), "k: expected [N, D=", D,
-              "] of dtype ", q.scalar_type(), ", got ", k.sizes(), " ", k.scalar_type());
-  check_float(v, "v");
-  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
-              "v: expected k's shape ", k.sizes(), " and dtype, got ", v.sizes(), " ",
-              v.scalar_type());
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
-}
-
 // cu int32 [n + 1] on the CPU: 0 first, non-decreasing, last == limit (exact) or <= limit (else;
 // no bound when limit < 0).
 const int32_t* check_offsets(const Tensor& cu, const char* name, int64_t n, int64_t limit,
@@ -127,6 +113,29 @@ const int64_t* check_starts(const c10::optional<Tensor>& starts, const char* nam
                 p[i] + (cu[i + 1] - cu[i]), ") at ", i);
   return p;
 }
+
+// The cache: k / v [N, D] of q's dtype (unit stride along D), S segments of cu_seqlens, packed
+// (filling k exactly) or at seg_starts (anywhere inside k). Returns the offsets and the starts
+// (null when packed), every row range checked.
+std::pair<const int32_t*, const int64_t*> check_cache(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& cu_seqlens,
+                                                      const c10::optional<Tensor>& seg_starts,
+                                                      int64_t S, int64_t D) {
+  check_float(k, "k");
+  check_dim(k, 2, "k", "[N, D]");
+  TORCH_CHECK(k.size(1) == D && k.scalar_type() == q.scalar_type(), "k: expected [N, D=", D,
+              "] of dtype ", q.scalar_type(), ", got ", k.sizes(), " ", k.scalar_type());
+  check_float(v, "v");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "v: expected k's shape ", k.sizes(), " and dtype, got ", v.sizes(), " ",
+              v.scalar_type());
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  const int64_t N = k.size(0);
+  const bool pool = seg_starts.has_value() && seg_starts->defined();
+  const int32_t* cu = check_offsets(cu_seqlens, "cu_seqlens", S, pool ? -1 : N, "N", !pool);
+  return {cu, check_starts(seg_starts, "seg_starts", S, cu, N)};
+}
 }  // namespace
 
 std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -141,12 +150,11 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
   const int64_t Hkv = num_kv_heads;
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "num_kv_heads: expected a positive divisor of Hq=", Hq,
               ", got ", Hkv);
-  check_keys(q, k, v, D);
-  const int64_t S = B * Hkv, N = k.size(0);
-  const bool pool = seg_starts.has_value() && seg_starts->defined();
-  // Packed: the segments fill k exactly. Pool view: anywhere inside k (checked per segment).
-  const int32_t* cu = check_offsets(cu_seqlens, "cu_seqlens", S, pool ? -1 : N, "N", !pool);
-  const int64_t* starts = check_starts(seg_starts, "seg_starts", S, cu, N);
+  const int64_t S = B * Hkv;
+  // (No structured binding: C++17 lambdas, the parallel_for below, cannot capture one.)
+  const auto segments = check_cache(q, k, v, cu_seqlens, seg_starts, S, D);
+  const int32_t* cu = segments.first;
+  const int64_t* starts = segments.second;
   const bool has_kt = k_tail.has_value() && k_tail->defined();
   const bool has_vt = v_tail.has_value() && v_tail->defined();
   TORCH_CHECK(has_kt == has_vt, "k_tail, v_tail: expected both or neither");
@@ -212,12 +220,10 @@ std::tuple<Tensor, Tensor> ragged_attention_varlen(
               "cu_seqlens_q: expected an int32 tensor [B + 1], got shape ", cu_seqlens_q.sizes());
   const int64_t B = cu_seqlens_q.numel() - 1, S = B * Hkv;
   const int32_t* cu_q = check_offsets(cu_seqlens_q, "cu_seqlens_q", B, Nq, "Nq", false);
-  check_keys(q, k, v, D);
-  const int64_t N = k.size(0);
-  const bool pool = seg_starts.has_value() && seg_starts->defined();
-  // Packed: the segments fill k exactly. Pool view: anywhere inside k (checked per segment).
-  const int32_t* cu = check_offsets(cu_seqlens, "cu_seqlens", S, pool ? -1 : N, "N", !pool);
-  const int64_t* starts = check_starts(seg_starts, "seg_starts", S, cu, N);
+  // (No structured binding: C++17 lambdas, the parallel_for below, cannot capture one.)
+  const auto segments = check_cache(q, k, v, cu_seqlens, seg_starts, S, D);
+  const int32_t* cu = segments.first;
+  const int64_t* starts = segments.second;
   const bool has_kt = k_tail.has_value() && k_tail->defined();
   const bool has_vt = v_tail.has_value() && v_tail->defined();
   TORCH_CHECK(has_kt == has_vt, "k_tail, v_tail: expected both or neither");
