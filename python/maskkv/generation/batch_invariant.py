@@ -13,11 +13,13 @@ depend on what runs beside it, and a greedy decode could flip a near-tie.
 of the models) by ``invariant_linear``:
 
 - CPU, one intra-op thread: rows padded with zeros up to ``MIN_ROWS`` (16), one call;
-- otherwise (several threads, or CUDA): the rows in fixed chunks of ``CHUNK_ROWS`` (64), the
-  last chunk zero-padded, so every call has the same shape; a row's bits then depend neither on
-  its position inside the chunk nor on the other rows (measured on the CPU with 2 threads for
-  K up to 4096; on CUDA the same construction holds as long as the library's choice depends on
-  the shape only, to be checked by ``tests/test_serving.py`` on a GPU).
+- otherwise (several threads, or CUDA): the rows in fixed chunks of ``CHUNK_ROWS[device]``
+  (64 on the CPU, 256 on CUDA, where a 64-row GEMM would waste the tensor cores), the last chunk
+  zero-padded, so every call has the same shape; a row's bits then depend neither on its
+  position inside the chunk nor on the other rows (measured on the CPU with 2 threads for K up
+  to 4096; on CUDA the same construction holds as long as the library's choice depends on the
+  shape only, to be checked by ``tests/test_serving.py`` on a GPU). The cost is the padding of
+  the last chunk and, for long prompt passes, one GEMM per chunk instead of one per layer.
 
 ``maskkv.generate`` and the serving engine both run under it, so a request served among others
 gives the tokens it gives alone.
@@ -32,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["CHUNK_ROWS", "MIN_ROWS", "batch_invariant", "invariant_linear"]
 
 MIN_ROWS = 16
-CHUNK_ROWS = 64
+CHUNK_ROWS = {"cpu": 64, "cuda": 256}
 
 
 def invariant_linear(
@@ -51,7 +53,7 @@ def invariant_linear(
     elif x.device.type == "cpu" and torch.get_num_threads() == 1:
         out = F.linear(_pad_rows(rows, max(M, MIN_ROWS)), weight, bias)[:M]
     else:
-        C = CHUNK_ROWS
+        C = CHUNK_ROWS.get(x.device.type, 256)
         padded = _pad_rows(rows, -(-M // C) * C)
         out = torch.cat([F.linear(padded[s : s + C], weight, bias) for s in range(0, M, C)])[:M]
     return out.reshape(*lead, out.shape[-1])
