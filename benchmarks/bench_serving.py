@@ -259,6 +259,11 @@ def main(argv=None):
     time_limit = args.time_limit or preset["time_limit"]
     shape = preset["model"]
     model = mbench.build_model(shape, device=args.device, dtype=args.dtype)
+    # random weights at the real shape: let the context cover the workload (LLaDA's config says 4k)
+    longest_seq = max(p + g for p, g, _ in workload)
+    for name in ("max_sequence_length", "max_position_embeddings"):
+        if getattr(model.config, name, None) is not None:
+            setattr(model.config, name, max(getattr(model.config, name), longest_seq))
     device = next(model.parameters()).device
     cache = {"prompt": "prompt", "prefix": "prefix", "dual": "dual"}[args.cache]
     full = methods_lib.get("fullcache")
