@@ -45,17 +45,18 @@ def plan_buckets_varlen(
     query rows; a bucket pads them to its longest (W kept keys, T tail keys, R rows) and costs
     ``overhead + segments * (W + T) * D * (R + _COPY_ROWS)`` multiply-adds. Exact DP over the
     runs of segments sorted by total keys (with many distinct totals they are first rounded by
-    :func:`_quantize` to keep the DP small).
+    :func:`_quantize` to keep the DP small). (Sorting by (tail, kept keys) instead, which keeps
+    a request's tail unpadded, measured no faster on the CPU.)
     """
-    by_total: dict[int, list[int]] = {}
+    by_key: dict[int, list[int]] = {}  # segments by total keys
     for s, (n, t) in enumerate(zip(key_lens, tail_lens)):
-        by_total.setdefault(n + t, []).append(s)
-    if len(by_total) > _MAX_DP_LENGTHS:
+        by_key.setdefault(n + t, []).append(s)
+    if len(by_key) > _MAX_DP_LENGTHS:
         merged: dict[int, list[int]] = {}
-        for n, segs in by_total.items():
-            merged.setdefault(_quantize(n), []).extend(segs)
-        by_total = merged
-    groups = [by_total[n] for n in sorted(by_total)]
+        for key, members in by_key.items():
+            merged.setdefault(_quantize(key), []).extend(members)
+        by_key = merged
+    groups = [by_key[key] for key in sorted(by_key)]
     maxes = [
         (max(key_lens[s] for s in g), max(tail_lens[s] for s in g), max(rows[s] for s in g))
         for g in groups
@@ -76,9 +77,9 @@ def plan_buckets_varlen(
     i = U
     while i > 0:
         j = cut[i]
-        segs = sorted(s for g in groups[j:i] for s in g)
+        members = sorted(s for g in groups[j:i] for s in g)
         W, T, R = (max(m[c] for m in maxes[j:i]) for c in range(3))
-        buckets.append((segs, W, T, R))
+        buckets.append((members, W, T, R))
         i = j
     return buckets[::-1]
 
@@ -89,6 +90,23 @@ def plan_buckets(lengths: list[int], rows: int, Lt: int, D: int) -> list[tuple[l
     S = len(lengths)
     plan = plan_buckets_varlen(lengths, [Lt] * S, [rows] * S, D)
     return [(segs, W) for segs, W, _, _ in plan]
+
+
+def _zero_outside(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [..., w, D] where ``keep`` [..., w] is False set to +0.0, in place.
+
+    Multiplies the bit patterns, viewed as integers, by 0 or 1: exact (NaN and inf included)
+    and ~30x faster on CPU than ``masked_fill_`` (which broadcasts the mask element by element).
+    """
+    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    bits.mul_(keep.unsqueeze(-1))
+    return x
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``x`` [M, H, D] flattened to [M * H, D] (index_select, far faster on
+    CPU than advanced indexing; a copy first when the rows do not flatten into a view)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 
 def _take(x: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -202,9 +220,19 @@ class _VarlenForm:
 
     def host_sizes(self, S: int) -> tuple[list[int], list[int]]:
         q_lens = self.q_lens.repeat_interleave(self.Hkv).tolist()
-        if self.kt is None:
-            return [0] * S, [self.G * n for n in q_lens]
-        return self.t_lens.repeat_interleave(self.Hkv).tolist(), [self.G * n for n in q_lens]
+        self._seg_tails = [0] * S
+        if self.kt is not None:
+            self._seg_tails = self.t_lens.repeat_interleave(self.Hkv).tolist()
+        return self._seg_tails, [self.G * n for n in q_lens]
+
+    def _padded_tails(self, sel, T: int) -> bool:
+        """Whether a tail of the segments ``sel`` is shorter than T (always, without the host
+        lengths: on a GPU)."""
+        tails = getattr(self, "_seg_tails", None)
+        if tails is None:
+            return True
+        segs = range(len(tails))[sel] if isinstance(sel, slice) else sel.tolist()
+        return any(tails[s] < T for s in segs)
 
     def bounds(self) -> tuple[int, int]:
         return self.max_t, self.G * self.max_q
@@ -219,8 +247,9 @@ class _VarlenForm:
         heads = g[:, None] * G + self.arange[:G]  # [n, G]
         n = ids.numel()
         self._targets = (q_row[:, :, None] * self.Hq + heads[:, None, :]).view(n, R)
-        qq = self.q[q_row.clamp(max=self.Nq - 1)[:, :, None], heads[:, None, :]]  # [n, Q, G, D]
-        return qq.masked_fill_(~valid[:, :, None, None], 0.0).view(n, R, -1)
+        rows = q_row.clamp(max=self.Nq - 1)[:, :, None] * self.Hq + heads[:, None, :]
+        qq = _rows(self.q, rows.view(-1)).view(n, Q, G, -1)  # padding rows: garbage, zeroed
+        return _zero_outside(qq, valid[:, :, None]).view(n, R, -1)
 
     def tails(self, sel, ids, T):
         if not T:
@@ -230,10 +259,13 @@ class _VarlenForm:
         rows = (self.t_first[b][:, None] + j).clamp_(max=self.kt.shape[0] - 1)
         # Padding rows are other requests' tails (or a pool's garbage): zeroed, so that an inf or
         # NaN there cannot become NaN through 0 * inf in this segment's masked softmax.
+        flat = (rows * self.Hkv + g[:, None]).view(-1)
+        kt = _rows(self.kt, flat).view(ids.numel(), T, -1)
+        vt = _rows(self.vt, flat).view(ids.numel(), T, -1)
+        if not self._padded_tails(sel, T):
+            return kt, vt, None
         valid = j < self.t_lens[b][:, None]
-        kt = self.kt[rows, g[:, None]].masked_fill_(~valid[..., None], 0.0)
-        vt = self.vt[rows, g[:, None]].masked_fill_(~valid[..., None], 0.0)
-        return kt, vt, valid
+        return _zero_outside(kt, valid), _zero_outside(vt, valid), valid
 
     def store(self, sel, ids, rs, o, lse_c, whole):
         """Rows ``rs`` of the segments last passed to :meth:`queries`."""
@@ -290,8 +322,8 @@ def _attend_buckets(form, k, v, cu_seqlens, seg_starts, max_seqlen, S, D, scale,
                     # The padding rows are rows of the neighbouring segments (other requests, or
                     # a pool's garbage): zero them, or an inf / NaN there turns this segment's
                     # masked softmax into NaN through 0 * inf.
-                    k_seg.masked_fill_(~seg_valid[..., None], 0.0)
-                    v_seg.masked_fill_(~seg_valid[..., None], 0.0)
+                    _zero_outside(k_seg, seg_valid)
+                    _zero_outside(v_seg, seg_valid)
                 ks.append(k_seg)
                 vs.append(v_seg)
             tail = form.tails(sel, ids, T)
