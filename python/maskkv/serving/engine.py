@@ -295,23 +295,22 @@ class Engine:
                 self._advance(req, lg)
 
     def _full_steps(self) -> None:
+        """Full passes, oldest first, layer by layer, within ``prefill_tokens`` token-layers
+        (the first one always runs at least one layer)."""
         budget = self.scheduler.prefill_tokens
-        for req in self.scheduler.full_passes():
-            if req.finished:
-                continue
+        n_layers = self.runner.num_layers
+        for i, req in enumerate(self.scheduler.full_passes()):
             L = req.event.x.shape[1]
-            if budget < L and budget != self.scheduler.prefill_tokens:
-                break  # the budget is spent (the first pass always runs at least one layer)
-            layers = max(1, budget // L)
-            if req.full_pass is None:
-                if self._guard(req, self.runner.begin_full_pass, req) is None and req.finished:
-                    continue
-            before = req.full_pass.layer
-            logits = self._guard(req, self.runner.full_pass_step, req, layers)
-            if req.finished:
+            if req.finished or (i and budget < L):
                 continue
-            budget -= (req.full_pass.layer - before if req.full_pass else layers) * L
-            if logits is not None:
+            if req.full_pass is None:
+                self._guard(req, self.runner.begin_full_pass, req)
+                if req.finished:
+                    continue
+            layers = min(max(1, budget // L), n_layers - req.full_pass.layer)
+            logits = self._guard(req, self.runner.full_pass_step, req, layers)
+            budget -= layers * L
+            if logits is not None and not req.finished:
                 self.stats.passes["full"] += 1
                 self._advance(req, logits)
             if budget <= 0:
