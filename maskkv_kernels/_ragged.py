@@ -20,9 +20,9 @@ class RaggedKV:
     With ``seg_starts`` the cache is a view into a pool: segment ``s`` holds rows
     ``seg_starts[s] : seg_starts[s] + (cu_seqlens[s + 1] - cu_seqlens[s])`` of ``k``, ``v`` and
     ``positions``, which are then the whole pool (N pool rows; disjoint segments in any order,
-    with holes of any content between them). Lengths always come from ``cu_seqlens``. An engine keeps every
-    request's pruned cache of a layer in one preallocated pool this way, and frees or reuses a
-    request's rows without concatenating the others.
+    with holes of any content between them). Lengths always come from ``cu_seqlens``. An engine
+    keeps every request's pruned cache of a layer in one preallocated pool this way, and frees
+    or reuses a request's rows without concatenating the others.
 
     Attributes:
         k: [N, D] kept keys (after RoPE), N = sum of kept lengths (with ``seg_starts``: the
@@ -110,8 +110,8 @@ class RaggedKV:
             packed_end = starts is None and int(cu[-1]) != N
             if int(cu[0]) != 0 or bool((lengths < 0).any()) or packed_end:
                 raise ValueError(
-                    "RaggedKV: cu_seqlens must start at 0, be non-decreasing and "
-                    + (f"end at N={N}" if starts is None else "(with seg_starts) end anywhere")
+                    "RaggedKV: cu_seqlens must start at 0, be non-decreasing"
+                    + (f" and end at N={N}" if starts is None else "")
                 )
             if lengths.numel() and int(lengths.max()) > self.max_seqlen:
                 raise ValueError(
