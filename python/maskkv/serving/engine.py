@@ -383,17 +383,18 @@ class Engine:
             except ValueError as err:
                 raise type(err)(f"prompts[{i}]: {err}") from None
             prepared.append((ids, p))
-        if len(prepared) > self.scheduler.max_waiting:
-            self.scheduler.max_waiting = len(prepared)
-        reqs = [self.add_request(ids, p) for ids, p in prepared]
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(reqs), desc="maskkv engine", unit="req", disable=not progress)
+        max_waiting = self.scheduler.max_waiting  # an offline batch may queue all its prompts
+        self.scheduler.max_waiting = max(max_waiting, len(prepared))
+        bar = tqdm(total=len(prepared), desc="maskkv engine", unit="req", disable=not progress)
         try:
+            reqs = [self.add_request(ids, p) for ids, p in prepared]
             while self.has_unfinished():
                 bar.update(len(self.step()))
         finally:
             bar.close()
+            self.scheduler.max_waiting = max_waiting
         failed = [(i, r) for i, r in enumerate(reqs) if r.finish_reason is FinishReason.ERROR]
         if failed:
             i, r = failed[0]

@@ -47,7 +47,8 @@ class RequestTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class KVFootprint:
-    """Rows one request holds in the pool (``Hkv`` rows per token and KV head ... see module)."""
+    """The pool rows one request holds: its pruned prompt per layer and its stored response
+    (every count a multiple of ``Hkv``: one row per kept token and KV head)."""
 
     prompt_rows: tuple[int, ...]  # per layer: Hkv * kept prompt tokens per head
     tail_len: int  # T stored response positions per layer (0: the policy stores none)
