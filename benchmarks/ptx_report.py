@@ -186,6 +186,20 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                             q, kr, kr, cu, budget * 32, Hkv, q[:, ::G], q[:, ::G], D**-0.5,
                             store_lse, num_splits=splits, planner=planner,
                         )  # fmt: skip
+                # Serving: 4 requests of R queries each in one varlen call (packed q and tails).
+                nb = 4
+                qv = torch.empty(nb * R, Hq, D, dtype=dtype)
+                tv = torch.empty(nb * R, Hkv, D, dtype=dtype)
+                kv = torch.empty(nb * n, D, dtype=dtype)
+                cu_kv = torch.arange(nb * Hkv + 1, dtype=torch.int32) * budget
+                cu_r = torch.arange(nb + 1, dtype=torch.int32) * R
+                # Two of the four (split, lse) variants: the lightest and the heaviest one.
+                for splits, store_lse in ((1, False), (4, True)):
+                    rec.case = f"{tag} ragged varlen splits={splits} lse={store_lse}"
+                    triton_ragged.ragged_attention_varlen_triton(
+                        qv, kv, kv, cu_kv, None, budget * 32, Hkv, cu_r, R, tv, tv, cu_r, None, R,
+                        D**-0.5, store_lse, num_splits=splits,
+                    )  # fmt: skip
     return rec
 
 

@@ -1,7 +1,14 @@
-// Ragged attention on the CPU: per (batch row b, KV head g), the G*Lq query rows of the KV
-// head's G query heads (GQA packing, K/V never repeated) attend to [kept segment || dense tail]
-// with one online softmax, flash style: tiles of kRowTile rows x kKeyBlock keys, the segment's
-// keys first, then the tail's, never concatenated. fp32 accumulation whatever the input dtype.
+// Ragged attention on the CPU: per (request b, KV head g), the query rows of the KV head's G
+// query heads (GQA packing, K/V never repeated) attend to [kept segment || tail] with one online
+// softmax, flash style: tiles of up to kRowTile rows x kKeyBlock keys, the segment's keys first,
+// then the tail's, never concatenated. fp32 accumulation whatever the input dtype.
+//
+// Two layouts share the tile loop (attend_rows):
+// - dense: q [B, Hq, Lq, D], tails [B, Hkv, Lt, D]; packed row r = h * Lq + i;
+// - varlen: q [Nq, Hq, D] packed by request (cu_seqlens_q), tails [Nt, Hkv, D] packed by request
+//   (cu_seqlens_tail, optionally placed by tail_starts); packed row r = i * G + h.
+// In both, segment s = b * Hkv + g holds rows seg_starts[s] .. + len of k / v (seg_starts
+// defaults to cu_seqlens[:-1], the packed layout). Only a segment's own rows are ever read.
 #include "maskkv_cpu.h"
 
 namespace maskkv_cpu {
@@ -9,19 +16,111 @@ namespace maskkv_cpu {
 namespace {
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kKeyBlock = 512;
-}  // namespace
 
-std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                                            const Tensor& cu_seqlens, int64_t num_kv_heads,
-                                            const c10::optional<Tensor>& k_tail,
-                                            const c10::optional<Tensor>& v_tail, double scale_d,
-                                            bool return_lse) {
-  check_float(q, "q");
-  check_dim(q, 4, "q", "[B, Hq, Lq, D]");
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = num_kv_heads;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "num_kv_heads: expected a positive divisor of Hq=", Hq,
-              ", got ", Hkv);
+// Scratch buffers of one parallel task (fp32, sized for the largest tile).
+struct Scratch {
+  Tensor qbuf, kbuf, vbuf, sbuf, acc;
+  std::vector<float> row_m, row_l, row_lse;
+  Scratch(int64_t tq_max, int64_t D, const at::TensorOptions& f32)
+      : qbuf(at::empty({tq_max * D}, f32)),
+        kbuf(at::empty({kKeyBlock * D}, f32)),
+        vbuf(at::empty({kKeyBlock * D}, f32)),
+        sbuf(at::empty({tq_max * kKeyBlock}, f32)),
+        acc(at::empty({tq_max, D}, f32)),
+        row_m(tq_max),
+        row_l(tq_max),
+        row_lse(tq_max) {}
+};
+
+// The tq fp32 query rows `qf` [tq, D] attend to the keys of `n_src` sources, in order (each
+// [n, D] with unit stride along D): one online softmax. Returns the normalised output, a view
+// of sc.acc [tq, D] (0 for a row with no key), and writes each row's natural-log LSE (-inf for
+// no key) to lse[i] when lse is not null.
+Tensor attend_rows(const Tensor& qf, int64_t tq, const Tensor* keys, const Tensor* vals,
+                   int64_t n_src, float scale, Scratch& sc, float* lse) {
+  const int64_t D = qf.size(1);
+  Tensor acc = sc.acc.narrow(0, 0, tq);
+  acc.zero_();
+  float* acc_p = acc.data_ptr<float>();
+  std::fill(sc.row_m.begin(), sc.row_m.begin() + tq, kNegInf);
+  std::fill(sc.row_l.begin(), sc.row_l.begin() + tq, 0.0f);
+  for (int64_t src = 0; src < n_src; ++src) {
+    const int64_t len = keys[src].size(0);
+    for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
+      const int64_t bk = std::min(kKeyBlock, len - j0);
+      const Tensor kf = rows_as_float(keys[src], j0, bk, sc.kbuf);
+      const Tensor vf = rows_as_float(vals[src], j0, bk, sc.vbuf);
+      Tensor st = sc.sbuf.narrow(0, 0, tq * bk).view({tq, bk});
+      at::mm_out(st, qf, kf.t());
+      float* sp = st.data_ptr<float>();
+      for (int64_t i = 0; i < tq; ++i) {
+        float* x = sp + i * bk;
+        const float bm = scale_and_max(x, bk, scale);
+        const float m_new = std::max(sc.row_m[i], bm);
+        if (m_new == kNegInf) {  // no finite logit yet: contributes nothing
+          std::fill(x, x + bk, 0.0f);
+          continue;
+        }
+        const float alpha = std::exp(sc.row_m[i] - m_new);
+        sc.row_l[i] = sc.row_l[i] * alpha + exp_sub_sum(x, bk, m_new);
+        sc.row_m[i] = m_new;
+        if (alpha != 1.0f) scale_inplace(acc_p + i * D, D, alpha);
+      }
+      acc.addmm_(st, vf);  // acc += P . V
+    }
+  }
+  // Normalise; a row with no key at all is 0 (lse -inf).
+  for (int64_t i = 0; i < tq; ++i) {
+    const float l = sc.row_l[i];
+    scale_inplace(acc_p + i * D, D, l > 0.0f ? 1.0f / l : 0.0f);
+    if (lse) lse[i] = l > 0.0f ? sc.row_m[i] + std::log(l) : kNegInf;
+  }
+  return acc;
+}
+
+// cu int32 [n + 1] on the CPU: 0 first, non-decreasing, last == limit (exact) or <= limit (else;
+// no bound when limit < 0).
+const int32_t* check_offsets(const Tensor& cu, const char* name, int64_t n, int64_t limit,
+                             const char* limit_name, bool exact) {
+  check_int32(cu, name, {n + 1});
+  const int32_t* p = cu.data_ptr<int32_t>();
+  if (exact)
+    TORCH_CHECK(p[0] == 0 && p[n] == limit, name, ": expected to start at 0 and end at ",
+                limit_name, "=", limit, ", got ", p[0], " ... ", p[n]);
+  TORCH_CHECK(p[0] == 0, name, ": expected to start at 0, got ", p[0]);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] <= p[i + 1], name, ": expected non-decreasing values, got ", p[i], " > ",
+                p[i + 1], " at ", i);
+  TORCH_CHECK(limit < 0 || p[n] <= limit, name, ": expected to end at most at ", limit_name, "=",
+              limit, ", got ", p[n]);
+  return p;
+}
+
+// starts int64 [n] on the CPU (optional): every [starts[i], starts[i] + len(i)) inside [0, rows).
+// Returns null when absent.
+const int64_t* check_starts(const c10::optional<Tensor>& starts, const char* name, int64_t n,
+                            const int32_t* cu, int64_t rows) {
+  if (!starts.has_value() || !starts->defined()) return nullptr;
+  check_cpu(*starts, name);
+  TORCH_CHECK(starts->scalar_type() == at::kLong && starts->sizes() == at::IntArrayRef({n}) &&
+                  starts->is_contiguous(),
+              name, ": expected a contiguous int64 tensor [", n, "], got ", starts->sizes(), " ",
+              starts->scalar_type());
+  const int64_t* p = starts->data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] + (cu[i + 1] - cu[i]) <= rows, name,
+                ": expected rows inside [0, ", rows, "), got [", p[i], ", ",
+                p[i] + (cu[i + 1] - cu[i]), ") at ", i);
+  return p;
+}
+
+// The cache: k / v [N, D] of q's dtype (unit stride along D), S segments of cu_seqlens, packed
+// (filling k exactly) or at seg_starts (anywhere inside k). Returns the offsets and the starts
+// (null when packed), every row range checked.
+std::pair<const int32_t*, const int64_t*> check_cache(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& cu_seqlens,
+                                                      const c10::optional<Tensor>& seg_starts,
+                                                      int64_t S, int64_t D) {
   check_float(k, "k");
   check_dim(k, 2, "k", "[N, D]");
   TORCH_CHECK(k.size(1) == D && k.scalar_type() == q.scalar_type(), "k: expected [N, D=", D,
@@ -32,13 +131,30 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
               v.scalar_type());
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
-  const int64_t S = B * Hkv, N = k.size(0);
-  check_int32(cu_seqlens, "cu_seqlens", {S + 1});
-  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-  TORCH_CHECK(cu[0] == 0 && cu[S] == N, "cu_seqlens: expected to start at 0 and end at N=", N);
-  for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK(cu[s] <= cu[s + 1], "cu_seqlens: expected non-decreasing values, got ", cu[s],
-                " > ", cu[s + 1], " at ", s);
+  const int64_t N = k.size(0);
+  const bool pool = seg_starts.has_value() && seg_starts->defined();
+  const int32_t* cu = check_offsets(cu_seqlens, "cu_seqlens", S, pool ? -1 : N, "N", !pool);
+  return {cu, check_starts(seg_starts, "seg_starts", S, cu, N)};
+}
+}  // namespace
+
+std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& cu_seqlens, int64_t num_kv_heads,
+                                            const c10::optional<Tensor>& k_tail,
+                                            const c10::optional<Tensor>& v_tail, double scale_d,
+                                            bool return_lse,
+                                            const c10::optional<Tensor>& seg_starts) {
+  check_float(q, "q");
+  check_dim(q, 4, "q", "[B, Hq, Lq, D]");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = num_kv_heads;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "num_kv_heads: expected a positive divisor of Hq=", Hq,
+              ", got ", Hkv);
+  const int64_t S = B * Hkv;
+  // (No structured binding: C++17 lambdas, the parallel_for below, cannot capture one.)
+  const auto segments = check_cache(q, k, v, cu_seqlens, seg_starts, S, D);
+  const int32_t* cu = segments.first;
+  const int64_t* starts = segments.second;
   const bool has_kt = k_tail.has_value() && k_tail->defined();
   const bool has_vt = v_tail.has_value() && v_tail->defined();
   TORCH_CHECK(has_kt == has_vt, "k_tail, v_tail: expected both or neither");
@@ -67,67 +183,109 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
   Tensor out_rows = out.view({S, rows_per_seg, D});  // segment s owns rows of heads g*G..g*G+G-1
 
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    const int64_t tq_max = std::min(rows_per_seg, kRowTile);
-    Tensor qbuf = at::empty({tq_max * D}, f32);
-    Tensor kbuf = at::empty({kKeyBlock * D}, f32);
-    Tensor vbuf = at::empty({kKeyBlock * D}, f32);
-    Tensor sbuf = at::empty({tq_max * kKeyBlock}, f32);
-    Tensor acc_buf = at::empty({tq_max, D}, f32);
-    std::vector<float> row_m(tq_max), row_l(tq_max);
+    Scratch sc(std::min(rows_per_seg, kRowTile), D, q.options().dtype(at::kFloat));
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv;
       const Tensor rows = q[b].narrow(0, g * G, G).reshape({rows_per_seg, D});
       // Key sources in softmax order: the kept segment, then the tail.
-      const Tensor sources_k[2] = {k.narrow(0, cu[s], cu[s + 1] - cu[s]),
-                                   has_kt ? (*k_tail)[b][g] : Tensor()};
-      const Tensor sources_v[2] = {v.narrow(0, cu[s], cu[s + 1] - cu[s]),
-                                   has_kt ? (*v_tail)[b][g] : Tensor()};
-      const int64_t n_src = has_kt ? 2 : 1;
+      const int64_t first = starts ? starts[s] : cu[s], len = cu[s + 1] - cu[s];
+      const Tensor keys[2] = {k.narrow(0, first, len), has_kt ? (*k_tail)[b][g] : Tensor()};
+      const Tensor vals[2] = {v.narrow(0, first, len), has_kt ? (*v_tail)[b][g] : Tensor()};
       for (int64_t r0 = 0; r0 < rows_per_seg; r0 += kRowTile) {
         const int64_t tq = std::min(kRowTile, rows_per_seg - r0);
-        const Tensor qf = rows_as_float(rows, r0, tq, qbuf);
-        Tensor acc = acc_buf.narrow(0, 0, tq);
-        acc.zero_();
-        float* acc_p = acc.data_ptr<float>();
-        std::fill(row_m.begin(), row_m.end(), kNegInf);
-        std::fill(row_l.begin(), row_l.end(), 0.0f);
-        for (int64_t src = 0; src < n_src; ++src) {
-          const Tensor& ks = sources_k[src];
-          const int64_t len = ks.size(0);
-          for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
-            const int64_t bk = std::min(kKeyBlock, len - j0);
-            const Tensor kf = rows_as_float(ks, j0, bk, kbuf);
-            const Tensor vf = rows_as_float(sources_v[src], j0, bk, vbuf);
-            Tensor st = sbuf.narrow(0, 0, tq * bk).view({tq, bk});
-            at::mm_out(st, qf, kf.t());
-            float* sp = st.data_ptr<float>();
-            for (int64_t i = 0; i < tq; ++i) {
-              float* x = sp + i * bk;
-              const float bm = scale_and_max(x, bk, scale);
-              const float m_new = std::max(row_m[i], bm);
-              if (m_new == kNegInf) {  // no finite logit yet: contributes nothing
-                std::fill(x, x + bk, 0.0f);
-                continue;
-              }
-              const float alpha = std::exp(row_m[i] - m_new);
-              row_l[i] = row_l[i] * alpha + exp_sub_sum(x, bk, m_new);
-              row_m[i] = m_new;
-              if (alpha != 1.0f) scale_inplace(acc_p + i * D, D, alpha);
-            }
-            acc.addmm_(st, vf);  // acc += P . V
-          }
-        }
-        // Normalise into the output dtype; a row with no key at all is 0 (lse -inf).
-        for (int64_t i = 0; i < tq; ++i) {
-          const float l = row_l[i];
-          scale_inplace(acc_p + i * D, D, l > 0.0f ? 1.0f / l : 0.0f);
-          if (lse_p) {
-            const int64_t r = r0 + i;  // row r = h * Lq + t of head g * G + h
-            lse_p[(b * Hq + g * G) * Lq + r] = l > 0.0f ? row_m[i] + std::log(l) : kNegInf;
-          }
-        }
+        const Tensor qf = rows_as_float(rows, r0, tq, sc.qbuf);
+        // row r = h * Lq + t of head g * G + h: lse index (b * Hq + g * G) * Lq + r
+        float* lse_rows = lse_p ? lse_p + (b * Hq + g * G) * Lq + r0 : nullptr;
+        const Tensor acc = attend_rows(qf, tq, keys, vals, has_kt ? 2 : 1, scale, sc, lse_rows);
         out_rows[s].narrow(0, r0, tq).copy_(acc);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> ragged_attention_varlen(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+    const c10::optional<Tensor>& seg_starts, int64_t num_kv_heads, const Tensor& cu_seqlens_q,
+    const c10::optional<Tensor>& k_tail, const c10::optional<Tensor>& v_tail,
+    const c10::optional<Tensor>& cu_seqlens_tail, const c10::optional<Tensor>& tail_starts,
+    double scale_d, bool return_lse) {
+  check_float(q, "q");
+  check_dim(q, 3, "q", "[Nq, Hq, D]");
+  const int64_t Nq = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = num_kv_heads;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "num_kv_heads: expected a positive divisor of Hq=", Hq,
+              ", got ", Hkv);
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() >= 2,
+              "cu_seqlens_q: expected an int32 tensor [B + 1], got shape ", cu_seqlens_q.sizes());
+  const int64_t B = cu_seqlens_q.numel() - 1, S = B * Hkv;
+  const int32_t* cu_q = check_offsets(cu_seqlens_q, "cu_seqlens_q", B, Nq, "Nq", false);
+  // (No structured binding: C++17 lambdas, the parallel_for below, cannot capture one.)
+  const auto segments = check_cache(q, k, v, cu_seqlens, seg_starts, S, D);
+  const int32_t* cu = segments.first;
+  const int64_t* starts = segments.second;
+  const bool has_kt = k_tail.has_value() && k_tail->defined();
+  const bool has_vt = v_tail.has_value() && v_tail->defined();
+  TORCH_CHECK(has_kt == has_vt, "k_tail, v_tail: expected both or neither");
+  const int32_t* cu_t = nullptr;
+  const int64_t* t_starts = nullptr;
+  if (has_kt) {
+    check_float(*k_tail, "k_tail");
+    check_dim(*k_tail, 3, "k_tail", "[Nt, Hkv, D]");
+    TORCH_CHECK(k_tail->size(1) == Hkv && k_tail->size(2) == D &&
+                    k_tail->scalar_type() == q.scalar_type(),
+                "k_tail: expected [Nt, Hkv=", Hkv, ", D=", D, "] of dtype ", q.scalar_type(),
+                ", got ", k_tail->sizes(), " ", k_tail->scalar_type());
+    TORCH_CHECK(v_tail->sizes() == k_tail->sizes() && v_tail->scalar_type() == q.scalar_type(),
+                "v_tail: expected k_tail's shape ", k_tail->sizes(), ", got ", v_tail->sizes());
+    check_last_dim_contiguous(*k_tail, "k_tail");
+    check_last_dim_contiguous(*v_tail, "v_tail");
+    TORCH_CHECK(cu_seqlens_tail.has_value() && cu_seqlens_tail->defined(),
+                "cu_seqlens_tail: expected an int32 tensor [B + 1] with k_tail");
+    const int64_t Nt = k_tail->size(0);
+    const bool placed = tail_starts.has_value() && tail_starts->defined();
+    cu_t = check_offsets(*cu_seqlens_tail, "cu_seqlens_tail", B, placed ? -1 : Nt, "Nt", false);
+    t_starts = check_starts(tail_starts, "tail_starts", B, cu_t, Nt);
+  }
+  const int64_t G = Hq / Hkv;
+  Tensor out = at::zeros({Nq, Hq, D}, q.options());  // rows of no request stay 0
+  Tensor lse = return_lse ? at::full({Nq, Hq}, kNegInf, q.options().dtype(at::kFloat))
+                          : at::empty({0}, q.options().dtype(at::kFloat));
+  if (S == 0 || Nq == 0 || D == 0) return {out, lse};
+  const float scale = static_cast<float>(scale_d);
+  float* lse_p = return_lse ? lse.data_ptr<float>() : nullptr;
+  // Whole queries per tile: ti queries x G heads = ti * G packed rows (at least one query).
+  const int64_t ti_max = std::max<int64_t>(1, kRowTile / G);
+
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(ti_max * G, D, q.options().dtype(at::kFloat));
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t b = s / Hkv, g = s % Hkv;
+      const int64_t q0 = cu_q[b], nq = cu_q[b + 1] - cu_q[b];
+      if (nq == 0) continue;
+      const int64_t first = starts ? starts[s] : cu[s], len = cu[s + 1] - cu[s];
+      Tensor keys[2] = {k.narrow(0, first, len), Tensor()};
+      Tensor vals[2] = {v.narrow(0, first, len), Tensor()};
+      if (has_kt) {
+        const int64_t t0 = t_starts ? t_starts[b] : cu_t[b], lt = cu_t[b + 1] - cu_t[b];
+        keys[1] = k_tail->narrow(0, t0, lt).select(1, g);  // [lt, D], row stride Hkv * D
+        vals[1] = v_tail->narrow(0, t0, lt).select(1, g);
+      }
+      const Tensor q_heads = q.narrow(0, q0, nq).narrow(1, g * G, G);    // [nq, G, D]
+      const Tensor o_heads = out.narrow(0, q0, nq).narrow(1, g * G, G);  // [nq, G, D]
+      for (int64_t i0 = 0; i0 < nq; i0 += ti_max) {
+        const int64_t ti = std::min(ti_max, nq - i0), tq = ti * G;
+        // Packed row r = i * G + h: the G heads of one query are adjacent (query-major).
+        Tensor qf = sc.qbuf.narrow(0, 0, tq * D).view({ti, G, D});
+        qf.copy_(q_heads.narrow(0, i0, ti));
+        float* lse_rows = lse_p ? lse_p + (q0 + i0) * Hq + g * G : nullptr;
+        const Tensor acc = attend_rows(qf.view({tq, D}), tq, keys, vals, has_kt ? 2 : 1, scale,
+                                       sc, lse_rows ? sc.row_lse.data() : nullptr);
+        o_heads.narrow(0, i0, ti).copy_(acc.view({ti, G, D}));
+        if (lse_rows) {  // row i * G + h -> lse[(q0 + i0 + i) * Hq + g * G + h]
+          for (int64_t i = 0; i < ti; ++i)
+            for (int64_t h = 0; h < G; ++h) lse_rows[i * Hq + h] = sc.row_lse[i * G + h];
+        }
       }
     }
   });

@@ -23,7 +23,14 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
                                             const Tensor& cu_seqlens, int64_t num_kv_heads,
                                             const c10::optional<Tensor>& k_tail,
                                             const c10::optional<Tensor>& v_tail, double scale,
-                                            bool return_lse);
+                                            bool return_lse,
+                                            const c10::optional<Tensor>& seg_starts);
+std::tuple<Tensor, Tensor> ragged_attention_varlen(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+    const c10::optional<Tensor>& seg_starts, int64_t num_kv_heads, const Tensor& cu_seqlens_q,
+    const c10::optional<Tensor>& k_tail, const c10::optional<Tensor>& v_tail,
+    const c10::optional<Tensor>& cu_seqlens_tail, const c10::optional<Tensor>& tail_starts,
+    double scale, bool return_lse);
 
 }  // namespace maskkv_cpu
 
@@ -37,7 +44,13 @@ TORCH_LIBRARY(maskkv_cpp, m) {
       "Tensor cu_seqlens, int n) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ragged_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int num_kv_heads, "
-      "Tensor? k_tail, Tensor? v_tail, float scale, bool return_lse) -> (Tensor, Tensor)");
+      "Tensor? k_tail, Tensor? v_tail, float scale, bool return_lse, Tensor? seg_starts=None) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "ragged_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, "
+      "Tensor? seg_starts, int num_kv_heads, Tensor cu_seqlens_q, Tensor? k_tail, "
+      "Tensor? v_tail, Tensor? cu_seqlens_tail, Tensor? tail_starts, float scale, "
+      "bool return_lse) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(maskkv_cpp, CPU, m) {
@@ -45,4 +58,5 @@ TORCH_LIBRARY_IMPL(maskkv_cpp, CPU, m) {
   m.impl("pool_window", &maskkv_cpu::pool_window);
   m.impl("topk_gather", &maskkv_cpu::topk_gather);
   m.impl("ragged_attention", &maskkv_cpu::ragged_attention);
+  m.impl("ragged_attention_varlen", &maskkv_cpu::ragged_attention_varlen);
 }

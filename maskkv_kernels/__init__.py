@@ -4,7 +4,8 @@ Public ops (see DESIGN.md and each docstring for shapes):
 
 - :func:`select_and_gather`: score prompt keys (mask-query voting or SnapKV window), split the
   layer budget between heads, keep the top-k per head and gather them into a :class:`RaggedKV`.
-- :func:`ragged_attention`: attention over each head's kept prompt segment plus a dense tail.
+- :func:`ragged_attention`: attention over each head's kept prompt segment plus a dense tail;
+  its varlen form (``cu_seqlens_q``) serves many requests at different positions in one call.
 - :func:`allocate_head_budgets`, :func:`mask_scores`, :func:`window_scores`,
   :func:`topk_gather`: the steps ``select_and_gather`` fuses.
 - :mod:`maskkv_kernels.reference`: eager oracles with the same names.

@@ -298,3 +298,132 @@ def check_ragged_attention(
         check_same("v_tail", v_tail, q, "q")
         Lt = k_tail.shape[2]
     return B, Hq, Hkv, Lq, D, Lt
+
+
+@dataclass(frozen=True)
+class VarlenDims:
+    """Sizes of one varlen ``ragged_attention`` call (all host ints)."""
+
+    B: int
+    Nq: int
+    Hq: int
+    Hkv: int
+    D: int
+    Nt: int  # rows of k_tail / v_tail (0 without a tail)
+    max_seqlen_q: int
+    max_seqlen_tail: int  # host bound on a request's tail rows (0 without a tail)
+
+
+def _check_cu(cu: object, arg: str, B: int, device: torch.device, rows: int, rows_doc: str):
+    """cu: int32 [B + 1] on ``device``; on the CPU also 0 first, non-decreasing, last <= rows.
+    Returns the lengths as a host list on the CPU, else None."""
+    if (
+        not isinstance(cu, torch.Tensor)
+        or cu.dtype != torch.int32
+        or cu.shape != (B + 1,)
+        or cu.device != device
+    ):
+        raise fail(arg, f"an int32 tensor [B + 1 = {B + 1}] on {device}", describe(cu))
+    if cu.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or min(lengths, default=0) < 0 or values[-1] > rows:
+        raise fail(arg, f"0 first, non-decreasing, last <= {rows_doc}={rows}", values)
+    return lengths
+
+
+def _check_bound(bound: object, arg: str, lengths: list[int] | None, what: str) -> int:
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+        raise fail(arg, f"an int >= 0 (host upper bound on {what})", repr(bound))
+    if lengths and max(lengths) > bound:
+        raise fail(arg, f"an int >= the longest {what} ({max(lengths)})", bound)
+    return bound
+
+
+def check_ragged_attention_varlen(
+    q: torch.Tensor,
+    cache,
+    k_tail,
+    v_tail,
+    cu_seqlens_q,
+    max_seqlen_q,
+    cu_seqlens_tail,
+    max_seqlen_tail,
+    tail_starts,
+) -> VarlenDims:
+    """q: [Nq, Hq, D]; cache: RaggedKV with B*Hkv segments (B = len(cu_seqlens_q) - 1);
+    k_tail, v_tail: [Nt, Hkv, D] with cu_seqlens_tail int32 [B + 1] (and tail_starts int64 [B]).
+
+    Values (offsets, bounds, starts) are checked on CPU tensors only (free to read)."""
+    from ._ragged import RaggedKV
+
+    check_tensor(q, "q", "[Nq, Hq, D] (packed queries, with cu_seqlens_q)", 3)
+    Nq, Hq, D = q.shape
+    if Hq == 0 or D == 0:
+        raise fail("q", "[Nq, Hq, D] with Hq, D >= 1", describe(q))
+    if not isinstance(cache, RaggedKV):
+        raise fail("cache", "a RaggedKV", describe(cache))
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1:
+        raise fail("cu_seqlens_q", "an int32 tensor [B + 1]", describe(cu_seqlens_q))
+    B = cu_seqlens_q.numel() - 1
+    Hkv = cache.num_kv_heads
+    if cache.batch_size != B or Hq % Hkv != 0:
+        raise fail(
+            "cache",
+            f"a RaggedKV over B={B} requests (len(cu_seqlens_q) - 1) with Hkv dividing Hq={Hq}",
+            f"B={cache.batch_size}, Hkv={Hkv}",
+        )
+    if cache.head_dim != D:
+        raise fail("cache", f"head dim D={D} (q is {tuple(q.shape)})", f"D={cache.head_dim}")
+    check_same("cache.k", cache.k, q, "q")
+    q_lens = _check_cu(cu_seqlens_q, "cu_seqlens_q", B, q.device, Nq, "Nq")
+    max_seqlen_q = _check_bound(max_seqlen_q, "max_seqlen_q", q_lens, "request's queries")
+    if (k_tail is None) != (v_tail is None):
+        raise fail("v_tail" if v_tail is None else "k_tail", "given together with its pair", "None")
+    if k_tail is None:
+        for arg, value in (
+            ("cu_seqlens_tail", cu_seqlens_tail),
+            ("max_seqlen_tail", max_seqlen_tail),
+            ("tail_starts", tail_starts),
+        ):
+            if value is not None:
+                raise fail(arg, "None without k_tail / v_tail", describe(value))
+        return VarlenDims(B, Nq, Hq, Hkv, D, 0, max_seqlen_q, 0)
+    check_tensor(k_tail, "k_tail", "[Nt, Hkv, D]", 3)
+    if k_tail.shape[1] != Hkv or k_tail.shape[2] != D:
+        raise fail("k_tail", f"[Nt, Hkv={Hkv}, D={D}]", describe(k_tail))
+    check_tensor(v_tail, "v_tail", "[Nt, Hkv, D]", 3)
+    if v_tail.shape != k_tail.shape:
+        raise fail("v_tail", f"k_tail's shape {tuple(k_tail.shape)}", describe(v_tail))
+    check_same("k_tail", k_tail, q, "q")
+    check_same("v_tail", v_tail, q, "q")
+    Nt = k_tail.shape[0]
+    if cu_seqlens_tail is None:
+        raise fail("cu_seqlens_tail", f"an int32 tensor [B + 1 = {B + 1}] with k_tail", "None")
+    # With tail_starts the tails may sit anywhere in the Nt rows: only the starts are bounded.
+    end_bound = Nt if tail_starts is None else 2**31 - 1
+    t_lens = _check_cu(cu_seqlens_tail, "cu_seqlens_tail", B, q.device, end_bound, "Nt")
+    if max_seqlen_tail is None:
+        max_seqlen_tail = Nt  # a request's tail is at most all of k_tail
+    max_seqlen_tail = _check_bound(max_seqlen_tail, "max_seqlen_tail", t_lens, "request's tail")
+    if tail_starts is not None:
+        if (
+            not isinstance(tail_starts, torch.Tensor)
+            or tail_starts.dtype != torch.int64
+            or tail_starts.shape != (B,)
+            or tail_starts.device != q.device
+        ):
+            raise fail(
+                "tail_starts", f"an int64 tensor [B={B}] on {q.device}", describe(tail_starts)
+            )
+        if t_lens is not None:
+            starts = tail_starts.tolist()
+            for b, (start, n) in enumerate(zip(starts, t_lens)):
+                if start < 0 or start + n > Nt:
+                    raise fail(
+                        "tail_starts",
+                        f"values keeping every tail inside the Nt={Nt} rows of k_tail",
+                        f"request {b} at rows [{start}, {start + n})",
+                    )
+    return VarlenDims(B, Nq, Hq, Hkv, D, Nt, max_seqlen_q, max_seqlen_tail)

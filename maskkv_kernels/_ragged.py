@@ -17,14 +17,24 @@ class RaggedKV:
     holds rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` of ``k``, ``v`` and ``positions``, in
     ascending position order.
 
+    With ``seg_starts`` the cache is a view into a pool: segment ``s`` holds rows
+    ``seg_starts[s] : seg_starts[s] + (cu_seqlens[s + 1] - cu_seqlens[s])`` of ``k``, ``v`` and
+    ``positions``, which are then the whole pool (N pool rows; disjoint segments in any order,
+    with holes of any content between them). Lengths always come from ``cu_seqlens``. An engine
+    keeps every request's pruned cache of a layer in one preallocated pool this way, and frees
+    or reuses a request's rows without concatenating the others.
+
     Attributes:
-        k: [N, D] kept keys (after RoPE), N = sum of kept lengths.
+        k: [N, D] kept keys (after RoPE), N = sum of kept lengths (with ``seg_starts``: the
+            pool's rows).
         v: [N, D] kept values, same dtype and device as ``k``.
         cu_seqlens: int32 [B * Hkv + 1], cumulative segment lengths, ``cu_seqlens[0] == 0``.
         positions: int32 [N], original token position of every kept row.
         max_seqlen: an upper bound on the longest segment (exact when it is known on the host
             without a device sync; kernels only use it to size their grids).
         num_kv_heads: Hkv, so that ``B = (len(cu_seqlens) - 1) // Hkv``.
+        seg_starts: optional int64 [B * Hkv], first row of every segment in ``k`` / ``v`` /
+            ``positions`` (None: ``cu_seqlens[:-1]``, the packed layout).
     """
 
     k: torch.Tensor
@@ -33,6 +43,7 @@ class RaggedKV:
     positions: torch.Tensor
     max_seqlen: int
     num_kv_heads: int
+    seg_starts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         k, v = self.k, self.v
@@ -77,20 +88,38 @@ class RaggedKV:
             raise ValueError(
                 f"RaggedKV: max_seqlen must be a non-negative int, got {self.max_seqlen}"
             )
+        starts = self.seg_starts
+        S = cu.numel() - 1
+        if starts is not None and (
+            not isinstance(starts, torch.Tensor)
+            or starts.shape != (S,)
+            or starts.dtype != torch.int64
+            or starts.device != k.device
+        ):
+            raise ValueError(
+                f"RaggedKV: seg_starts must be None or int64 [B * Hkv={S}] on {k.device}, got "
+                f"{_shape(starts)} {getattr(starts, 'dtype', None)} "
+                f"{getattr(starts, 'device', None)}"
+            )
         # Value checks need the data on the host; do them for free on CPU only (no device sync),
         # and never under tracing (torch.compile): there the values are not known yet, and the
         # ops that build a RaggedKV produce consistent offsets by construction.
         if cu.device.type == "cpu" and not torch.compiler.is_compiling():
             lengths = cu[1:] - cu[:-1]
-            if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) != k.shape[0]:
+            N = k.shape[0]
+            packed_end = starts is None and int(cu[-1]) != N
+            if int(cu[0]) != 0 or bool((lengths < 0).any()) or packed_end:
                 raise ValueError(
-                    f"RaggedKV: cu_seqlens must start at 0, be non-decreasing and end at N={k.shape[0]}"
+                    "RaggedKV: cu_seqlens must start at 0, be non-decreasing"
+                    + (f" and end at N={N}" if starts is None else "")
                 )
             if lengths.numel() and int(lengths.max()) > self.max_seqlen:
                 raise ValueError(
                     f"RaggedKV: max_seqlen={self.max_seqlen} is below the longest segment "
                     f"({int(lengths.max())})"
                 )
+            if starts is not None:
+                _check_pool_segments(starts, lengths.long(), N)
 
     @property
     def batch_size(self) -> int:
@@ -104,12 +133,30 @@ class RaggedKV:
         """Kept length of every segment: int32 [B, Hkv]."""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).view(self.batch_size, self.num_kv_heads)
 
+    def starts(self) -> torch.Tensor:
+        """First row of every segment in ``k`` / ``v`` / ``positions``: int64 [B * Hkv]."""
+        if self.seg_starts is not None:
+            return self.seg_starts
+        return self.cu_seqlens[:-1].long()
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache (keys, values, positions and offsets)."""
-        return sum(
-            t.numel() * t.element_size() for t in (self.k, self.v, self.positions, self.cu_seqlens)
+        """Bytes held by the cache: keys, values, positions and offsets.
+
+        With ``seg_starts`` (a view into a pool) it counts the rows the segments cover
+        (``cu_seqlens[-1]`` rows of K, V and positions) plus the offset tensors: what this cache
+        occupies inside the pool, not the pool's size (its owner counts that). That reads
+        ``cu_seqlens[-1]``: one device sync on CUDA (none without ``seg_starts``).
+        """
+        offsets = [self.cu_seqlens] + ([] if self.seg_starts is None else [self.seg_starts])
+        offset_bytes = sum(t.numel() * t.element_size() for t in offsets)
+        rows = self.k.shape[0] if self.seg_starts is None else int(self.cu_seqlens[-1])
+        row_bytes = (
+            self.k.shape[1] * self.k.element_size()
+            + self.v.shape[1] * self.v.element_size()
+            + self.positions.element_size()
         )
+        return rows * row_bytes + offset_bytes
 
     def to_padded(
         self, fill: float = 0.0
@@ -120,23 +167,43 @@ class RaggedKV:
         int64 [B, Hkv, Lmax] (-1 past the end) and ``valid``: bool [B, Hkv, Lmax].
         """
         B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
-        lengths = self.lengths().reshape(-1).long()
-        lmax = int(lengths.max()) if lengths.numel() else 0
-        seg = torch.repeat_interleave(torch.arange(B * H, device=self.k.device), lengths)
-        offs = (
-            torch.arange(self.k.shape[0], device=self.k.device) - self.cu_seqlens[:-1].long()[seg]
-        )
+        seg, offs, rows = self._row_index()
+        lmax = int(offs.max()) + 1 if offs.numel() else 0
         k = self.k.new_full((B * H, lmax, D), fill)
         v = self.v.new_full((B * H, lmax, D), fill)
         pos = torch.full((B * H, lmax), -1, dtype=torch.long, device=self.k.device)
-        k[seg, offs] = self.k
-        v[seg, offs] = self.v
-        pos[seg, offs] = self.positions.long()
+        k[seg, offs] = self.k[rows]
+        v[seg, offs] = self.v[rows]
+        pos[seg, offs] = self.positions[rows].long()
         return (
             k.view(B, H, lmax, D),
             v.view(B, H, lmax, D),
             pos.view(B, H, lmax),
             (pos >= 0).view(B, H, lmax),
+        )
+
+    def _row_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int64 [n] each for the n = cu_seqlens[-1] kept rows, in segment order: segment,
+        offset inside it, row in ``k`` (syncs with the device)."""
+        lengths = self.lengths().reshape(-1).long()
+        device = self.k.device
+        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        offs = torch.arange(seg.numel(), device=device) - self.cu_seqlens[:-1].long()[seg]
+        return seg, offs, self.starts()[seg] + offs
+
+    def compact(self) -> RaggedKV:
+        """A packed copy (no ``seg_starts``, N = sum of lengths); syncs with the device.
+        Without ``seg_starts`` it returns ``self``."""
+        if self.seg_starts is None:
+            return self
+        _, _, rows = self._row_index()
+        return RaggedKV(
+            self.k[rows],
+            self.v[rows],
+            self.cu_seqlens.clone(),
+            self.positions[rows],
+            self.max_seqlen,
+            self.num_kv_heads,
         )
 
     def to(self, device: torch.device | str) -> RaggedKV:
@@ -147,6 +214,29 @@ class RaggedKV:
             self.positions.to(device),
             self.max_seqlen,
             self.num_kv_heads,
+            None if self.seg_starts is None else self.seg_starts.to(device),
+        )
+
+
+def _check_pool_segments(starts: torch.Tensor, lengths: torch.Tensor, N: int) -> None:
+    """Every segment inside the N rows, no two (non-empty) segments sharing a row."""
+    ends = starts + lengths
+    bad = (starts < 0) | (ends > N)
+    if bool(bad.any()):
+        s = int(bad.nonzero()[0])
+        raise ValueError(
+            f"RaggedKV: seg_starts must keep every segment inside the N={N} rows of k, got "
+            f"segment {s} at rows [{int(starts[s])}, {int(ends[s])})"
+        )
+    live = (lengths > 0).nonzero().view(-1)
+    order = live[starts[live].argsort()]
+    overlap = ends[order[:-1]] > starts[order[1:]]
+    if bool(overlap.any()):
+        i = int(overlap.nonzero()[0])
+        a, b = int(order[i]), int(order[i + 1])
+        raise ValueError(
+            f"RaggedKV: seg_starts must give segments disjoint rows, got segments {a} "
+            f"[{int(starts[a])}, {int(ends[a])}) and {b} [{int(starts[b])}, {int(ends[b])})"
         )
 
 

@@ -376,38 +376,86 @@ def ragged_attention(
     k_tail: torch.Tensor | None = None,
     v_tail: torch.Tensor | None = None,
     *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    cu_seqlens_tail: torch.Tensor | None = None,
+    max_seqlen_tail: int | None = None,
+    tail_starts: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of each KV head's queries over [its kept prompt segment ‖ the tail].
 
-    Args:
-        q: [B, Hq, Lq, D]; cache: RaggedKV with B * Hkv segments;
-        k_tail, v_tail: optional [B, Hkv, Lt, D] (the response), non-causal.
-    Returns:
-        out [B, Hq, Lq, D] in q's dtype (0 for a head with no key at all) and, with
-        ``return_lse``, fp32 natural-log LSE [B, Hq, Lq] (-inf for no key).
+    Two forms (see ``maskkv_kernels.ragged_attention``):
+
+    - dense: q [B, Hq, Lq, D], k_tail / v_tail [B, Hkv, Lt, D]; returns out [B, Hq, Lq, D]
+      (and lse [B, Hq, Lq]);
+    - varlen (``cu_seqlens_q`` given): q [Nq, Hq, D] packed, request b owning rows
+      ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``; k_tail / v_tail [Nt, Hkv, D] packed, request b's
+      tail being ``cu_seqlens_tail[b+1] - cu_seqlens_tail[b]`` rows from ``tail_starts[b]``
+      (default ``cu_seqlens_tail[b]``); returns out [Nq, Hq, D] (and lse [Nq, Hq]), rows of no
+      request 0 (lse -inf).
+
+    Non-causal; the cache may be a pool view (``seg_starts``). Out in q's dtype (0 for a head
+    with no key at all), fp32 natural-log LSE (-inf for no key).
     """
-    B, Hq, Hkv, Lq, D, Lt = C.check_ragged_attention(q, cache, k_tail, v_tail)
+    if cu_seqlens_q is None:
+        if any(
+            x is not None for x in (max_seqlen_q, cu_seqlens_tail, max_seqlen_tail, tail_starts)
+        ):
+            raise C.fail("cu_seqlens_q", "a tensor when any varlen argument is given", "None")
+        B, Hq, Hkv, Lq, D, Lt = C.check_ragged_attention(q, cache, k_tail, v_tail)
+        # The dense form is the varlen form with Lq queries and Lt tail rows per request.
+        q_rows = q.transpose(1, 2).reshape(B * Lq, Hq, D)
+        tails = [None, None]
+        if Lt:
+            tails = [t.transpose(1, 2).reshape(B * Lt, Hkv, D) for t in (k_tail, v_tail)]
+        cu_q = torch.arange(B + 1, dtype=torch.int32) * Lq
+        cu_t = torch.arange(B + 1, dtype=torch.int32) * Lt
+        out, lse = _ragged_attention_varlen(q_rows, cache, *tails, cu_q, cu_t, None, scale)
+        out = out.view(B, Lq, Hq, D).transpose(1, 2).contiguous()
+        lse = lse.view(B, Lq, Hq).transpose(1, 2).contiguous()
+    else:
+        C.check_ragged_attention_varlen(
+            q, cache, k_tail, v_tail, cu_seqlens_q, max_seqlen_q, cu_seqlens_tail,
+            max_seqlen_tail, tail_starts,
+        )  # fmt: skip
+        out, lse = _ragged_attention_varlen(
+            q, cache, k_tail, v_tail, cu_seqlens_q, cu_seqlens_tail, tail_starts, scale
+        )
+    return (out, lse) if return_lse else out
+
+
+def _ragged_attention_varlen(q, cache, k_tail, v_tail, cu_q, cu_t, tail_starts, scale):
+    """The varlen definition, one (request, KV head) at a time: (out [Nq, Hq, D], lse [Nq, Hq])."""
+    Nq, Hq, D = q.shape
     scale = C.check_scale(scale, D)
+    Hkv = cache.num_kv_heads
     G = Hq // Hkv
+    cu_q = cu_q.cpu().tolist()
     cu = cache.cu_seqlens.cpu().tolist()
-    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
-    for b in range(B):
+    seg_starts = cache.starts().cpu().tolist()
+    if k_tail is not None:
+        cu_t = cu_t.cpu().tolist()
+        t_starts = cu_t[:-1] if tail_starts is None else tail_starts.cpu().tolist()
+    out = torch.zeros(Nq, Hq, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((Nq, Hq), -math.inf, dtype=torch.float32, device=q.device)
+    for b in range(len(cu_q) - 1):
+        queries = slice(cu_q[b], cu_q[b + 1])
         for g in range(Hkv):
             s = b * Hkv + g
-            keys = [cache.k[cu[s] : cu[s + 1]].float()]
-            vals = [cache.v[cu[s] : cu[s + 1]].float()]
-            if Lt:
-                keys.append(k_tail[b, g].float())
-                vals.append(v_tail[b, g].float())
+            start, n = seg_starts[s], cu[s + 1] - cu[s]
+            keys = [cache.k[start : start + n].float()]
+            vals = [cache.v[start : start + n].float()]
+            if k_tail is not None:
+                tail = slice(t_starts[b], t_starts[b] + cu_t[b + 1] - cu_t[b])
+                keys.append(k_tail[tail, g].float())
+                vals.append(v_tail[tail, g].float())
             kk, vv = torch.cat(keys), torch.cat(vals)
             if kk.shape[0] == 0:
                 continue
             heads = slice(g * G, (g + 1) * G)
-            logits = q[b, heads].float() @ kk.T * scale  # [G, Lq, n]
-            lse[b, heads] = torch.logsumexp(logits, -1)
-            out[b, heads] = torch.softmax(logits, -1) @ vv
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+            logits = q[queries, heads].float().transpose(0, 1) @ kk.T * scale  # [G, nq, n]
+            lse[queries, heads] = torch.logsumexp(logits, -1).T
+            out[queries, heads] = (torch.softmax(logits, -1) @ vv).transpose(0, 1)
+    return out.to(q.dtype), lse

@@ -655,3 +655,149 @@ def test_attention_row_alone_noncontiguous_and_reruns(case, data):
     # Bucketing (torch) and split-K (Triton) depend on the other segments' lengths: allow the
     # rounding of a different summation order, nothing more.
     assert_attention_close((alone[0], alone[1]), (want[0][b : b + 1], want[1][b : b + 1]), q.dtype)
+
+
+# ----------------------------------------------------------------------------- varlen attention
+
+
+@st.composite
+def varlen_cases(draw, max_len: int = 8):
+    """One varlen ``ragged_attention`` call: (q, cache, k_tail, v_tail, varlen kwargs, scale).
+
+    Requests with no query, empty segments and tails, a request's queries padded past
+    cu_seqlens_q[-1], loose host bounds, GQA, dtypes."""
+    B, Hkv, G = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    D = draw(st.sampled_from([1, 4, 8, 16]))
+    dtype = draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    seg_lens = torch.randint(0, max_len + 1, (B * Hkv,), generator=g)
+    if draw(st.booleans()):
+        seg_lens[torch.randint(0, B * Hkv, (1,), generator=g)] = 0
+    q_lens = torch.randint(0, 5, (B,), generator=g)
+    if draw(st.booleans()):
+        q_lens[torch.randint(0, B, (1,), generator=g)] = 0
+    spare_rows = draw(st.sampled_from([0, 0, 2]))  # Nq padded past the last request
+    N, Nq = int(seg_lens.sum()), int(q_lens.sum())
+
+    def cu(lens):
+        return torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+
+    cache = mk.RaggedKV(
+        k=torch.randn(N, D, generator=g).to(dtype),
+        v=torch.randn(N, D, generator=g).to(dtype),
+        cu_seqlens=cu(seg_lens),
+        positions=torch.arange(N, dtype=torch.int32),
+        max_seqlen=int(seg_lens.max()) + draw(st.sampled_from([0, 0, 3])),
+        num_kv_heads=Hkv,
+    )
+    q = torch.randn(Nq + spare_rows, G * Hkv, D, generator=g) * draw(st.sampled_from([0.5, 3.0]))
+    kw = dict(
+        cu_seqlens_q=cu(q_lens), max_seqlen_q=int(q_lens.max()) + draw(st.sampled_from([0, 2]))
+    )
+    kt = vt = None
+    if draw(st.integers(0, 3)):
+        t_lens = torch.randint(0, 4, (B,), generator=g)
+        Nt = int(t_lens.sum())
+        kt = torch.randn(Nt, Hkv, D, generator=g).to(dtype)
+        vt = torch.randn(Nt, Hkv, D, generator=g).to(dtype)
+        kw["cu_seqlens_tail"] = cu(t_lens)
+        kw["max_seqlen_tail"] = draw(st.sampled_from([None, int(t_lens.max())]))
+    scale = draw(st.sampled_from([None, None, 0.3, 2.0]))
+    return q.to(dtype), cache, kt, vt, kw, scale
+
+
+def run_varlen(case, backend, **extra):
+    q, cache, kt, vt, kw, scale = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return mk.ragged_attention(
+            q, cache, kt, vt, **{**kw, **extra}, scale=scale, return_lse=True, backend=backend
+        )
+
+
+@fuzz(*N_TORCH)
+@given(case=varlen_cases())
+def test_varlen_torch_matches_reference(case):
+    got = run_varlen(case, "torch")
+    assert got[0].dtype == case[0].dtype and got[0].shape == case[0].shape
+    assert_attention_close(got, run_varlen(case, "reference"), case[0].dtype)
+
+
+@needs_triton
+@fuzz(*N_TRITON)
+@given(case=varlen_cases(max_len=6), num_splits=st.sampled_from([None, None, 2, 3]))
+def test_varlen_triton_matches_reference_and_torch(case, num_splits):
+    """The public op (split-K off under the interpreter), and split-K work items forced."""
+    want = run_varlen(case, "reference")
+    assert_attention_close(run_varlen(case, "triton"), want, case[0].dtype)
+    assert_attention_close(run_varlen(case, "torch"), want, case[0].dtype)
+    if num_splits is not None:
+        from maskkv_kernels.attention.triton_ragged import ragged_attention_varlen_triton
+
+        q, cache, kt, vt, kw, scale = case
+        max_t = kw.get("max_seqlen_tail") or (0 if kt is None else kt.shape[0])
+        got = ragged_attention_varlen_triton(
+            q, cache.k, cache.v, cache.cu_seqlens, None, cache.max_seqlen, cache.num_kv_heads,
+            kw["cu_seqlens_q"], kw["max_seqlen_q"], kt, vt, kw.get("cu_seqlens_tail"), None,
+            max_t, scale or q.shape[-1] ** -0.5, True, num_splits=num_splits,
+        )  # fmt: skip
+        assert_attention_close(got, want, q.dtype)
+
+
+@needs_cpp
+@fuzz(*N_META)
+@given(case=varlen_cases(max_len=40))
+def test_varlen_cpp_matches_reference_and_torch(case):
+    got = run_varlen(case, "cpp")
+    assert got[0].dtype == case[0].dtype and got[0].shape == case[0].shape
+    assert_attention_close(got, run_varlen(case, "reference"), case[0].dtype)
+    assert_attention_close(got, run_varlen(case, "torch"), case[0].dtype)
+
+
+@fuzz(*N_META_ATTENTION)
+@given(case=varlen_cases(), data=st.data())
+def test_varlen_pool_view_poison_and_requests_alone(case, data):
+    """A pool view (segments and tails relocated, NaN / inf garbage between them) is bitwise the
+    packed call; NaN / inf in one request's keys, values, tail or queries leaves every other
+    request bitwise unchanged; every request alone (the dense 4-D call) equals its rows."""
+    import test_ragged_varlen as tv
+
+    backend = data.draw(st.sampled_from(_backends()))
+    q, cache, kt, vt, kw, scale = case
+    want = run_varlen(case, backend)
+    special = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    pool = tv.to_pool(cache, gap=data.draw(st.integers(0, 2)), garbage=special)
+    extra = {}
+    if kt is not None:
+        kt, vt, extra["tail_starts"] = tv.tails_to_pool(kt, vt, kw["cu_seqlens_tail"])
+    got = run_varlen((q, pool, kt, vt, kw, scale), backend, **extra)
+    assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(bits(got[1]), bits(want[1]))
+
+    q, cache, kt, vt, kw, scale = case
+    B, Hkv = cache.batch_size, cache.num_kv_heads
+    b = data.draw(st.integers(0, B - 1))
+    cu, cu_q = cache.cu_seqlens.tolist(), kw["cu_seqlens_q"].tolist()
+    k, v, q2 = cache.k.clone(), cache.v.clone(), q.clone()
+    k[cu[b * Hkv] : cu[(b + 1) * Hkv]] = special
+    v[cu[b * Hkv] : cu[(b + 1) * Hkv]] = special
+    q2[cu_q[b] : cu_q[b + 1]] = special
+    poisoned = mk.RaggedKV(k, v, cache.cu_seqlens, cache.positions, cache.max_seqlen, Hkv)
+    kt2, vt2 = kt, vt
+    if kt is not None:
+        cu_t = kw["cu_seqlens_tail"].tolist()
+        kt2, vt2 = kt.clone(), vt.clone()
+        kt2[cu_t[b] : cu_t[b + 1]] = special
+        vt2[cu_t[b] : cu_t[b + 1]] = special
+    got = run_varlen((q2, poisoned, kt2, vt2, kw, scale), backend)
+    other = torch.ones(q.shape[0], dtype=torch.bool)
+    other[cu_q[b] : cu_q[b + 1]] = False
+    assert torch.equal(bits(got[0][other]), bits(want[0][other]))
+    assert torch.equal(bits(got[1][other]), bits(want[1][other]))
+
+    for b in range(B):
+        q4, one, kt4, vt4 = tv.request_alone(b, q, cache, kt, vt, kw)
+        alone = run_attention((q4, one, kt4, vt4, scale), backend)
+        rows = slice(cu_q[b], cu_q[b + 1])
+        assert_attention_close(
+            (alone[0][0].transpose(0, 1), alone[1][0].T), (want[0][rows], want[1][rows]), q.dtype
+        )

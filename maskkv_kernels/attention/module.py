@@ -20,7 +20,8 @@ class RaggedAttention(nn.Module):
         backend: "auto", "triton", "torch" or "reference" (see :func:`ragged_attention`).
 
     ``forward(q [B, Hq, Lq, D], cache: RaggedKV, k_tail=None, v_tail=None, return_lse=False)``
-    returns out [B, Hq, Lq, D] (and lse [B, Hq, Lq] fp32 with ``return_lse``).
+    returns out [B, Hq, Lq, D] (and lse [B, Hq, Lq] fp32 with ``return_lse``); the varlen
+    keyword arguments of :func:`ragged_attention` (``cu_seqlens_q``, ...) pass through.
     """
 
     def __init__(self, scale: float | None = None, backend: str = "auto") -> None:
@@ -37,10 +38,12 @@ class RaggedAttention(nn.Module):
         k_tail: torch.Tensor | None = None,
         v_tail: torch.Tensor | None = None,
         return_lse: bool = False,
+        **varlen,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return ragged_attention(
-            q, cache, k_tail, v_tail, scale=self.scale, return_lse=return_lse, backend=self.backend
-        )
+            q, cache, k_tail, v_tail, **varlen, scale=self.scale, return_lse=return_lse,
+            backend=self.backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, backend={self.backend!r}"

@@ -77,16 +77,19 @@ def _attend_tile(
 @triton.jit
 def _ragged_attn_fwd(
     Q, K, V, KT, VT, CU,  # q [B, Hq, Lq, D]; k, v [N, D]; k/v_tail [B, Hkv, Lt, D]; cu int32
-    Out, Lse, OPart, LsePart,  # out [B*Hq*Lq, D], lse [B*Hq*Lq]; partials (see the launcher)
+    STARTS,  # first row of every segment in k / v: seg_starts (int64), or CU itself
+    CU_Q, CU_T, T_STARTS,  # varlen: int32 [B + 1] query / tail offsets, first tail rows
+    Out, Lse, OPart, LsePart,  # out / lse rows (see o_sb); partials (see the launcher)
     ITEM_START, NSEG, SEARCH_ITERS,  # work list: int32 [NSEG + 1] first item of each segment
     qk_scale, Lq, Lt, HKV, G, ROWS, ROW_TILES, R_TOTAL, D, CHUNK, NUM_SPLITS,
     s_qb, s_qh, s_qm, s_qd,
     s_kn, s_kd, s_vn, s_vd,
     s_ktb, s_kth, s_ktm, s_ktd,
     s_vtb, s_vth, s_vtm, s_vtd,
+    o_sb, o_sh, o_sm,  # output row of (b, head, query row) = b * o_sb + head * o_sh + row * o_sm
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, WORKLIST: tl.constexpr, STORE_LSE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Axis 0 folds (segment or work item, row tile) with row tiles fastest (no 65535 limit).
     pid = tl.program_id(0)
@@ -113,27 +116,46 @@ def _ragged_attn_fwd(
         seg = pid // ROW_TILES
     b = (seg // HKV).to(tl.int64)
     g = (seg % HKV).to(tl.int64)
+    if VARLEN:
+        # Request b: queries q_first .. q_first + n_q of q [Nq, Hq, D], tail rows t_first ..
+        # t_first + lt of k_tail [Nt, Hkv, D]; G * n_q live rows (row tiles past them are idle).
+        q_first = tl.load(CU_Q + b).to(tl.int64)
+        n_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
+        live_rows = tl.minimum(live_rows, G * n_q)
+        t_first = tl.load(T_STARTS + b).to(tl.int64)
+        lt = tl.load(CU_T + b + 1) - tl.load(CU_T + b)
+    else:
+        q_first = b * 0
+        t_first = b * 0
+        lt = Lt
 
-    seg_start = tl.load(CU + seg).to(tl.int64)
+    seg_start = tl.load(STARTS + seg).to(tl.int64)
     n_seg = tl.load(CU + seg + 1) - tl.load(CU + seg)  # int32: one segment is < 2^31 rows
-    n_tot = n_seg + Lt
+    n_tot = n_seg + lt
+    has_rows = pid_m * BLOCK_M < live_rows  # else: no key to read, nothing to store
     if WORKLIST:
-        lo = tl.where(live_rows > 0, (item - first_item) * CHUNK, n_tot)
+        lo = tl.where(has_rows, (item - first_item) * CHUNK, n_tot)
         hi = tl.minimum(lo + CHUNK, n_tot)
     elif SPLIT:
         lo = split * CHUNK
         hi = tl.where(split == NUM_SPLITS - 1, n_tot, tl.minimum(lo + CHUNK, n_tot))
     else:
         lo = 0
-        hi = n_tot
+        hi = tl.where(has_rows, n_tot, 0)
 
-    # GQA-packed rows: row r of KV head g is query i = r % Lq of query head g * G + r // Lq.
+    # GQA-packed rows of KV head g. Dense: row r is query r % Lq of head g * G + r // Lq.
+    # Varlen: row r is query r // G of head g * G + r % G (a query's G heads are adjacent in q).
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < live_rows
-    head = g * G + (rows // Lq).to(tl.int64)
+    if VARLEN:
+        head = g * G + (rows % G).to(tl.int64)
+        q_row = q_first + (rows // G).to(tl.int64)
+    else:
+        head = g * G + (rows // Lq).to(tl.int64)
+        q_row = (rows % Lq).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q_ptrs = (Q + b * s_qb + head[:, None] * s_qh + (rows % Lq).to(tl.int64)[:, None] * s_qm
+    q_ptrs = (Q + b * s_qb + head[:, None] * s_qh + q_row[:, None] * s_qm
               + offs_d[None, :] * s_qd)
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
@@ -155,8 +177,8 @@ def _ragged_attn_fwd(
     # ... and keys [max(lo, n_seg), hi) from the dense tail, in the same online softmax.
     t_lo = tl.maximum(lo, n_seg) - n_seg
     t_hi = hi - n_seg
-    kt_base = KT + b * s_ktb + g * s_kth
-    vt_base = VT + b * s_vtb + g * s_vth
+    kt_base = KT + b * s_ktb + g * s_kth + t_first * s_ktm
+    vt_base = VT + b * s_vtb + g * s_vth + t_first * s_vtm
     for start in range(t_lo, t_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ptrs = kt_base + offs_n.to(tl.int64)[:, None] * s_ktm + offs_d[None, :] * s_ktd
@@ -168,7 +190,7 @@ def _ragged_attn_fwd(
     has_key = l_i > 0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse2 = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
-    out_rows = seg.to(tl.int64) * ROWS + rows  # == (b * Hq + head) * Lq + query
+    out_rows = b * o_sb + head * o_sh + q_row * o_sm
     io_mask = row_mask[:, None] & d_mask[None, :]
     if WORKLIST:
         # A segment with one item writes its output directly; others write partials (row
@@ -252,29 +274,42 @@ def _ragged_attn_combine(
 
 @triton.jit
 def _ragged_attn_combine_items(
-    OPart, LsePart, ITEM_START, Out, Lse,
-    R_TOTAL, ROWS, D,
+    OPart, LsePart, ITEM_START, CU_Q, Out, Lse,
+    R_TOTAL, ROWS, HKV, G, D, o_sh, o_sm,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    """Work-list combine: rows of segments with more than one item merge their items' partials
-    (item w, row r at w * ROWS + r); rows of one-item segments were written directly."""
+    """Work-list combine over the packed rows (row r of segment s at s * ROWS + r): rows of
+    segments with more than one item merge their items' partials (item w, row r at w * ROWS +
+    r); rows of one-item segments were written directly. Dense: packed row == output row.
+    Varlen: row r of segment (b, g) is query cu_q[b] + r // G of head g * G + r % G, live while
+    r < G * n_q (ROWS is G * max_seqlen_q)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R_TOTAL
     seg = rows // ROWS
+    r = rows % ROWS
+    if VARLEN:
+        b = seg // HKV
+        q_first = tl.load(CU_Q + b, mask=row_mask, other=0)
+        n_q = tl.load(CU_Q + b + 1, mask=row_mask, other=0) - q_first
+        row_mask = row_mask & (r < G * n_q)
+        head = (seg % HKV) * G + r % G
+        out_rows = head.to(tl.int64) * o_sh + (q_first + r // G).to(tl.int64) * o_sm
+    else:
+        out_rows = rows.to(tl.int64)
     first = tl.load(ITEM_START + seg, mask=row_mask, other=0)
     count = tl.load(ITEM_START + seg + 1, mask=row_mask, other=0) - first
     count = tl.where(row_mask & (count > 1), count, 0)
-    rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    base = first.to(tl.int64) * ROWS + (rows % ROWS).to(tl.int64)
+    base = first.to(tl.int64) * ROWS + r.to(tl.int64)
     o, lse = _merge_partials(OPart, LsePart, base, ROWS, count, offs_d, d_mask, D,
                              BLOCK_R, BLOCK_D)
     merged = count > 1
-    tl.store(Out + rows64[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
+    tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
              mask=merged[:, None] & d_mask[None, :])
     if STORE_LSE:
-        tl.store(Lse + rows64, lse, mask=merged)
+        tl.store(Lse + out_rows, lse, mask=merged)
 
 
 # fmt: on
@@ -289,7 +324,8 @@ _CONFIGS = [
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 4)]
 ]
 _fwd_tuned = triton.autotune(
-    _CONFIGS, key=["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "UPCAST", "PRECISION"]
+    _CONFIGS,
+    key=["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "VARLEN", "UPCAST", "PRECISION"],
 )(_ragged_attn_fwd)
 # How split-K is planned: "worklist" (default) cuts every segment into CHUNK-key work items from
 # the real lengths on the device; "grid" is the first version (a [num_splits] grid axis sized
@@ -361,16 +397,18 @@ def ragged_attention_triton(
     v_tail: torch.Tensor | None,
     scale: float,
     return_lse: bool,
+    seg_starts: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     planner: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the ragged attention kernel (inputs already validated by the public op).
+    """Launch the ragged attention kernel, dense form (inputs already validated by the public op).
 
     Args:
         q: [B, Hq, Lq, D] (any strides); k, v: [N, D]; cu_seqlens: int32 [B * Hkv + 1];
         max_seqlen: host upper bound on a segment's length (sizes the split-K grid only);
-        k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale.
+        k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale;
+        seg_starts: int64 [B * Hkv] first row of every segment (a pool view) or None.
         num_splits: force split-K with chunks of ceil((max_seqlen + Lt) / num_splits) keys
             (tests); None = heuristic, 1 = off.
         planner: "worklist" or "grid" (see ``PLANNER``, the default).
@@ -379,133 +417,211 @@ def ragged_attention_triton(
     """
     B, Hq, Lq, D = q.shape
     Hkv = num_kv_heads
-    G = Hq // Hkv
-    S, rows = B * Hkv, G * Lq
-    R = B * Hq * Lq
     out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device) if return_lse else None
-    if R == 0:
-        return out, lse
-    if D > _MAX_HEAD_DIM:
-        raise ValueError(
-            f"q: expected head dim D <= {_MAX_HEAD_DIM} for the Triton backend, got {D}"
-        )
     Lt = 0 if k_tail is None else k_tail.shape[2]
-    if Lt == 0:  # any valid pointer will do: the tail loop runs zero times
-        k_tail = v_tail = q
-        kt_strides = vt_strides = (0, 0, 0, 0)
-    else:
-        kt_strides, vt_strides = k_tail.stride(), v_tail.stride()
-    if k.shape[0] == 0:
-        k = v = q.new_empty((1, D))
-
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m = _block_m(rows, block_d, q.dtype)
-    row_tiles = triton.cdiv(rows, block_m)
-    interp = interpreting()
-    max_keys = max_seqlen + Lt
-    if num_splits is not None:
-        chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
-    elif _plans_splits(q):
-        n_sm = _num_sms(q.device.index or 0)
-        chunk = split_chunk(row_tiles, k.shape[0] + S * Lt, max_keys, n_sm, rows, block_m)
-    else:
-        chunk = None
-    splits = 1 if chunk is None else max(1, math.ceil(max_keys / chunk))
-    split = splits > 1
-    worklist = split and (planner or PLANNER) == "worklist"
-
-    item_start = cu_seqlens  # unused unless worklist
-    search_iters = 0
-    if worklist:
-        # Items per segment from the real lengths (device ops, no sync); the grid and the
-        # partial buffers from the host bound sum_s max(1, ceil(n_s / C)) <= sum_s n_s // C + S.
-        n_tot = (cu_seqlens[1:] - cu_seqlens[:-1]) + Lt
-        items = torch.clamp_min((n_tot + (chunk - 1)) // chunk, 1)
-        item_start = torch.nn.functional.pad(items.cumsum(0, dtype=torch.int32), (1, 0))
-        n_items = (k.shape[0] + S * Lt) // chunk + S
-        search_iters = max(1, math.ceil(math.log2(S + 1)))
-        o_part = torch.empty((n_items, rows, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((n_items, rows), dtype=torch.float32, device=q.device)
-        grid = (row_tiles * n_items, 1)
-    elif split:
-        o_part = torch.empty((splits, R, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, R), dtype=torch.float32, device=q.device)
-        grid = (row_tiles * S, splits)
-    else:
-        o_part = lse_part = out  # unused
-        grid = (row_tiles * S, 1)
-    upcast = interp and q.dtype == torch.bfloat16
-    # fp32 inputs get true fp32 products (tf32 would miss the 1e-4 LSE contract).
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    lse_arg = lse if lse is not None else out
-    args = (
-        q,
-        k,
-        v,
-        k_tail,
-        v_tail,
-        cu_seqlens,
-        out,
-        lse_arg,
-        o_part,
-        lse_part,
-        item_start,
-        S,
-        search_iters,
-        scale * _LOG2E,
-        Lq,
-        Lt,
-        Hkv,
-        G,
-        rows,
-        row_tiles,
-        R,
-        D,
-        chunk or 1,
-        splits,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *kt_strides,
-        *vt_strides,
-    )
-    meta = dict(
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        SPLIT=split,
-        WORKLIST=worklist,
-        STORE_LSE=lse is not None,
-        UPCAST=upcast,
-        PRECISION=precision,
-    )
-    if interp:
-        _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
-    else:
-        _fwd_tuned[grid](*args, **meta)
-
-    if worklist:
-        block_r = 16
-        _ragged_attn_combine_items[(triton.cdiv(R, block_r),)](
-            o_part, lse_part, item_start, out, lse_arg, R, rows, D,
-            BLOCK_R=block_r, BLOCK_D=block_d, STORE_LSE=lse is not None,
-        )  # fmt: skip
-    elif split:
-        block_r = 16
-        _ragged_attn_combine[(triton.cdiv(R, block_r),)](
-            o_part,
-            lse_part,
-            cu_seqlens,
-            out,
-            lse_arg,
-            R,
-            rows,
-            Lt,
-            D,
-            chunk,
-            splits,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            STORE_LSE=lse is not None,
-        )
+    tail = None
+    if Lt:
+        tail = (k_tail, v_tail, k_tail.stride(), v_tail.stride())
+    S = B * Hkv
+    keys = k.shape[0] if seg_starts is None else min(k.shape[0], S * max_seqlen)
+    launch = _Launch(
+        q, q.stride(), out, lse, (Hq * Lq, Lq, 1), B, Hkv, Hq // Hkv, Lq,
+        keys=keys + S * Lt, max_keys=max_seqlen + Lt, tail=tail, Lt=Lt,
+    )  # fmt: skip
+    launch.run(k, v, cu_seqlens, seg_starts, scale, num_splits, planner or PLANNER)
     return out, lse
+
+
+def ragged_attention_varlen_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seg_starts: torch.Tensor | None,
+    max_seqlen: int,
+    num_kv_heads: int,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    k_tail: torch.Tensor | None,
+    v_tail: torch.Tensor | None,
+    cu_seqlens_tail: torch.Tensor | None,
+    tail_starts: torch.Tensor | None,
+    max_seqlen_tail: int,
+    scale: float,
+    return_lse: bool,
+    *,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the ragged attention kernel, varlen form (inputs validated by the public op).
+
+    Args: q [Nq, Hq, D] packed by ``cu_seqlens_q`` (int32 [B + 1]); k, v [N, D] with
+    ``cu_seqlens`` / ``seg_starts`` as in :func:`ragged_attention_triton`; k_tail, v_tail
+    [Nt, Hkv, D] packed by ``cu_seqlens_tail`` (placed by ``tail_starts`` int64 [B]) or None;
+    ``max_seqlen``, ``max_seqlen_q``, ``max_seqlen_tail``: host bounds (grid and split-K sizes,
+    never a sync). Split-K always uses the work-list planner here.
+
+    Returns out [Nq, Hq, D] in q's dtype (rows past ``cu_seqlens_q[B]`` 0), lse fp32 [Nq, Hq]
+    (-inf there) or None.
+    """
+    Nq, Hq, D = q.shape
+    Hkv = num_kv_heads
+    B = cu_seqlens_q.numel() - 1
+    S = B * Hkv
+    # Rows of no request are never visited by a program: zero-filled here (bucketed Nq).
+    out = torch.zeros((Nq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = None
+    if return_lse:
+        lse = torch.full((Nq, Hq), -math.inf, dtype=torch.float32, device=q.device)
+    tail, tail_keys, max_tail = None, 0, 0
+    if k_tail is not None and k_tail.shape[0]:
+        Nt = k_tail.shape[0]
+        max_tail = min(max_seqlen_tail, Nt)
+        # The packed tails (no tail_starts) hold cu_seqlens_tail[B] <= Nt rows in all.
+        tail_keys = Hkv * (B * max_tail if tail_starts is not None else min(Nt, B * max_tail))
+        # [Nt, Hkv, D] as the kernel's (b, head, row, d) strides: b unused, row = dim 0.
+        strides = [(0, t.stride(1), t.stride(0), t.stride(2)) for t in (k_tail, v_tail)]
+        t_starts = cu_seqlens_tail if tail_starts is None else tail_starts
+        tail = (k_tail, v_tail, *strides, cu_seqlens_tail, t_starts)
+    keys = k.shape[0] if seg_starts is None else min(k.shape[0], S * max_seqlen)
+    launch = _Launch(
+        q, (0, q.stride(1), q.stride(0), q.stride(2)), out, lse, (0, 1, Hq), B, Hkv, Hq // Hkv,
+        max_seqlen_q, keys=keys + tail_keys, max_keys=max_seqlen + max_tail, tail=tail,
+        cu_q=cu_seqlens_q,
+    )  # fmt: skip
+    launch.run(k, v, cu_seqlens, seg_starts, scale, num_splits, "worklist")
+    return out, lse
+
+
+class _Launch:
+    """One launch of ``_ragged_attn_fwd`` (plus its combine kernel under split-K), shared by the
+    dense and varlen forms.
+
+    Args: q and its (b, head, row, d) strides; out / lse and the (b, head, row) strides of their
+    output rows; B, Hkv, G; ``max_q``: query rows per head (Lq, or the host bound max_seqlen_q);
+    ``keys``: host bound on the keys summed over all segments (split-K heuristic, work-list
+    size); ``max_keys``: host bound on one segment's keys (kept + tail); ``tail``: dense
+    (k_tail, v_tail, k strides, v strides) or varlen (..., cu_seqlens_tail, first tail rows), or
+    None; ``Lt``: the dense tail length; ``cu_q``: the varlen query offsets (None: dense).
+    """
+
+    def __init__(
+        self, q, q_strides, out, lse, o_strides, B, Hkv, G, max_q, *, keys, max_keys, tail,
+        Lt=0, cu_q=None,
+    ):  # fmt: skip
+        self.q, self.q_strides, self.out, self.lse, self.o_strides = (
+            q,
+            q_strides,
+            out,
+            lse,
+            o_strides,
+        )
+        self.B, self.Hkv, self.G, self.max_q = B, Hkv, G, max_q
+        self.keys, self.max_keys, self.tail, self.Lt, self.cu_q = keys, max_keys, tail, Lt, cu_q
+
+    def run(self, k, v, cu_seqlens, seg_starts, scale, num_splits, planner) -> None:
+        q, out, lse = self.q, self.out, self.lse
+        D = q.shape[-1]
+        Hkv, G = self.Hkv, self.G
+        S, rows = self.B * Hkv, G * self.max_q
+        R = S * rows
+        if R == 0 or out.numel() == 0:
+            return
+        if D > _MAX_HEAD_DIM:
+            raise ValueError(
+                f"q: expected head dim D <= {_MAX_HEAD_DIM} for the Triton backend, got {D}"
+            )
+        varlen = self.cu_q is not None
+        if self.tail is None:  # any valid pointer will do: the tail loop runs zero times
+            kt = vt = q
+            kt_strides = vt_strides = (0, 0, 0, 0)
+            # Varlen without a tail: every request's tail is empty (offsets all 0).
+            cu_t = t_starts = torch.zeros(self.B + 1, dtype=torch.int32, device=q.device)
+        else:
+            kt, vt, kt_strides, vt_strides = self.tail[:4]
+            cu_t, t_starts = self.tail[4:] if varlen else (cu_seqlens, cu_seqlens)
+        if k.shape[0] == 0:
+            k = v = q.new_empty((1, D))
+
+        block_d = max(16, triton.next_power_of_2(D))
+        block_m = _block_m(rows, block_d, q.dtype)
+        row_tiles = triton.cdiv(rows, block_m)
+        interp = interpreting()
+        max_keys = self.max_keys
+        if num_splits is not None:
+            chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
+        elif _plans_splits(q):
+            n_sm = _num_sms(q.device.index or 0)
+            chunk = split_chunk(row_tiles, self.keys, max_keys, n_sm, rows, block_m)
+        else:
+            chunk = None
+        splits = 1 if chunk is None else max(1, math.ceil(max_keys / chunk))
+        split = splits > 1
+        worklist = split and (planner == "worklist" or varlen)
+
+        item_start = cu_seqlens  # unused unless worklist
+        search_iters = 0
+        if worklist:
+            # Items per segment from the real lengths (device ops, no sync); the grid and the
+            # partial buffers from the host bound sum_s max(1, ceil(n_s / C)) <= keys // C + S.
+            n_tot = cu_seqlens[1:] - cu_seqlens[:-1]
+            if varlen:
+                t_lens = (cu_t[1:] - cu_t[:-1])[:, None].expand(self.B, Hkv)
+                n_tot = n_tot + t_lens.reshape(-1)
+            else:
+                n_tot = n_tot + self.Lt
+            items = torch.clamp_min((n_tot + (chunk - 1)) // chunk, 1)
+            item_start = torch.nn.functional.pad(items.cumsum(0, dtype=torch.int32), (1, 0))
+            n_items = self.keys // chunk + S
+            search_iters = max(1, math.ceil(math.log2(S + 1)))
+            o_part = torch.empty((n_items, rows, D), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty((n_items, rows), dtype=torch.float32, device=q.device)
+            grid = (row_tiles * n_items, 1)
+        elif split:
+            o_part = torch.empty((splits, R, D), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty((splits, R), dtype=torch.float32, device=q.device)
+            grid = (row_tiles * S, splits)
+        else:
+            o_part = lse_part = out  # unused
+            grid = (row_tiles * S, 1)
+        upcast = interp and q.dtype == torch.bfloat16
+        # fp32 inputs get true fp32 products (tf32 would miss the 1e-4 LSE contract).
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        lse_arg = lse if lse is not None else out
+        cu_q = self.cu_q if varlen else cu_seqlens
+        args = (
+            q, k, v, kt, vt, cu_seqlens,
+            cu_seqlens if seg_starts is None else seg_starts,
+            cu_q, cu_t, t_starts,
+            out, lse_arg, o_part, lse_part,
+            item_start, S, search_iters,
+            scale * _LOG2E, self.max_q, self.Lt, Hkv, G, rows, row_tiles, R, D, chunk or 1, splits,
+            *self.q_strides, *k.stride(), *v.stride(), *kt_strides, *vt_strides, *self.o_strides,
+        )  # fmt: skip
+        meta = dict(
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            SPLIT=split,
+            WORKLIST=worklist,
+            STORE_LSE=lse is not None,
+            VARLEN=varlen,
+            UPCAST=upcast,
+            PRECISION=precision,
+        )
+        if interp:
+            _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+        else:
+            _fwd_tuned[grid](*args, **meta)
+
+        block_r = 16
+        if worklist:
+            _ragged_attn_combine_items[(triton.cdiv(R, block_r),)](
+                o_part, lse_part, item_start, cu_q, out, lse_arg, R, rows, Hkv, G, D,
+                *self.o_strides[1:], BLOCK_R=block_r, BLOCK_D=block_d,
+                STORE_LSE=lse is not None, VARLEN=varlen,
+            )  # fmt: skip
+        elif split:
+            _ragged_attn_combine[(triton.cdiv(R, block_r),)](
+                o_part, lse_part, cu_seqlens, out, lse_arg, R, rows, self.Lt, D, chunk, splits,
+                BLOCK_R=block_r, BLOCK_D=block_d, STORE_LSE=lse is not None,
+            )  # fmt: skip

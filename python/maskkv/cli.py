@@ -360,6 +360,9 @@ def build_parser() -> CommandParser:
     from .quality.evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    from .serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -389,10 +389,31 @@ class MaskKVLM(LM):
         steps = max(blocks, round(gen_length * ratio / blocks) * blocks)
         return block, steps
 
+    def _engine(self):
+        """The serving engine (``maskkv.serving.Engine``) that runs ``generate_until``, or None
+        where it cannot (classifier-free guidance, dLLM-Cache): then left-padded batches of
+        ``maskkv.generate`` run instead. ``batch_size`` is the most requests running at once."""
+        from maskkv.generation import DLLMCache
+        from maskkv.serving import Engine
+
+        cache = self.opts["policy_kwargs"].get("cache")
+        if float(self.opts["cfg"]) > 0 or isinstance(cache, DLLMCache):
+            return None
+        if getattr(self, "_engine_obj", None) is None:
+            self._engine_obj = Engine(
+                self.model, method=self.method, cache=cache, profile=self.profile,
+                max_running=self.batch_size,
+            )  # fmt: skip
+        return self._engine_obj
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batched ``maskkv.generate``: requests grouped by (gen length, temperature), longest
-        prompts first, ragged prompts left-padded; each answer ends at the first EOS and at the
-        earliest of its request's ``until`` strings."""
+        """Every request generated as ``maskkv.generate`` would generate it alone, each answer
+        cut at the first EOS and at the earliest of its request's ``until`` strings.
+
+        Runs on the serving engine (continuous batching, ``batch_size`` requests at once; a
+        request's seed is model_args' ``seed`` plus its index) where it supports the options;
+        otherwise requests are grouped by (gen length, temperature), longest prompts first,
+        ragged prompts left-padded, through batched ``maskkv.generate``."""
         from maskkv.generation import generate
 
         jobs = []
@@ -418,6 +439,9 @@ class MaskKVLM(LM):
                 )
             ids = self._encode(context)
             jobs.append((i, ids, until, gen_length, temperature))
+        engine = self._engine()
+        if engine is not None:
+            return self._generate_with_engine(engine, requests, jobs, disable_tqdm)
         groups: dict[tuple[int, float], list] = {}
         for job in sorted(jobs, key=lambda j: (-len(j[1]), j[0])):
             groups.setdefault((job[3], job[4]), []).append(job)
@@ -456,6 +480,38 @@ class MaskKVLM(LM):
                 bar.update(len(batch))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _generate_with_engine(self, engine, requests, jobs, disable_tqdm: bool) -> list[str]:
+        from maskkv.serving import SamplingParams
+
+        seed = self.opts["seed"]
+        params = []
+        for i, _, _, gen_length, temperature in jobs:
+            block, steps = self._schedule(gen_length)
+            params.append(
+                SamplingParams(
+                    gen_length=gen_length,
+                    block_length=block,
+                    steps=steps,
+                    temperature=temperature,
+                    remasking=self.opts["remasking"],
+                    seed=None if seed is None else int(seed) + i,
+                    **self._decoding(),
+                )  # fmt: skip
+            )
+        outs = engine.generate(
+            [job[1] for job in jobs], params, progress=not (disable_tqdm or self.rank)
+        )
+        texts = []
+        for job, out in zip(jobs, outs):
+            text = self._decode_response(out.token_ids, job[2])
+            texts.append(text)
+            self.cache_hook.add_partial("generate_until", requests[job[0]].args, text)
+        return texts
+
+    def _decoding(self) -> dict:
+        decoding = self.opts["policy_kwargs"].get("decoding")
+        return {} if decoding is None else {"decoding": decoding}
 
     # -- loglikelihood: LLaDA's Monte Carlo estimate ------------------------------------------
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import LayerProfile, Method, get
+from .batch_invariant import batch_invariant as batch_invariant_mode
 from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
-from .dream import ALGORITHMS, sample_dream
+from .dream import ALGORITHMS, dream_steps
 from .engine import Denoiser, FirstPassMemo, StepStats
-from .llada import LLADA_EOT_TOKEN_ID, REMASKING, sample_llada
+from .llada import LLADA_EOT_TOKEN_ID, REMASKING, llada_steps
 from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
+from .stepwise import run_sampler
 
 __all__ = [
     "CachePolicy",
@@ -88,6 +90,95 @@ def _check_options(
         )
 
 
+def resolve_steps(
+    model,
+    gen_length: int,
+    steps: int | None,
+    block_length: int | None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+) -> int:
+    """The number of denoising steps (default: ``gen_length`` for LLaDA, 512 for Dream), after
+    checking ``steps``, ``block_length`` and, for LLaDA's EOS options, the config's token ids."""
+    is_dream = getattr(model, "dllm_kind", "llada") == "dream"
+    if steps is None:
+        steps = DREAM_DEFAULT_STEPS if is_dream else gen_length
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
+        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    if not is_dream and (logits_eos_inf or confidence_eos_eot_inf):
+        vocab = model.config.vocab_size
+        for name, tok in (
+            ("eos_token_id", model.config.eos_token_id),
+            ("eot_token_id", _eot(model)),
+        ):
+            if not isinstance(tok, int) or not 0 <= tok < vocab:
+                raise ValueError(
+                    f"model.config.{name}: expected a token id in [0, {vocab}) for "
+                    f"logits_eos_inf / confidence_eos_eot_inf, got {tok!r}"
+                )
+    return steps
+
+
+def _eot(model) -> int:
+    eot_id = getattr(model.config, "eot_token_id", None)
+    return LLADA_EOT_TOKEN_ID if eot_id is None else eot_id
+
+
+def sampler_steps(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    gen_length: int,
+    block_length: int | None,
+    steps: int,
+    decoding: DecodingRule,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    alg: str = "origin",
+    alg_temp: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    eps: float = 1e-3,
+    confidence_dtype: torch.dtype | None = None,
+    progress=None,
+    on_reveal=None,
+):
+    """The model family's sampler over ``input_ids`` [B, P] as a step-wise generator
+    (``maskkv.generation.stepwise``), with checked options (``generate``'s meaning; ``steps``
+    resolved by ``resolve_steps``). ``generate`` drives it with a ``Denoiser``; the serving
+    engine drives one per request."""
+    common = dict(
+        mask_id=model.config.mask_token_id,
+        gen_length=gen_length,
+        block_length=block_length or gen_length,
+        steps=steps,
+        temperature=temperature,
+        confidence_dtype=confidence_dtype,
+        progress=progress,
+        decoding=decoding,
+        on_reveal=on_reveal,
+    )
+    if getattr(model, "dllm_kind", "llada") == "dream":
+        return dream_steps(
+            input_ids, alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps, **common
+        )
+    return llada_steps(
+        input_ids,
+        remasking=remasking,
+        cfg_scale=cfg_scale,
+        logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf,
+        eos_id=model.config.eos_token_id,
+        eot_id=_eot(model),
+        **common,
+    )
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -117,6 +208,7 @@ def generate(
     seed: int | None = None,
     progress: bool = False,
     first_pass: FirstPassMemo | None = None,
+    batch_invariant: bool = True,
 ) -> GenerationOutput:
     """Generate ``gen_length`` tokens after ``input_ids`` [B, P] (left-padded when batched).
 
@@ -174,6 +266,10 @@ def generate(
         first_pass: a ``FirstPassMemo`` shared by several ``generate`` calls on the same batch
             (e.g. one per method and budget): step 1's full pass runs once and is replayed,
             exactly, by the others; each still makes its own selection.
+        batch_invariant: run the linear layers batch-invariantly
+            (``maskkv.generation.batch_invariant``): a row's logits do not depend on how many
+            rows share a matrix multiply, so the serving engine, which batches requests, gives
+            each request the tokens ``generate`` gives it alone. False: the plain kernels.
 
     Random streams: Dream's (``origin``'s uniform draw, Categorical sampling, the ``alg_temp``
     multinomial) and LLaDA's random remasking ([B, L] uniforms per step) are the official ones.
@@ -214,24 +310,9 @@ def generate(
         eps=eps,
         confidence_dtype=confidence_dtype,
     )
-    is_dream = getattr(model, "dllm_kind", "llada") == "dream"
-    if steps is None:
-        steps = DREAM_DEFAULT_STEPS if is_dream else gen_length
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
-        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
-    vocab = model.config.vocab_size
-    eos_id = model.config.eos_token_id
-    eot_id = getattr(model.config, "eot_token_id", None)
-    eot_id = LLADA_EOT_TOKEN_ID if eot_id is None else eot_id
-    if not is_dream and (logits_eos_inf or confidence_eos_eot_inf):
-        for name, tok in (("eos_token_id", eos_id), ("eot_token_id", eot_id)):
-            if not isinstance(tok, int) or not 0 <= tok < vocab:
-                raise ValueError(
-                    f"model.config.{name}: expected a token id in [0, {vocab}) for "
-                    f"logits_eos_inf / confidence_eos_eot_inf, got {tok!r}"
-                )
+    steps = resolve_steps(
+        model, gen_length, steps, block_length, logits_eos_inf, confidence_eos_eot_inf
+    )
     if profile is None and getattr(model, "name_or_path", None):
         profile = LayerProfile.find(model.name_or_path)
     device = input_ids.device
@@ -265,53 +346,35 @@ def generate(
         bar = tqdm(total=steps, desc=f"{method.name} denoising", unit="step")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mask_id = model.config.mask_token_id
     rng = contextlib.nullcontext()
     if seed is not None:
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with rng:
+        with rng, batch_invariant_mode(batch_invariant):
             if seed is not None:
                 torch.manual_seed(seed)
-            if is_dream:
-                seqs = sample_dream(
-                    denoiser,
-                    input_ids,
-                    mask_id=mask_id,
-                    gen_length=gen_length,
-                    steps=steps,
-                    temperature=temperature,
-                    alg=alg,
-                    alg_temp=alg_temp,
-                    top_p=top_p,
-                    top_k=top_k,
-                    eps=eps,
-                    confidence_dtype=confidence_dtype,
-                    progress=bar.update if bar else None,
-                    block_length=block_length or gen_length,
-                    decoding=rule,
-                    on_reveal=denoiser.stats.tokens_per_step.append,
-                )
-            else:
-                seqs = sample_llada(
-                    denoiser,
-                    input_ids,
-                    mask_id=mask_id,
-                    gen_length=gen_length,
-                    block_length=block_length or gen_length,
-                    steps=steps,
-                    temperature=temperature,
-                    remasking=remasking,
-                    cfg_scale=cfg_scale,
-                    confidence_dtype=confidence_dtype,
-                    logits_eos_inf=logits_eos_inf,
-                    confidence_eos_eot_inf=confidence_eos_eot_inf,
-                    eos_id=eos_id,
-                    eot_id=eot_id,
-                    progress=bar.update if bar else None,
-                    decoding=rule,
-                    on_reveal=denoiser.stats.tokens_per_step.append,
-                )
+            steps_gen = sampler_steps(
+                model,
+                input_ids,
+                gen_length=gen_length,
+                block_length=block_length,
+                steps=steps,
+                temperature=temperature,
+                remasking=remasking,
+                cfg_scale=cfg_scale,
+                logits_eos_inf=logits_eos_inf,
+                confidence_eos_eot_inf=confidence_eos_eot_inf,
+                alg=alg,
+                alg_temp=alg_temp,
+                top_p=top_p,
+                top_k=top_k,
+                eps=eps,
+                confidence_dtype=confidence_dtype,
+                decoding=rule,
+                progress=bar.update if bar else None,
+                on_reveal=denoiser.stats.tokens_per_step.append,
+            )
+            seqs = run_sampler(steps_gen, denoiser)
     finally:
         if bar is not None:
             bar.close()

@@ -33,9 +33,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ALGORITHMS", "sample_dream", "sample_tokens", "select_positions", "transfer_count"]
+__all__ = [
+    "ALGORITHMS",
+    "dream_steps",
+    "sample_dream",
+    "sample_tokens",
+    "select_positions",
+    "transfer_count",
+]
 
 from .decoding import DecodingRule, FixedSteps, select_top
+from .stepwise import BlockStart, NeedLogits, SamplerSteps, run_sampler
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -120,6 +128,15 @@ def select_positions(confidence: torch.Tensor, n: int, alg_temp: float | None) -
 def sample_dream(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prompt: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """Returns token ids [B, P + gen_length]: ``dream_steps(prompt, **options)`` driven by
+    ``denoise(x, need)`` as in the LLaDA sampler."""
+    return run_sampler(dream_steps(prompt, **options), denoise)
+
+
+def dream_steps(
+    prompt: torch.Tensor,
     *,
     mask_id: int,
     gen_length: int,
@@ -135,9 +152,10 @@ def sample_dream(
     block_length: int | None = None,
     decoding: DecodingRule | None = None,
     on_reveal: Callable[[float], None] | None = None,
-) -> torch.Tensor:
-    """Returns token ids [B, P + gen_length]; ``denoise(x, need)``, ``decoding`` and
-    ``on_reveal`` as in the LLaDA sampler; ``block_length`` defaults to ``gen_length``.
+) -> SamplerSteps:
+    """Dream's loop as a step-wise generator (events as ``llada_steps``; returns token ids
+    [B, P + gen_length]); ``decoding`` and ``on_reveal`` as in the LLaDA sampler;
+    ``block_length`` defaults to ``gen_length``.
 
     confidence_dtype: None runs ``sample_tokens`` in the logits' dtype (official); a dtype casts
     the logits first. Random draws come from the global generator in the official order.
@@ -157,7 +175,6 @@ def sample_dream(
     rule = decoding if decoding is not None else FixedSteps()
     if not rule.fixed and alg_temp:
         raise ValueError(f"alg_temp: not supported with decoding={rule!r} (use FixedSteps)")
-    begin_block = getattr(denoise, "begin_block", None)
     B, P = prompt.shape
     L = P + gen_length
     device = prompt.device
@@ -165,10 +182,9 @@ def sample_dream(
     x[:, :P] = prompt
     for nb in range(num_blocks):
         lo, hi = nb * block_length, (nb + 1) * block_length
-        if begin_block is not None:
-            begin_block(lo, hi)
-        _sample_block(
-            denoise, x, P, lo, hi, steps // num_blocks, mask_id, alg, alg_temp, eps,
+        yield BlockStart(lo, hi)
+        yield from _sample_block(
+            x, P, lo, hi, steps // num_blocks, mask_id, alg, alg_temp, eps,
             confidence_dtype, dict(temperature=temperature, top_p=top_p, top_k=top_k), progress,
             rule, on_reveal, whole=num_blocks == 1,
         )  # fmt: skip
@@ -176,10 +192,11 @@ def sample_dream(
 
 
 def _sample_block(
-    denoise, x, P, lo, hi, steps, mask_id, alg, alg_temp, eps, confidence_dtype, sampling,
+    x, P, lo, hi, steps, mask_id, alg, alg_temp, eps, confidence_dtype, sampling,
     progress, rule, on_reveal, whole,
 ) -> None:  # fmt: skip
-    """Decode response positions [lo, hi) of ``x`` in place: Dream's schedule over the block.
+    """Decode response positions [lo, hi) of ``x`` in place: Dream's schedule over the block
+    (a generator of ``NeedLogits`` events).
 
     ``whole``: the block is the whole response, where the masked count is the official one over
     the whole sequence (the official loop counts every [MASK] in ``x``)."""
@@ -197,7 +214,7 @@ def _sample_block(
             i += 1
             continue
         masked_before = need.sum()
-        logits = denoise(x, need)
+        logits = yield NeedLogits(x, need)
         if confidence_dtype is not None:
             logits = logits.to(confidence_dtype)
         rows = need.nonzero(as_tuple=True)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoding import DecodingRule, FixedSteps
+from .stepwise import BlockStart, NeedLogits, SamplerSteps, run_sampler
 
 __all__ = [
     "FULL_NOISE_MAX_BYTES",
@@ -41,6 +42,7 @@ __all__ = [
     "REMASKING",
     "add_gumbel_noise",
     "gumbel_uniforms",
+    "llada_steps",
     "low_confidence",
     "num_transfer_tokens",
     "sample_llada",
@@ -134,6 +136,18 @@ def select_transfer(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 def sample_llada(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prompt: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """Returns token ids [B, P + gen_length]: ``llada_steps(prompt, **options)`` driven by
+    ``denoise(x, need)``, which returns logits [n, V] of the response positions ``need`` (bool
+    [B, R]) of sequence ``x``; with ``cfg_scale > 0`` it receives the conditional and
+    unconditional halves stacked along the batch. When ``denoise`` has a ``begin_block(lo, hi)``
+    method it is called at each block start (response coordinates)."""
+    return run_sampler(llada_steps(prompt, **options), denoise)
+
+
+def llada_steps(
+    prompt: torch.Tensor,
     *,
     mask_id: int,
     gen_length: int,
@@ -150,22 +164,19 @@ def sample_llada(
     progress: Callable[[], None] | None = None,
     decoding: DecodingRule | None = None,
     on_reveal: Callable[[float], None] | None = None,
-) -> torch.Tensor:
-    """Returns token ids [B, P + gen_length].
-
-    ``denoise(x, need)`` returns logits [n, V] of the response positions ``need`` (bool [B, R])
-    of sequence ``x``; with ``cfg_scale > 0`` it receives the conditional and unconditional
-    halves stacked along the batch. Random draws come from the global generator, in the order and
-    shapes of the official loop (see ``gumbel_uniforms`` for the one exception).
+) -> SamplerSteps:
+    """LLaDA's loop as a step-wise generator (``maskkv.generation.stepwise``): it yields a
+    ``BlockStart`` at each block start and a ``NeedLogits`` per denoising step (with
+    ``cfg_scale > 0`` the conditional and unconditional halves stacked along the batch) and
+    returns token ids [B, P + gen_length]. Random draws come from the global generator, in the
+    order and shapes of the official loop (see ``gumbel_uniforms`` for the one exception).
     logits_eos_inf / confidence_eos_eot_inf: the official options (LLaDA paper, Appendix B.4)
     against too short answers; ``eos_id`` / ``eot_id`` are the ids they act on.
-    When ``denoise`` has a ``begin_block(lo, hi)`` method it is called at each block start
-    (response coordinates). ``decoding``: the rule deciding how many tokens a step reveals
+    ``decoding``: the rule deciding how many tokens a step reveals
     (default ``FixedSteps()``); ``on_reveal(n)`` gets the mean number of tokens revealed per row
     after each step.
     """
     rule = decoding if decoding is not None else FixedSteps()
-    begin_block = getattr(denoise, "begin_block", None)
     if gen_length % block_length:
         raise ValueError(
             f"block_length: expected a divisor of gen_length={gen_length}, got {block_length}"
@@ -188,8 +199,7 @@ def sample_llada(
     for nb in range(num_blocks):
         lo, hi = nb * block_length, (nb + 1) * block_length  # response coordinates
         transfer_counts = num_transfer_tokens(x[:, P + lo : P + hi] == mask_id, steps_per_block)
-        if begin_block is not None:
-            begin_block(lo, hi)
+        yield BlockStart(lo, hi)
         i = 0
         while i < steps_per_block if rule.fixed else bool((x[:, P + lo : P + hi] == mask_id).any()):
             # Logits are needed only at masked positions of the current block: the others either
@@ -200,10 +210,11 @@ def sample_llada(
             if cfg_scale > 0:
                 un_x = x.clone()
                 un_x[:, :P] = mask_id
-                cond, uncond = denoise(torch.cat([x, un_x]), torch.cat([need, need])).chunk(2)
+                both = yield NeedLogits(torch.cat([x, un_x]), torch.cat([need, need]))
+                cond, uncond = both.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = denoise(x, need)
+                logits = yield NeedLogits(x, need)
             if logits_eos_inf:
                 logits[:, eos_id] = -torch.inf
             uniforms = None
