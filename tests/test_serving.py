@@ -10,10 +10,10 @@ import torch
 
 import maskkv
 from maskkv import methods
+from maskkv.cli_common import ASSETS
 from maskkv.generation import DualCache, Factor, PrefixCache, PromptCache, Threshold
 from maskkv.models import load_checkpoint
 from maskkv.serving import Engine, FinishReason, RequestTooLarge, SamplingParams
-from maskkv.serving.cli import ASSETS
 
 warnings.filterwarnings("ignore", category=methods.MissingProfileWarning)
 

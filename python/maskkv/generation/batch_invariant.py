@@ -22,19 +22,40 @@ of the models) by ``invariant_linear``:
   the last chunk and, for long prompt passes, one GEMM per chunk instead of one per layer.
 
 ``maskkv.generate`` and the serving engine both run under it, so a request served among others
-gives the tokens it gives alone.
+gives the tokens it gives alone. Full passes (step 1's [prompt ‖ response] pass, a NoCache step, a
+block-start pass that refreshes the prompt) run one request at a time in both, so their shapes
+and bits already agree: they run the plain kernels (``plain_linears``), and a 32k prompt pass
+stays one GEMM per linear instead of 128 chunked ones with an extra copy of every output.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CHUNK_ROWS", "MIN_ROWS", "batch_invariant", "invariant_linear"]
+__all__ = ["CHUNK_ROWS", "MIN_ROWS", "batch_invariant", "invariant_linear", "plain_linears"]
 
 MIN_ROWS = 16
 CHUNK_ROWS = {"cpu": 64, "cuda": 256}
+
+_thread = threading.local()  # ``plain``: inside ``plain_linears`` (modes are per thread too)
+
+
+@contextlib.contextmanager
+def plain_linears():
+    """Inside an enclosing ``batch_invariant`` mode, ``F.linear`` runs the plain kernels again:
+    for a pass that runs one request alone wherever it runs (a full pass), so that its rows
+    already have the same neighbours in ``maskkv.generate`` and in the serving engine."""
+    before = getattr(_thread, "plain", False)
+    _thread.plain = True
+    try:
+        yield
+    finally:
+        _thread.plain = before
 
 
 def invariant_linear(
@@ -87,6 +108,6 @@ class batch_invariant(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear and not getattr(_thread, "plain", False):
             return invariant_linear(*args, **kwargs)
         return func(*args, **kwargs)

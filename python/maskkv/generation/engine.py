@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
+from .batch_invariant import plain_linears
 from .policies import CachePolicy, PromptCache, StepPlan
 
 __all__ = [
@@ -422,9 +423,11 @@ class Denoiser:
 
     # -- the three kinds of pass ------------------------------------------------------------------
 
+    @plain_linears()
     def _full_pass(self, x: torch.Tensor, build_cache: bool) -> torch.Tensor:
         """All L tokens through every layer; optionally (re)build the per-layer prompt caches
-        (re-selecting the prompt for an eviction method) and store the tail's KV/features."""
+        (re-selecting the prompt for an eviction method) and store the tail's KV/features.
+        Plain linear kernels: a full pass runs one request alone in the serving engine too."""
         model, Pc, chunk = self.model, self.Pc, self.token_chunk
         keep_kv = build_cache and self.policy.keeps_response_kv
         keep_feat = build_cache and self.policy.keeps_response_features

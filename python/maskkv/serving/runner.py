@@ -29,6 +29,7 @@ import torch
 
 import maskkv_kernels as mk
 
+from ..generation.batch_invariant import plain_linears
 from ..generation.engine import Denoiser, _chunked, _qkv_chunked, dense_attention
 from ..generation.policies import CachePolicy
 from ..methods import LayerProfile, Method
@@ -141,9 +142,11 @@ class ModelRunner:
             keep_kv=build and self.policy.keeps_response_kv, helper=helper,
         )  # fmt: skip
 
+    @plain_linears()
     def full_pass_step(self, req: Request, max_layers: int) -> torch.Tensor | None:
         """Run up to ``max_layers`` layers of ``req``'s full pass; returns the logits of the
-        pending ``need`` once the last layer ran, else None."""
+        pending ``need`` once the last layer ran, else None. Plain linear kernels, as
+        ``Denoiser._full_pass`` (``maskkv.generation.batch_invariant``)."""
         fp: _FullPass = req.full_pass
         model, chunk = self.model, self.token_chunk
         Pc = req.cached_prompt_len
