@@ -10,6 +10,7 @@ SnapKV              window   uniform          uniform
 PyramidKV           window   pyramid          uniform
 SqueezeAttention    window   squeeze profile  uniform
 AdaKV               window   uniform          adakv
+TailVote            tail     maskkv profile   prompt_preference
 FullCache           --       whole prompt     --
 NoCache             --       (recomputed)     --
 ==================  =======  ===============  =================
@@ -27,6 +28,7 @@ from .snapkv import SnapKV  # isort: skip
 from .pyramidkv import PyramidKV  # isort: skip
 from .squeeze import SqueezeAttention  # isort: skip
 from .adakv import AdaKV  # isort: skip
+from .tailvote import TailVote  # isort: skip
 from .fullcache import FullCache  # isort: skip
 from .nocache import NoCache  # isort: skip
 from .profile import PROFILE_FILENAME, LayerProfile, MissingProfileWarning  # isort: skip
@@ -43,6 +45,7 @@ __all__ = [
     "PyramidKV",
     "SnapKV",
     "SqueezeAttention",
+    "TailVote",
     "WindowMethod",
     "apportion",
     "available",
