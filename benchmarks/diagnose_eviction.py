@@ -27,8 +27,10 @@ Sections of the JSON:
 - ``ablations``: exact match per budget when one part of MaskKV's rule changes (layer budgets,
   head split, pooling, maximum instead of sum over the voting queries, who votes), and an oracle
   that ranks keys by what the FullCache generation's later passes attended to.
-- ``policies``: per decoding rule and cache policy, exact match, first-character accuracy and the
-  kind of pass at which the first answer character was revealed.
+- ``policies``: per decoding rule and cache policy, exact match, first-character accuracy, the
+  kind of pass at which the first answer character was revealed, and how far the logits that
+  revealed it are from step 1's (``first_char_logits_as_step1``: the share within 1e-4, i.e.
+  read off the uncached pass or its reused features).
 
 The score ablations run the engine's own loop with a ``Denoiser`` subclass whose selection ranks
 keys by another score (diagnostic only).
@@ -146,18 +148,27 @@ def make_setting(model_name: str, task: str, n: int, split: str) -> Setting:
 
 
 class Recorder:
-    """Wraps a ``Denoiser``: keeps the sequence before every pass and the logits it returned."""
+    """Wraps a ``Denoiser``: keeps the sequence before every pass, the positions asked and the
+    logits it returned."""
 
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
         self.states: list[torch.Tensor] = []
+        self.needs: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         self.states.append(x.clone())
+        self.needs.append(need.clone())
         out = self.denoiser(x, need)
         self.logits.append(out.clone())
         return out
+
+    def logits_at(self, n: int, row: int, position: int) -> torch.Tensor:
+        """The logits pass ``n`` returned for response ``position`` of batch row ``row``."""
+        need = self.needs[n]
+        index = int(need[:row].sum()) + int(need[row, :position].sum())
+        return self.logits[n][index]
 
     def begin_block(self, lo: int, hi: int) -> None:
         self.denoiser.begin_block(lo, hi)
@@ -504,9 +515,12 @@ def policies(s: Setting, budget: int) -> list[dict]:
             reveal = run.reveal_pass(s)[:, 0]
             kinds = [rec.denoiser.stats.step_kinds for rec in run.recorders]
             by_kind: dict[str, int] = {}
+            drift = []  # how far the revealing logits are from step 1's (the uncached pass)
             for b in range(s.N):
-                kind = kinds[b // BATCH][int(reveal[b])]
-                by_kind[kind] = by_kind.get(kind, 0) + 1
+                rec, at = run.recorders[b // BATCH], int(reveal[b])
+                by_kind[kinds[b // BATCH][at]] = by_kind.get(kinds[b // BATCH][at], 0) + 1
+                diff = rec.logits_at(at, b % BATCH, 0) - rec.logits_at(0, b % BATCH, 0)
+                drift.append(float(diff.abs().max()))
             row = dict(
                 setting=label, method=name, budget=getattr(method, "budget", None),
                 accuracy=float(run.correct(s).double().mean()),
@@ -514,10 +528,13 @@ def policies(s: Setting, budget: int) -> list[dict]:
                     (run.responses(s)[:, 0] == s.targets[:, 0]).double().mean()),
                 first_char_reveal_hist=torch.bincount(reveal).tolist(),
                 first_char_reveal_kind=by_kind, pass_kinds=kinds[0],
+                first_char_logits_as_step1=sum(d < 1e-4 for d in drift) / s.N,
+                first_char_logits_drift_median=sorted(drift)[s.N // 2],
             )  # fmt: skip
             rows.append(row)
             print(f"{label}, {name}: exact {row['accuracy']:.2f}, first character "
-                  f"{row['first_char_accuracy']:.2f}, revealed in {by_kind}", flush=True)  # fmt: skip
+                  f"{row['first_char_accuracy']:.2f}, revealed in {by_kind}, with step 1's "
+                  f"logits for {row['first_char_logits_as_step1']:.2f}", flush=True)  # fmt: skip
     return rows
 
 
