@@ -15,7 +15,7 @@ Sections of the JSON:
 
 - ``answers``: per method and budget, exact match (also by number of needles asked), the error
   rate of every answer character, the pass at which it was revealed (pass 0 is step 1, the
-  uncached one) and the kept prompt KV per layer and KV head.
+  uncached one) and the kept prompt KV per layer and KV head (by number of needles asked).
 - ``survival``: per method, budget, layer and KV head, the share of each asked needle's value
   characters (and keys, and the question) that the first selection kept.
 - ``evicted_attention``: the FullCache generation replayed pass by pass with explicit attention
@@ -255,13 +255,12 @@ def answers_row(s: Setting, run: Run, name: str, budget: int | None) -> dict:
     in_answer = torch.arange(s.G)[None] < s.answer_len[:, None]
     needles = s.asked.sum(1)
     per_char = [(wrong[in_answer[:, c], c], reveal[in_answer[:, c], c]) for c in range(s.G)]
-    kept = [rec.denoiser.stats.kept_lengths.float() for rec in run.recorders]
-    kept_mean = None
+    kept_by_needles = None  # mean kept prompt KV per layer and KV head, by needles asked
     if budget is not None:
-        weights = torch.tensor([float(r.stop - r.start) for r in s.batches])
-        kept_mean = (torch.stack([k.mean(1) for k in kept]) * weights[:, None, None]).sum(
-            0
-        ) / weights.sum()
+        kept = torch.cat([rec.denoiser.stats.kept_lengths.float() for rec in run.recorders], 1)
+        kept_by_needles = {
+            int(n): kept[:, needles == n].mean(1).tolist() for n in needles.unique()
+        }  # fmt: skip
     return dict(
         method=name, budget=budget, accuracy=float(correct.double().mean()),
         accuracy_by_needles={int(n): float(correct[needles == n].double().mean())
@@ -269,7 +268,7 @@ def answers_row(s: Setting, run: Run, name: str, budget: int | None) -> dict:
         char_error=[float(w.double().mean()) if len(w) else None for w, _ in per_char],
         char_reveal_pass=[float(r.double().mean()) if len(r) else None for _, r in per_char],
         first_char_reveal_hist=torch.bincount(reveal[:, 0], minlength=s.G).tolist(),
-        kept_per_layer_and_head=None if kept_mean is None else kept_mean.tolist(),
+        kept_per_layer_and_head_by_needles=kept_by_needles,
     )  # fmt: skip
 
 
