@@ -45,7 +45,8 @@ def _batch(model, B=2, P=40, pad=9, seed=0):
 
 def test_registry_and_parameters():
     assert "tailvote" in methods.available()
-    assert type(methods.get("tail_vote")) is TailVote and type(methods.get("MaskKV-Tail")) is TailVote
+    for alias in ("tail_vote", "MaskKV-Tail", "TailVote"):
+        assert type(methods.get(alias)) is TailVote
     m = methods.get("tailvote", budget=8)
     assert m == TailVote(budget=8) and m.tail_votes and not MaskKV.tail_votes
     assert m.selector_kwargs() == {"score": "mask", "head_budget": "adakv", "alpha": 0.2}
