@@ -330,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(gen)
     gen.add_argument("--prompt")
     gen.add_argument("--prompt-file")
-    from . import methods  # the names only (no kernels imported)
-
-    gen.add_argument("--method", default="maskkv", help=", ".join(methods.available()))
+    gen.add_argument(
+        "--method",
+        default="maskkv",
+        help="maskkv, snapkv, pyramidkv, squeezeattention, adakv, fullcache, nocache",
+    )
     gen.add_argument(
         "--budget", type=int, default=256, help="average prompt KV pairs kept per layer and KV head"
     )
