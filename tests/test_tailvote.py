@@ -94,6 +94,26 @@ def test_the_voting_rows(models, kind, name):
         assert torch.equal(cache.k, want.k) and torch.equal(cache.v, want.v)
 
 
+def test_an_lse_of_the_response_rows_only_is_not_used_for_the_tail_vote(models):
+    # A caller that computed the step-1 LSE from the first response row (as for MaskKV) hands
+    # TailVote one row too few on Dream: the selection computes its own and keeps the same keys.
+    model = models["dream"]
+    ids, _ = _batch(model, B=1, seed=4)
+    P, R = ids.shape[1], 6
+    memo = FirstPassMemo()
+    den = Denoiser(model, TailVote(budget=7), P, profile=PROFILE, first_pass=memo)
+    x = torch.cat([ids, torch.full((1, R), model.config.mask_token_id)], 1)
+    den(x, torch.ones(1, R, dtype=torch.bool))
+    q, k, v, _ = memo.layers[1]
+    G = q.shape[1] // k.shape[1]
+    logits = q[:, :, P:] @ k.repeat_interleave(G, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
+    lse_response = torch.logsumexp(logits.float(), -1)  # [1, Hq, R]: not the tail's R + 1 rows
+    budget = den.stats.layer_budgets[1]
+    got = den._prune(q, k, v, budget, lse_response)
+    assert torch.equal(got.positions, den.caches[1].positions)
+    assert torch.equal(got.cu_seqlens, den.caches[1].cu_seqlens)
+
+
 class _CheckedDenoiser:
     """Calls the Denoiser and records, before every later pass, each layer's cached prompt rows."""
 

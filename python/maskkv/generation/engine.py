@@ -521,6 +521,8 @@ class Denoiser:
             # refresh) the partly decoded response votes, as Fast-dLLM's refresh would see it.
             # With ``tail_votes`` also the prompt positions recomputed every step (Dream).
             q_sel = q[:, :, self._first_voter() :]
+            if lse is not None and lse.shape[-1] != q_sel.shape[2]:
+                lse = None  # a caller's LSE of other rows: select_and_gather computes its own
         return mk.select_and_gather(
             q_sel,
             k,
