@@ -8,7 +8,7 @@ other benchmarks:
 - with ``--heatmap``: ``heatmap-<model>-<task>.json`` and ``.png``, the depth x length sweep at one budget
   (first of ``--budgets``) on the first of ``--tasks``, one panel per method.
 
-    python benchmarks/bench_quality.py --prompt-len 512                 # 7 methods, budgets 8..64
+    python benchmarks/bench_quality.py --prompt-len 512                 # every method, budgets 8..64
     python benchmarks/bench_quality.py --heatmap --tasks kv_retrieval --budgets 16 --num-examples 20
 """
 

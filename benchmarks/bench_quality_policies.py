@@ -1,7 +1,7 @@
-"""Accuracy and tokens per step of every cache policy x decoding rule, with MaskKV and FullCache,
-on a shipped tiny trained model and every synthetic task (CPU, minutes).
+"""Accuracy and tokens per step of every cache policy x decoding rule, with MaskKV, TailVote and
+FullCache, on a shipped tiny trained model and every synthetic task (CPU, minutes).
 
-    python benchmarks/bench_quality_policies.py [--model tiny-dream-kv] [--num-examples 100]
+    python benchmarks/bench_quality_policies.py [--model tiny-dream-kv] [--budgets 8,16]
 
 Each configuration answers the same held-out examples (at the model's trained prompt length)
 greedily, in blocks of 4 tokens (8 answer tokens, 12 for ``multi_needle``; FixedSteps reveals
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=evaluate.DEFAULT_MODEL.name, help="an asset or a directory")
     ap.add_argument("--num-examples", type=int, default=100)
-    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--budgets", default="8,16", help="comma-separated budgets of the evictions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -84,7 +84,10 @@ def main(argv=None) -> None:
     model = evaluate.load_model(path, "cpu")
     profile = method_lib.LayerProfile.find(path)
     prompt_len = evaluate.trained_max_prompt_len(path) or task_lib.DEFAULT_PROMPT_LEN
-    methods = {"fullcache": method_lib.FullCache(), "maskkv": method_lib.MaskKV(args.budget)}
+    budgets = [int(b) for b in args.budgets.split(",")]
+    methods = [method_lib.FullCache()] + [
+        cls(b) for b in budgets for cls in (method_lib.MaskKV, method_lib.TailVote)
+    ]
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", method_lib.MissingProfileWarning)
@@ -93,23 +96,24 @@ def main(argv=None) -> None:
                 task, args.num_examples, split="test", prompt_len=prompt_len
             )
             memos = [FirstPassMemo() for _ in range(0, len(examples), 25)]
-            for mname, method in methods.items():
+            for method in methods:
                 for pname, policy in POLICIES.items():
                     for rname, rule in RULES.items():
-                        row = dict(task=task, method=mname, budget=getattr(method, "budget", None),
+                        row = dict(task=task, method=method.name, budget=method.budget,
                                    cache=pname, decoding=rname)  # fmt: skip
                         row.update(run(model, method, policy, rule, examples, profile, memos))
                         rows.append(row)
                         print(
-                            f"{task} {mname} {pname} {rname}: acc {row['accuracy']:.2f}, "
+                            f"{task} {method.name} {method.budget} {pname} {rname}: acc "
+                            f"{row['accuracy']:.2f}, "
                             f"{row['mean_tokens_per_step']:.2f} tok/step", flush=True
                         )  # fmt: skip
     common.print_table(
-        rows, ["task", "method", "cache", "decoding", "accuracy", "mean_tokens_per_step",
+        rows, ["task", "method", "budget", "cache", "decoding", "accuracy", "mean_tokens_per_step",
                "nfe_per_batch", "seconds"],
     )  # fmt: skip
     config = dict(
-        model=path.name, num_examples=args.num_examples, budget=args.budget,
+        model=path.name, num_examples=args.num_examples, budgets=budgets,
         prompt_len=prompt_len, gen_length=dict(task_lib.TASK_GEN_LENGTH), block_length=BLOCK,
         steps="= gen_length", threads=args.threads,
         sampler="greedy, confidence order (Dream: maskgit_plus)",

@@ -281,11 +281,7 @@ def test_every_method_with_every_policy_batch_two_left_padded(models, kind, name
     for policy, rule in policies:
         with (
             pytest.warns(methods.MissingProfileWarning)
-            if name
-            in (
-                "maskkv",
-                "squeezeattention",
-            )
+            if name in ("maskkv", "squeezeattention", "tailvote")
             else _null()
         ):
             methods.profile._reset_missing_profile_warnings()

@@ -131,7 +131,7 @@ def test_every_method_batch_two_left_padded(models, kind, name):
     torch.manual_seed(0)
     with (
         pytest.warns(methods.MissingProfileWarning)
-        if name in ("maskkv", "squeezeattention")
+        if name in ("maskkv", "squeezeattention", "tailvote")
         else _null()
     ):
         methods.profile._reset_missing_profile_warnings()

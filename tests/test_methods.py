@@ -327,7 +327,8 @@ def test_maskkv_boundary_params_exact(imp, first, last, beta, B):
 
 def test_registry_names_and_aliases():
     assert methods.available() == [
-        "maskkv", "snapkv", "pyramidkv", "squeezeattention", "adakv", "fullcache", "nocache",
+        "maskkv", "snapkv", "pyramidkv", "squeezeattention", "adakv", "tailvote", "fullcache",
+        "nocache",
     ]  # fmt: skip
     for name, cls in {
         "MaskKV": MaskKV, "snapkv": SnapKV, "Pyramid": PyramidKV, "squeeze": SqueezeAttention,

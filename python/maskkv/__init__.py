@@ -28,6 +28,7 @@ from .methods import (
     PyramidKV,
     SnapKV,
     SqueezeAttention,
+    TailVote,
 )
 from .models import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM, load_checkpoint
 
@@ -53,6 +54,7 @@ __all__ = [
     "PyramidKV",
     "SnapKV",
     "SqueezeAttention",
+    "TailVote",
     "Threshold",
     "generate",
     "load_checkpoint",

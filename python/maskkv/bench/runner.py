@@ -344,7 +344,7 @@ def run_e2e(
     prof = None
     calib_s = None
     if profile == "calibrate" and any(
-        m.name in ("maskkv", "squeezeattention") for m in method_objs
+        m.name in ("maskkv", "squeezeattention", "tailvote") for m in method_objs
     ):
         from ..calibrate import calibrate
 

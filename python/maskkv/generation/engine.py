@@ -441,7 +441,8 @@ class Denoiser:
                 budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
                 self.stats.layer_budgets = list(budgets)
         # MaskKV scores with the mask rows' LSE, which the step-1 attention returns for free.
-        lse_from = self.P if build_cache and self.step1_lse and self._mask_scored() else None
+        mask_lse = build_cache and self.step1_lse and self._mask_scored()
+        lse_from = self._first_voter() if mask_lse else None
         # A memo serves step 1 only, and not a policy that keeps the tail's block outputs
         # (they are not recorded).
         memo = self.first_pass if not self.stats.step_times and not keep_feat else None
@@ -501,6 +502,11 @@ class Denoiser:
     def _mask_scored(self) -> bool:
         return self.method.evicts and self.method.selector_kwargs().get("score") == "mask"
 
+    def _first_voter(self) -> int:
+        """First position whose query votes under mask scoring: the response (MaskKV), or the
+        whole tail for a method with ``tail_votes`` (Dream's last prompt position too)."""
+        return self.Pc if self.method.tail_votes else self.P
+
     def _prune(self, q, k, v, layer_budget: int | None, lse=None) -> mk.RaggedKV:
         Pc, lens = self.Pc, self._lens_cpu
         if layer_budget is None or layer_budget >= Pc:
@@ -516,7 +522,10 @@ class Denoiser:
         else:
             # The response queries: all [MASK] at step 1; at a later re-selection (a prompt
             # refresh) the partly decoded response votes, as Fast-dLLM's refresh would see it.
-            q_sel = q[:, :, self.P :]
+            # With ``tail_votes`` also the prompt positions recomputed every step (Dream).
+            q_sel = q[:, :, self._first_voter() :]
+            if lse is not None and lse.shape[-1] != q_sel.shape[2]:
+                lse = None  # a caller's LSE of other rows: select_and_gather computes its own
         return mk.select_and_gather(
             q_sel,
             k,

@@ -199,6 +199,10 @@ class Method:
     score: ClassVar[str | None] = None
     #: "uniform" | "prompt_preference" | "adakv" (maskkv_kernels.allocate_head_budgets modes).
     head_budget: ClassVar[str] = "uniform"
+    #: Mask scoring: which step-1 queries vote. False: the response positions (the [MASK]
+    #: tokens; MaskKV). True: every tail position, i.e. also the prompt positions the engine
+    #: recomputes at every later step (Dream's last one, which predicts the first response token).
+    tail_votes: ClassVar[bool] = False
 
     budget: int = 256
 
