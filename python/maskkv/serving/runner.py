@@ -134,7 +134,9 @@ class ModelRunner:
             budgets = list(
                 self.method.layer_budgets(self.num_layers, req.cached_prompt_len, self.profile)
             )
-        lse_from = req.prompt_len if build and self.step1_lse and helper._mask_scored() else None
+        lse_from = (
+            helper._first_voter() if build and self.step1_lse and helper._mask_scored() else None
+        )
         cos, sin = model.rotary(helper._positions)
         req.full_pass = _FullPass(
             x=x, need=need, h=model.embed(x), cos=cos, sin=sin, layer=0, budgets=budgets,
