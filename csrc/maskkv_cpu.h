@@ -46,8 +46,9 @@ inline void check_int32(const Tensor& t, const char* name, at::IntArrayRef sizes
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
+// A tensor without elements has nothing to read: its strides are no error.
 inline void check_last_dim_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               ": expected the last (head) dim to be contiguous (stride 1), got strides ",
               t.strides());
 }
@@ -83,16 +84,6 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
     vsum = vsum + p;
   }
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-}
-
-// acc[j] += exp(x[j] * scale - sub) for j < n (column sums of softmax probabilities).
-inline void accumulate_probs(float* acc, const float* x, int64_t n, float scale, float sub) {
-  const Vec vs(scale), vsub(sub);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
-    const Vec p = (Vec::loadu(x + i, c) * vs - vsub).exp_u20();
-    (Vec::loadu(acc + i, c) + p).store(acc + i, c);
-  }
 }
 
 // x[i] *= a for i < n.

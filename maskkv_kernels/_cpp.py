@@ -207,7 +207,9 @@ def warn_fallback() -> None:
 
 
 def last_dim_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
-    """The C++ kernels read rows with any outer strides but need unit stride along D."""
+    """The one stride policy of both C++ adapters: the kernels read rows with any outer strides
+    but need unit stride along D, so such a view is copied; a tensor without elements passes as
+    it is (``contiguous()`` returns it unchanged, and the kernels read nothing from it)."""
     if x is None or x.shape[-1] <= 1 or x.stride(-1) == 1:
         return x
     return x.contiguous()

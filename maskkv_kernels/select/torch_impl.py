@@ -80,8 +80,13 @@ def score_keys(
             s = torch.matmul(kc_, qc.transpose(-1, -2)) * scale
         return s.masked_fill(~key_ok[:, None, k0:k1, None], -math.inf)  # padding keys
 
+    def undefined_to_nan(lse_c: torch.Tensor) -> torch.Tensor:
+        # A row with a +inf logit has no softmax (inf / inf): NaN, so that it carries no mass,
+        # like a row with a NaN logit (as in the reference and the other backends).
+        return lse_c.masked_fill(lse_c == math.inf, math.nan)
+
     def probs(s: torch.Tensor, lse_c: torch.Tensor, r0: int) -> torch.Tensor:
-        ok = lse_c > -math.inf  # rows without a single valid key carry no mass
+        ok = lse_c > -math.inf  # rows without a single valid key (or a NaN LSE) carry no mass
         if window:  # padding window queries vote for nothing
             ok = ok & (qpos[None, r0 : r0 + rc] >= first[:, None])[:, None, :]
         p = torch.exp(s - torch.where(ok, lse_c, torch.zeros_like(lse_c))[..., None, :])
@@ -91,7 +96,7 @@ def score_keys(
     if lse is None and kc >= key_end:  # one pass: each row chunk sees all keys
         for r0 in range(0, GM, rc):
             s = logits(r0, 0, key_end)
-            cols += probs(s[..., :n_keys, :], torch.logsumexp(s, -2), r0).sum(-1)
+            cols += probs(s[..., :n_keys, :], undefined_to_nan(torch.logsumexp(s, -2)), r0).sum(-1)
         return cols[..., :P].contiguous(), cols[..., P:].sum(-1) if need_mass else None
 
     if lse is None:
@@ -101,7 +106,7 @@ def score_keys(
             for k0 in range(0, key_end, kc):
                 chunk = logits(r0, k0, min(k0 + kc, key_end))
                 acc = torch.logaddexp(acc, torch.logsumexp(chunk, -2))
-            lse_rows[:, :, r0 : r0 + rc] = acc
+            lse_rows[:, :, r0 : r0 + rc] = undefined_to_nan(acc)
     else:
         lse_rows = lse.reshape(B, Hkv, GM).float()
     for k0 in range(0, n_keys, kc):
