@@ -5,14 +5,14 @@
 // each row's log-sum-exp (skipped when the attention forward's LSE is given), pass 2 recomputes
 // each tile and adds exp(s - lse) into one vector of column sums.
 //
-// Tiles are key-major, [keys, rows] (k . q^T): in the BLAS product the keys are the broadcast
-// dimension and the rows the vector lanes, so a key's logits do not depend on where the key sits
-// in its block, and every per-key reduction below runs over the contiguous rows with the same
-// instructions for every key. Bitwise-identical keys therefore get bitwise-identical scores, and
-// ties go to the lower position as the ranking rule says. (A query-major tile, q . k^T, puts keys
-// in the vector lanes, where the kernel's tail lanes round differently.) A single scoring row
-// takes a dot product per key instead of the product, which BLAS would run as a GEMV that rounds
-// its rows by position.
+// Tiles are key-major, [keys, rows], and computed by the small product kernel below rather than
+// by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same instructions
+// whatever the key's position in its block and whatever the tile's shape, and every per-key
+// reduction below runs over the contiguous rows with the same instructions for every key.
+// Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
+// position as the ranking rule says. (BLAS rounds by position: in a query-major product the keys
+// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes
+// other kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
 //
 // A row whose softmax is undefined (a NaN or +inf logit) carries no mass, like a row without any
 // valid key, as in the reference: its log-sum-exp is NaN. Scores are then finite (at most G*M)
@@ -47,8 +47,8 @@ struct Better {
 };
 
 // exp with IEEE edges: exp_u20 clamps its argument first, so NaN and overflowing arguments come
-// out as a large finite number; here NaN stays NaN and overflow is +inf (a given LSE can be
-// anything; a huge finite probability would outrank the window's +inf once summed).
+// out as a large finite number; here NaN stays NaN and overflow is +inf, as in the reference
+// (with a given LSE a non-finite key's score is NaN or +inf there, and ranks accordingly).
 inline Vec exp_ieee(const Vec& x) {
   const Vec overflow = (x != x) | (x > Vec(88.72283935546875f));  // NaN, or above ln(FLT_MAX)
   return Vec::blendv(x.exp_u20(), x * Vec(std::numeric_limits<float>::infinity()), overflow);
@@ -62,23 +62,98 @@ inline float all_ones() {
   return f;
 }
 
-// Online log-sum-exp state of a tile's rows, updated with one [bk, tq] key-major block of
-// unscaled logits x: per row r, m = max (NaN and +inf stick), l = sum exp(x * scale - m).
-void update_lse(const float* x, int64_t bk, int64_t tq, float scale, float* row_m,
+// Key-major logits of one block: st[j, r] = sum_d k[j, d] * q[r, d] for bk keys (row j at
+// k + j * k_stride) and the tile's rows, packed by pack_rows into panels; st is [bk, ld] with
+// ld = rows rounded up to a whole vector. Register tiles of NK keys x NV vectors of rows; every
+// accumulator lane runs the same fmadd chain over d = 0..D-1, so a key's logits do not depend on
+// which tile, slot or lane computes them (nor on the tile shapes chosen).
+template <int64_t NK, int64_t NV>
+inline void logits_tile(const float* k, int64_t k_stride, const float* panel, int64_t D,
+                        int64_t ld, float* st) {
+  constexpr int64_t W = Vec::size();
+  Vec acc[NK][NV];
+  for (int64_t i = 0; i < NK; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    Vec qv[NV];
+    for (int64_t v = 0; v < NV; ++v) qv[v] = Vec::loadu(panel + (d * NV + v) * W);
+    for (int64_t i = 0; i < NK; ++i) {
+      const Vec kb(k[i * k_stride + d]);
+      for (int64_t v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(kb, qv[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < NK; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v].store(st + i * ld + v * W);
+}
+
+// All bk keys against one panel of NV vectors of rows: NK keys at a time.
+template <int64_t NK, int64_t NV>
+void logits_panel(const float* k, int64_t k_stride, int64_t bk, const float* panel, int64_t D,
+                  int64_t ld, float* st) {
+  int64_t j = 0;
+  for (; j + NK <= bk; j += NK)
+    logits_tile<NK, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
+  for (; j < bk; ++j) logits_tile<1, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
+}
+
+// Register budget: AVX-512 has 32 vector registers (16 accumulators), AVX2 16 (8).
+constexpr int64_t kPanelVecs = Vec::size() >= 16 ? 4 : 2;  // widest panel, in vectors
+constexpr int64_t kTileKeys = 4;
+constexpr int64_t kPanelKeys = Vec::size() >= 16 ? 6 : 4;  // 24 (AVX-512) or 8 (AVX2) accumulators
+
+// Panel widths (in vectors) covering ld rows: full panels, then one narrower for the rest.
+template <typename F>
+void for_each_panel(int64_t ld, F&& f) {
+  constexpr int64_t W = Vec::size();
+  int64_t r = 0;
+  for (; r + kPanelVecs * W <= ld; r += kPanelVecs * W) f(r, kPanelVecs);
+  for (; r + 2 * W <= ld; r += 2 * W) f(r, 2);
+  for (; r < ld; r += W) f(r, 1);
+}
+
+// The tile's rows [tq, D] (row stride q_stride) transposed into panels: panel p of width w
+// vectors holds rows [r, r + w*W) as [D, w*W], contiguous (its D rows stay in L1 while the keys
+// stream past), at qp + r*D; rows past tq are zero.
+void pack_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, int64_t ld, float* qp) {
+  for_each_panel(ld, [&](int64_t r, int64_t w) {
+    const int64_t width = w * Vec::size();
+    float* panel = qp + r * D;
+    std::fill(panel, panel + D * width, 0.0f);
+    for (int64_t i = r; i < std::min(tq, r + width); ++i)
+      for (int64_t d = 0; d < D; ++d) panel[d * width + (i - r)] = q[i * q_stride + d];
+  });
+}
+
+void key_major_logits(const float* k, int64_t k_stride, int64_t bk, const float* qp, int64_t D,
+                      int64_t ld, float* st) {
+  for_each_panel(ld, [&](int64_t r, int64_t w) {
+    if (w == kPanelVecs) {
+      logits_panel<kPanelKeys, kPanelVecs>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    } else if (w == 2) {
+      logits_panel<kTileKeys, 2>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    } else {
+      logits_panel<2 * kTileKeys, 1>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    }
+  });
+}
+
+// Online log-sum-exp state of a tile's rows, updated with one key-major block of unscaled logits
+// x ([bk, ld], rows r < tq): per row, m = max (NaN and +inf stick), l = sum exp(x * scale - m).
+void update_lse(const float* x, int64_t bk, int64_t tq, int64_t ld, float scale, float* row_m,
                 float* row_l) {
   const Vec vs(scale), zero(0.0f);
   for (int64_t r = 0; r < tq; r += Vec::size()) {
     const int64_t c = std::min<int64_t>(Vec::size(), tq - r);
     Vec bm(kNegInf);
     for (int64_t j = 0; j < bk; ++j)
-      bm = at::vec::maximum(bm, Vec::loadu(x + j * tq + r, c) * vs);
+      bm = at::vec::maximum(bm, Vec::loadu(x + j * ld + r, c) * vs);
     const Vec m_old = Vec::loadu(row_m + r, c);
     const Vec m_new = at::vec::maximum(m_old, bm);
     // No finite maximum (no key yet, or a NaN / +inf logit): subtract 0, the sums are unused.
     const Vec m_sub = Vec::blendv(m_new, zero, (m_new - m_new) != zero);
     Vec sum(0.0f);
     for (int64_t j = 0; j < bk; ++j)
-      sum = sum + (Vec::loadu(x + j * tq + r, c) * vs - m_sub).exp_u20();
+      sum = sum + (Vec::loadu(x + j * ld + r, c) * vs - m_sub).exp_u20();
     const Vec l = Vec::loadu(row_l + r, c) * (m_old - m_sub).exp_u20() + sum;
     m_new.store(row_m + r, c);
     l.store(row_l + r, c);
@@ -92,17 +167,20 @@ inline float finish_lse(float m, float l) {
   return m == kNegInf ? kNegInf : m + std::log(l);
 }
 
-// cols[j] += sum over the tile's rows r with ok[r] of exp(x[j, r] * scale - lse[r]), for one
-// [bk, tq] key-major block: the same instructions for every key j.
-void add_column_sums(const float* x, int64_t bk, int64_t tq, float scale, const float* lse,
-                     const float* ok, float* cols) {
+// cols[j] += sum over the tile's rows r < tq with ok[r] of exp(x[j, r] * scale - lse[r]), for
+// one key-major block x [bk, ld]: the same instructions for every key j. IEEE: a given LSE, which
+// can leave NaN and overflowing arguments (with a computed one, an ok row's are finite or -inf).
+template <bool IEEE>
+void add_column_sums(const float* x, int64_t bk, int64_t tq, int64_t ld, float scale,
+                     const float* lse, const float* ok, float* cols) {
   const Vec vs(scale), zero(0.0f);
   for (int64_t j = 0; j < bk; ++j) {
-    const float* xj = x + j * tq;
+    const float* xj = x + j * ld;
     Vec acc(0.0f);
     for (int64_t r = 0; r < tq; r += Vec::size()) {
       const int64_t c = std::min<int64_t>(Vec::size(), tq - r);
-      const Vec p = exp_ieee(Vec::loadu(xj + r, c) * vs - Vec::loadu(lse + r, c));
+      const Vec arg = Vec::loadu(xj + r, c) * vs - Vec::loadu(lse + r, c);
+      const Vec p = IEEE ? exp_ieee(arg) : arg.exp_u20();
       acc = acc + Vec::blendv(zero, p, Vec::loadu(ok + r, c));  // lanes past tq load ok = 0
     }
     cols[j] += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
@@ -161,7 +239,9 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
     const int64_t tq_max = std::min(GM, kRowTile);
     Tensor qbuf = at::empty({tq_max * D}, f32);
     Tensor kbuf = at::empty({kKeyBlock * D}, f32);
-    Tensor sbuf = at::empty({kKeyBlock * tq_max}, f32);
+    const int64_t ld_max = (tq_max + Vec::size() - 1) / Vec::size() * Vec::size();
+    std::vector<float> st(kKeyBlock * ld_max);  // one key-major block of logits, [bk, ld]
+    std::vector<float> qt(D * ld_max);          // the tile's rows, packed by pack_rows
     std::vector<float> cols, row_m(tq_max), row_l(tq_max), row_lse(tq_max), row_ok(tq_max);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv, fb = first_p[b];
@@ -171,22 +251,12 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
       for (int64_t r0 = 0; r0 < GM; r0 += kRowTile) {
         const int64_t tq = std::min(kRowTile, GM - r0);
         const Tensor qf = rows_as_float(rows, r0, tq, qbuf);
-        auto logits = [&](int64_t j0, int64_t bk) {  // fp32 [bk, tq] = k . q, unscaled
+        const int64_t ld = (tq + Vec::size() - 1) / Vec::size() * Vec::size();
+        pack_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, ld, qt.data());
+        auto logits = [&](int64_t j0, int64_t bk) {  // fp32 [bk, ld] = k . q, unscaled
           const Tensor kf = rows_as_float(kh, j0, bk, kbuf);
-          Tensor st = sbuf.narrow(0, 0, bk * tq).view({bk, tq});
-          if (tq == 1) {
-            const float* qp = qf.data_ptr<float>();
-            const float* kp = kf.data_ptr<float>();
-            float* sp = st.data_ptr<float>();
-            for (int64_t j = 0; j < bk; ++j) {
-              sp[j] = at::vec::map2_reduce_all<float>(
-                  [](Vec a, Vec c) { return a * c; }, [](Vec a, Vec c) { return a + c; },
-                  kp + j * kf.stride(0), qp, D);
-            }
-          } else {
-            at::mm_out(st, kf, qf.t());
-          }
-          return st.data_ptr<float>();
+          key_major_logits(kf.data_ptr<float>(), kf.stride(0), bk, qt.data(), D, ld, st.data());
+          return st.data();
         };
         if (has_lse) {
           for (int64_t i = 0; i < tq; ++i) {
@@ -198,7 +268,7 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
           std::fill(row_l.begin(), row_l.end(), 0.0f);
           for (int64_t j0 = fb; j0 < key_end; j0 += kKeyBlock) {
             const int64_t bk = std::min(kKeyBlock, key_end - j0);
-            update_lse(logits(j0, bk), bk, tq, scale, row_m.data(), row_l.data());
+            update_lse(logits(j0, bk), bk, tq, ld, scale, row_m.data(), row_l.data());
           }
           for (int64_t i = 0; i < tq; ++i) row_lse[i] = finish_lse(row_m[i], row_l[i]);
         }
@@ -217,8 +287,9 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
         // pass 2: column sums of the probabilities over [fb, col_end)
         for (int64_t j0 = fb; j0 < col_end; j0 += kKeyBlock) {
           const int64_t bk = std::min(kKeyBlock, col_end - j0);
-          add_column_sums(logits(j0, bk), bk, tq, scale, row_lse.data(), row_ok.data(),
-                          cols.data() + (j0 - fb));
+          (has_lse ? add_column_sums<true> : add_column_sums<false>)(
+              logits(j0, bk), bk, tq, ld, scale, row_lse.data(), row_ok.data(),
+              cols.data() + (j0 - fb));
         }
       }
       float* out = scores_p + s * P;

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..budgets import rank_within
 
 MAX_ELEMS = 1 << 24  # 64 MiB of fp32 logits per chunk
+SKINNY_ROWS = 8  # fewer scoring rows per KV head: no BLAS product (``_rowwise_logits``)
 
 
 def _chunks(bh: int, rows: int, keys: int, max_elems: int) -> tuple[int, int]:
@@ -26,6 +27,22 @@ def _chunks(bh: int, rows: int, keys: int, max_elems: int) -> tuple[int, int]:
     if rc == 1:
         kc = max(1, min(keys, max_elems // max(1, bh)))
     return rc, kc
+
+
+def _rowwise_logits(k: torch.Tensor, q: torch.Tensor, max_elems: int) -> torch.Tensor:
+    """k @ q^T, [..., keys, rows], as one inner-dim sum per (key, row) for a few rows.
+
+    A BLAS product with a few query rows takes kernels that round keys by their position (a
+    GEMV for one row, others for 2-3 rows); a sum over the contiguous head dim runs the same
+    operations for every key, at about the memory passes of those kernels. Temporaries hold at
+    most ``max_elems`` fp32 values."""
+    keys, D, rows = k.shape[-2], k.shape[-1], q.shape[-2]
+    step = max(1, max_elems // max(1, math.prod(k.shape[:-2]) * D))
+    out = k.new_empty(*k.shape[:-1], rows)
+    for j in range(0, keys, step):
+        for r in range(rows):
+            out[..., j : j + step, r] = (k[..., j : j + step, :] * q[..., r : r + 1, :]).sum(-1)
+    return out
 
 
 def score_keys(
@@ -72,10 +89,8 @@ def score_keys(
         if kc_.stride(-1) != 1 or kc_.stride(-2) != kc_.shape[-1]:
             kc_ = kc_.contiguous()
         qc = rows[:, :, r0 : r0 + rc].float().contiguous()
-        if qc.shape[2] == 1 and qc.shape[0] * qc.shape[1] == 1:
-            # A single query row would be a GEMV, whose tail rows round differently from the
-            # others; an inner-dim sum rounds every key alike (and costs the same memory pass).
-            s = (kc_ * qc).sum(-1, keepdim=True) * scale
+        if GM < SKINNY_ROWS:
+            s = _rowwise_logits(kc_, qc, max_elems) * scale
         else:
             s = torch.matmul(kc_, qc.transpose(-1, -2)) * scale
         return s.masked_fill(~key_ok[:, None, k0:k1, None], -math.inf)  # padding keys
