@@ -220,30 +220,39 @@ def test_identical_keys_identical_scores(score):
 
 
 @pytest.mark.parametrize(
-    "seed, D, n, gap, first",
+    "seed, B, G, M, D, n, gap, first",
     [
-        (70, 128, 34, 1, 273),
-        (117, 16, 24, 1, 154),
-        (134, 16, 30, 129, 136),
-        (205, 128, 7, 129, 194),
+        (70, 1, 1, 1, 128, 34, 1, 273),
+        (117, 1, 1, 1, 16, 24, 1, 154),
+        (134, 1, 1, 1, 16, 30, 129, 136),
+        (205, 1, 1, 1, 128, 7, 129, 194),
+        (539, 2, 3, 1, 64, 5, 1, 3),
+        (689, 2, 2, 1, 64, 11, 1, 1),
+        (1989, 1, 1, 2, 64, 29, 37, 1),
+        (2508, 1, 1, 3, 8, 75, 7, 0),
     ],
 )
-def test_identical_keys_single_scoring_row(seed, D, n, gap, first):
-    """One scoring row (M = G = 1, fp32): a BLAS product of one row runs as a GEMV, which
-    rounded these copies apart by their position; each key now takes the same dot product. The
-    budget that reaches the copies keeps the first of them."""
+def test_identical_keys_few_scoring_rows(seed, B, G, M, D, n, gap, first):
+    """1-3 scoring rows per KV head (fp32): BLAS takes other kernels for such skinny products (a
+    GEMV for one row), which rounded these copies apart by their position, query-major (the
+    one-row cases) and key-major (the others) alike; the C++ product kernel rounds every key
+    alike. The budget that reaches the copies keeps the first of them."""
     g = torch.Generator().manual_seed(seed)
     copies = first + gap * torch.arange(n)
     P = int(copies[-1]) + 1
-    q = torch.randn(1, 1, 1, D, generator=g)
-    k = torch.randn(1, 1, P + 2, D, generator=g)
+    q = torch.randn(B, G, M, D, generator=g)
+    k = torch.randn(B, 1, P + 2, D, generator=g)
     k[:, :, copies] = k[:, :, first : first + 1].clone()
     _, scores = mk.select_and_gather(q, k, k, 1, prompt_len=P, return_scores=True, backend="cpp")
-    s = scores[0, 0, copies]
-    assert torch.equal(s, s[:1].expand_as(s)), "identical keys scored differently"
-    better = int((scores[0, 0] > s[0]).sum())  # keys that outrank the copies
-    cache = mk.select_and_gather(q, k, k, better + 1, prompt_len=P, backend="cpp")
-    assert first in kept(cache)[0][0] and not set(copies[1:].tolist()) & set(kept(cache)[0][0])
+    for b in range(B):
+        s = scores[b, 0, copies]
+        assert torch.equal(s, s[:1].expand_as(s)), "identical keys scored differently"
+        better = int((scores[b, 0] > s[0]).sum())  # keys that outrank the copies
+        cache = mk.select_and_gather(
+            q[b : b + 1], k[b : b + 1], k[b : b + 1], better + 1, prompt_len=P, backend="cpp"
+        )
+        assert first in kept(cache)[0][0]
+        assert not set(copies[1:].tolist()) & set(kept(cache)[0][0])
 
 
 # ----------------------------------------------------------------------------- ragged attention
