@@ -19,6 +19,7 @@ import math
 import warnings
 
 import pytest
+import test_fuzz as fz
 import test_ragged_attention as ra
 import test_select_and_gather as sg
 import torch
@@ -237,12 +238,9 @@ def test_identical_keys_few_scoring_rows(seed, B, G, M, D, n, gap, first):
     GEMV for one row), which rounded these copies apart by their position, query-major (the
     one-row cases) and key-major (the others) alike; the C++ product kernel rounds every key
     alike. The budget that reaches the copies keeps the first of them."""
-    g = torch.Generator().manual_seed(seed)
     copies = first + gap * torch.arange(n)
-    P = int(copies[-1]) + 1
-    q = torch.randn(B, G, M, D, generator=g)
-    k = torch.randn(B, 1, P + 2, D, generator=g)
-    k[:, :, copies] = k[:, :, first : first + 1].clone()
+    q, k, _ = fz.copies_of_one_key(seed, B, G, M, D, copies)
+    P = k.shape[2] - 2
     _, scores = mk.select_and_gather(q, k, k, 1, prompt_len=P, return_scores=True, backend="cpp")
     for b in range(B):
         s = scores[b, 0, copies]

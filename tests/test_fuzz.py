@@ -548,6 +548,17 @@ def test_select_noncontiguous_explicit_budgets_and_reruns(kw, data):
             assert_cache_equal(got, want)
 
 
+def copies_of_one_key(seed: int, B: int, G: int, M: int, D: int, copies: torch.Tensor):
+    """(q [B, G, M, D], k [B, 1, P + 2, D], the generator) with N(0, 1) values, P = the last copy
+    + 1, and the keys at ``copies`` bitwise copies of the first of them."""
+    g = torch.Generator().manual_seed(seed)
+    P = int(copies[-1]) + 1
+    q = torch.randn(B, G, M, D, generator=g)
+    k = torch.randn(B, 1, P + 2, D, generator=g)
+    k[:, :, copies] = k[:, :, int(copies[0]) : int(copies[0]) + 1].clone()
+    return q, k, g
+
+
 @fuzz(*N_META)
 @given(
     n_copies=st.integers(2, 80),
@@ -565,12 +576,9 @@ def test_identical_keys_identical_scores(n_copies, offset, gap, B, G, M, D, budg
     """Bitwise-identical keys get bitwise-identical scores on the torch and C++ backends,
     wherever they sit (``gap`` 37 spreads 80 copies over ~3000 keys, across the C++ kernel's key
     blocks), so ties go to the lower position (with an implicit or an explicit budget)."""
-    g = torch.Generator().manual_seed(seed)
     copies = offset + gap * torch.arange(n_copies)
-    P = int(copies[-1]) + 1
-    q = torch.randn(B, G, M, D, generator=g)
-    k = torch.randn(B, 1, P + 2, D, generator=g)
-    k[:, :, copies] = k[:, :, offset : offset + 1].clone()
+    q, k, g = copies_of_one_key(seed, B, G, M, D, copies)
+    P = k.shape[2] - 2
     v = torch.randn(B, 1, P + 2, D, generator=g)
     budget = min(budget, P)
     budget_arg = torch.full((B, 1), budget) if explicit else budget
