@@ -2,8 +2,10 @@
 
 ``maskkv`` (the framework) lives under ``python/``, ``maskkv_kernels`` (the ops) at the root.
 The C++ sources under ``csrc/`` (the CPU kernels of the "cpp" backend) are compiled just in time
-with ninja on first use (``maskkv_kernels/_cpp.py``); ``MASKKV_BUILD_EXT=1 pip install -e .``
-builds them ahead of time into ``maskkv_kernels/_C*.so``, which is then loaded instead.
+with ninja on first use (``maskkv_kernels/_cpp.py``); a wheel (``pip install .``) ships them as
+``maskkv_kernels/csrc/``, so an installed package builds them the same way. ``MASKKV_BUILD_EXT=1
+pip install .`` (or ``-e .``) builds them ahead of time into ``maskkv_kernels/_C*.so``, which is
+then loaded instead.
 """
 
 import os
@@ -41,12 +43,16 @@ def _cmdclass():
 
 setup(
     packages=find_packages(where="python")
-    + find_packages(include=["maskkv_kernels", "maskkv_kernels.*"]),
-    package_dir={"": "python", "maskkv_kernels": "maskkv_kernels"},
-    # The tiny trained model of the quality suite (`maskkv eval`) and the lm-eval tasks over its
-    # data (YAML + the utils.py their `!function` tags load) ship with the package.
+    + find_packages(include=["maskkv_kernels", "maskkv_kernels.*"])
+    + ["maskkv_kernels.csrc"],
+    # csrc/ stays at the repository root (DESIGN.md's layout) and is installed inside the package.
+    package_dir={"": "python", "maskkv_kernels": "maskkv_kernels", "maskkv_kernels.csrc": "csrc"},
     package_data={
-        "maskkv": ["assets/*/*", "quality/lm_eval_tasks/*.yaml", "quality/lm_eval_tasks/*.py"]
+        # The trained models of the quality suite (`maskkv eval`) and the lm-eval tasks over its
+        # data (YAML + the utils.py their `!function` tags load).
+        "maskkv": ["assets/*/*", "quality/lm_eval_tasks/*.yaml", "quality/lm_eval_tasks/*.py"],
+        # The C++ sources of the "cpp" backend, compiled on first use where they are installed.
+        "maskkv_kernels.csrc": ["*.cpp", "*.h"],
     },
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),

@@ -1,7 +1,8 @@
 // Shared helpers of the C++ CPU kernels (maskkv_kernels' "cpp" backend).
 //
 // Everything is computed in fp32 whatever the input dtype (fp32, bf16, fp16). Matrix products of
-// one block go through at::mm_out (MKL / oneDNN on x86), the element-wise softmax work through
+// one block go through at::mm_out (MKL / oneDNN on x86; select_cpu.cpp's scores through a product
+// kernel of its own, for position-independent rounding), the element-wise softmax work through
 // at::vec. The kernels are parallel over (batch row, KV head) with at::parallel_for; inside one
 // task everything is single-threaded.
 #pragma once
@@ -46,8 +47,9 @@ inline void check_int32(const Tensor& t, const char* name, at::IntArrayRef sizes
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
+// A tensor without elements has nothing to read: its strides are no error.
 inline void check_last_dim_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               ": expected the last (head) dim to be contiguous (stride 1), got strides ",
               t.strides());
 }
@@ -83,16 +85,6 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
     vsum = vsum + p;
   }
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-}
-
-// acc[j] += exp(x[j] * scale - sub) for j < n (column sums of softmax probabilities).
-inline void accumulate_probs(float* acc, const float* x, int64_t n, float scale, float sub) {
-  const Vec vs(scale), vsub(sub);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t c = std::min<int64_t>(Vec::size(), n - i);
-    const Vec p = (Vec::loadu(x + i, c) * vs - vsub).exp_u20();
-    (Vec::loadu(acc + i, c) + p).store(acc + i, c);
-  }
 }
 
 // x[i] *= a for i < n.

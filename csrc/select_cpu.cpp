@@ -1,10 +1,22 @@
 // Fused select on the CPU: mask / window scoring, SnapKV pooling, top-k with the K/V gather.
 //
 // score_keys: per (batch row b, KV head g), the G*M scoring rows are scored against the keys in
-// blocks of kKeyBlock (one [rows, block] fp32 tile at a time, never [M, L]): pass 1 is an online
-// softmax giving each row's log-sum-exp (skipped when the attention forward's LSE is given),
-// pass 2 recomputes each tile and adds exp(s - lse) into one vector of column sums. Rows are
-// added in a fixed order, so bitwise-identical keys get bitwise-identical scores.
+// blocks of kKeyBlock (one fp32 tile at a time, never [M, L]): pass 1 is an online softmax giving
+// each row's log-sum-exp (skipped when the attention forward's LSE is given), pass 2 recomputes
+// each tile and adds exp(s - lse) into one vector of column sums.
+//
+// Tiles are key-major, [keys, rows], and computed by the small product kernel below rather than
+// by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same instructions
+// whatever the key's position in its block and whatever the tile's shape, and every per-key
+// reduction below runs over the contiguous rows with the same instructions for every key.
+// Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
+// position as the ranking rule says. (BLAS rounds by position: in a query-major product the keys
+// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes
+// other kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
+//
+// A row whose softmax is undefined (a NaN or +inf logit) carries no mass, like a row without any
+// valid key, as in the reference: its log-sum-exp is NaN. Scores are then finite (at most G*M)
+// without a given LSE, so window mode's +inf window positions always rank first.
 //
 // topk_gather: per (b, g), std::nth_element under the ranking rule of DESIGN.md (higher score
 // first, NaN below -inf, ties to the lower position), the kept positions sorted ascending, rows
@@ -33,6 +45,147 @@ struct Better {
     return a < b;  // equal scores (and -0.0 == +0.0), or both NaN: the lower position
   }
 };
+
+// exp with IEEE edges: exp_u20 clamps its argument first, so NaN and overflowing arguments come
+// out as a large finite number; here NaN stays NaN and overflow is +inf, as in the reference
+// (with a given LSE a non-finite key's score is NaN or +inf there, and ranks accordingly).
+inline Vec exp_ieee(const Vec& x) {
+  const Vec overflow = (x != x) | (x > Vec(88.72283935546875f));  // NaN, or above ln(FLT_MAX)
+  return Vec::blendv(x.exp_u20(), x * Vec(std::numeric_limits<float>::infinity()), overflow);
+}
+
+// A float whose bits are all ones: the "true" lane of a blendv mask.
+inline float all_ones() {
+  const uint32_t bits = 0xFFFFFFFFu;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Key-major logits of one block: st[j, r] = sum_d k[j, d] * q[r, d] for bk keys (row j at
+// k + j * k_stride) and the tile's rows, packed by pack_rows into panels; st is [bk, ld] with
+// ld = rows rounded up to a whole vector. Register tiles of NK keys x NV vectors of rows; every
+// accumulator lane runs the same fmadd chain over d = 0..D-1, so a key's logits do not depend on
+// which tile, slot or lane computes them (nor on the tile shapes chosen).
+template <int64_t NK, int64_t NV>
+inline void logits_tile(const float* k, int64_t k_stride, const float* panel, int64_t D,
+                        int64_t ld, float* st) {
+  constexpr int64_t W = Vec::size();
+  Vec acc[NK][NV];
+  for (int64_t i = 0; i < NK; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    Vec qv[NV];
+    for (int64_t v = 0; v < NV; ++v) qv[v] = Vec::loadu(panel + (d * NV + v) * W);
+    for (int64_t i = 0; i < NK; ++i) {
+      const Vec kb(k[i * k_stride + d]);
+      for (int64_t v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(kb, qv[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < NK; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v].store(st + i * ld + v * W);
+}
+
+// All bk keys against one panel of NV vectors of rows: NK keys at a time.
+template <int64_t NK, int64_t NV>
+void logits_panel(const float* k, int64_t k_stride, int64_t bk, const float* panel, int64_t D,
+                  int64_t ld, float* st) {
+  int64_t j = 0;
+  for (; j + NK <= bk; j += NK)
+    logits_tile<NK, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
+  for (; j < bk; ++j) logits_tile<1, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
+}
+
+// Register budget: AVX-512 has 32 vector registers (16 accumulators), AVX2 16 (8).
+constexpr int64_t kPanelVecs = Vec::size() >= 16 ? 4 : 2;  // widest panel, in vectors
+constexpr int64_t kTileKeys = 4;
+constexpr int64_t kPanelKeys = Vec::size() >= 16 ? 6 : 4;  // 24 (AVX-512) or 8 (AVX2) accumulators
+
+// Panel widths (in vectors) covering ld rows: full panels, then one narrower for the rest.
+template <typename F>
+void for_each_panel(int64_t ld, F&& f) {
+  constexpr int64_t W = Vec::size();
+  int64_t r = 0;
+  for (; r + kPanelVecs * W <= ld; r += kPanelVecs * W) f(r, kPanelVecs);
+  for (; r + 2 * W <= ld; r += 2 * W) f(r, 2);
+  for (; r < ld; r += W) f(r, 1);
+}
+
+// The tile's rows [tq, D] (row stride q_stride) transposed into panels: panel p of width w
+// vectors holds rows [r, r + w*W) as [D, w*W], contiguous (its D rows stay in L1 while the keys
+// stream past), at qp + r*D; rows past tq are zero.
+void pack_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, int64_t ld, float* qp) {
+  for_each_panel(ld, [&](int64_t r, int64_t w) {
+    const int64_t width = w * Vec::size();
+    float* panel = qp + r * D;
+    std::fill(panel, panel + D * width, 0.0f);
+    for (int64_t i = r; i < std::min(tq, r + width); ++i)
+      for (int64_t d = 0; d < D; ++d) panel[d * width + (i - r)] = q[i * q_stride + d];
+  });
+}
+
+void key_major_logits(const float* k, int64_t k_stride, int64_t bk, const float* qp, int64_t D,
+                      int64_t ld, float* st) {
+  for_each_panel(ld, [&](int64_t r, int64_t w) {
+    if (w == kPanelVecs) {
+      logits_panel<kPanelKeys, kPanelVecs>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    } else if (w == 2) {
+      logits_panel<kTileKeys, 2>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    } else {
+      logits_panel<2 * kTileKeys, 1>(k, k_stride, bk, qp + r * D, D, ld, st + r);
+    }
+  });
+}
+
+// Online log-sum-exp state of a tile's rows, updated with one key-major block of unscaled logits
+// x ([bk, ld], rows r < tq): per row, m = max (NaN and +inf stick), l = sum exp(x * scale - m).
+void update_lse(const float* x, int64_t bk, int64_t tq, int64_t ld, float scale, float* row_m,
+                float* row_l) {
+  const Vec vs(scale), zero(0.0f);
+  for (int64_t r = 0; r < tq; r += Vec::size()) {
+    const int64_t c = std::min<int64_t>(Vec::size(), tq - r);
+    Vec bm(kNegInf);
+    for (int64_t j = 0; j < bk; ++j)
+      bm = at::vec::maximum(bm, Vec::loadu(x + j * ld + r, c) * vs);
+    const Vec m_old = Vec::loadu(row_m + r, c);
+    const Vec m_new = at::vec::maximum(m_old, bm);
+    // No finite maximum (no key yet, or a NaN / +inf logit): subtract 0, the sums are unused.
+    const Vec m_sub = Vec::blendv(m_new, zero, (m_new - m_new) != zero);
+    Vec sum(0.0f);
+    for (int64_t j = 0; j < bk; ++j)
+      sum = sum + (Vec::loadu(x + j * ld + r, c) * vs - m_sub).exp_u20();
+    const Vec l = Vec::loadu(row_l + r, c) * (m_old - m_sub).exp_u20() + sum;
+    m_new.store(row_m + r, c);
+    l.store(row_l + r, c);
+  }
+}
+
+// log-sum-exp of one row from its online state: -inf without any key, NaN when undefined.
+inline float finish_lse(float m, float l) {
+  if (std::isnan(m) || m == std::numeric_limits<float>::infinity())
+    return std::numeric_limits<float>::quiet_NaN();
+  return m == kNegInf ? kNegInf : m + std::log(l);
+}
+
+// cols[j] += sum over the tile's rows r < tq with ok[r] of exp(x[j, r] * scale - lse[r]), for
+// one key-major block x [bk, ld]: the same instructions for every key j. IEEE: a given LSE, which
+// can leave NaN and overflowing arguments (with a computed one, an ok row's are finite or -inf).
+template <bool IEEE>
+void add_column_sums(const float* x, int64_t bk, int64_t tq, int64_t ld, float scale,
+                     const float* lse, const float* ok, float* cols) {
+  const Vec vs(scale), zero(0.0f);
+  for (int64_t j = 0; j < bk; ++j) {
+    const float* xj = x + j * ld;
+    Vec acc(0.0f);
+    for (int64_t r = 0; r < tq; r += Vec::size()) {
+      const int64_t c = std::min<int64_t>(Vec::size(), tq - r);
+      const Vec arg = Vec::loadu(xj + r, c) * vs - Vec::loadu(lse + r, c);
+      const Vec p = IEEE ? exp_ieee(arg) : arg.exp_u20();
+      acc = acc + Vec::blendv(zero, p, Vec::loadu(ok + r, c));  // lanes past tq load ok = 0
+    }
+    cols[j] += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+}
 
 }  // namespace
 
@@ -79,15 +232,17 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
   float* mass_p = mass.data_ptr<float>();
   const float* lse_p = has_lse ? lse_f.data_ptr<float>() : nullptr;
   if (B * Hkv == 0 || GM == 0 || D == 0) return {scores, mass};
+  const float ok_true = all_ones();
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     const auto f32 = q.options().dtype(at::kFloat);
     const int64_t tq_max = std::min(GM, kRowTile);
     Tensor qbuf = at::empty({tq_max * D}, f32);
     Tensor kbuf = at::empty({kKeyBlock * D}, f32);
-    Tensor sbuf = at::empty({tq_max * kKeyBlock}, f32);
-    std::vector<float> cols, row_m(tq_max), row_l(tq_max), row_lse(tq_max);
-    std::vector<char> row_ok(tq_max);
+    const int64_t ld_max = (tq_max + Vec::size() - 1) / Vec::size() * Vec::size();
+    std::vector<float> st(kKeyBlock * ld_max);  // one key-major block of logits, [bk, ld]
+    std::vector<float> qt(D * ld_max);          // the tile's rows, packed by pack_rows
+    std::vector<float> cols, row_m(tq_max), row_l(tq_max), row_lse(tq_max), row_ok(tq_max);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv, fb = first_p[b];
       const Tensor rows = q[b].narrow(0, g * G, G).reshape({GM, D});  // row r = h * M + m
@@ -96,11 +251,12 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
       for (int64_t r0 = 0; r0 < GM; r0 += kRowTile) {
         const int64_t tq = std::min(kRowTile, GM - r0);
         const Tensor qf = rows_as_float(rows, r0, tq, qbuf);
-        auto scores_tile = [&](int64_t j0, int64_t bk) {  // fp32 [tq, bk] = q . k, unscaled
+        const int64_t ld = (tq + Vec::size() - 1) / Vec::size() * Vec::size();
+        pack_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, ld, qt.data());
+        auto logits = [&](int64_t j0, int64_t bk) {  // fp32 [bk, ld] = k . q, unscaled
           const Tensor kf = rows_as_float(kh, j0, bk, kbuf);
-          Tensor st = sbuf.narrow(0, 0, tq * bk).view({tq, bk});
-          at::mm_out(st, qf, kf.t());
-          return st.data_ptr<float>();
+          key_major_logits(kf.data_ptr<float>(), kf.stride(0), bk, qt.data(), D, ld, st.data());
+          return st.data();
         };
         if (has_lse) {
           for (int64_t i = 0; i < tq; ++i) {
@@ -112,38 +268,28 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
           std::fill(row_l.begin(), row_l.end(), 0.0f);
           for (int64_t j0 = fb; j0 < key_end; j0 += kKeyBlock) {
             const int64_t bk = std::min(kKeyBlock, key_end - j0);
-            float* st = scores_tile(j0, bk);
-            for (int64_t i = 0; i < tq; ++i) {
-              float* x = st + i * bk;
-              const float bm = scale_and_max(x, bk, scale);
-              if (bm == kNegInf) continue;  // nothing in this block (only -inf logits)
-              const float m_new = std::max(row_m[i], bm);
-              const float sum = exp_sub_sum(x, bk, m_new);
-              row_l[i] = row_l[i] * std::exp(row_m[i] - m_new) + sum;
-              row_m[i] = m_new;
-            }
+            update_lse(logits(j0, bk), bk, tq, ld, scale, row_m.data(), row_l.data());
           }
-          for (int64_t i = 0; i < tq; ++i)
-            row_lse[i] = row_l[i] > 0.0f ? row_m[i] + std::log(row_l[i]) : kNegInf;
+          for (int64_t i = 0; i < tq; ++i) row_lse[i] = finish_lse(row_m[i], row_l[i]);
         }
         bool any_ok = false;
         for (int64_t i = 0; i < tq; ++i) {
           const int64_t r = r0 + i;
-          // A row without any valid key carries no mass; padding window queries vote for nothing.
+          // Only a row with a log-sum-exp above -inf carries mass (NaN: undefined softmax);
+          // padding window queries vote for nothing.
           bool ok = row_lse[i] > kNegInf;
           if (window) ok = ok && (P - M + r % M) >= fb;
-          row_ok[i] = ok;
+          row_ok[i] = ok ? ok_true : 0.0f;
+          if (!ok) row_lse[i] = 0.0f;
           any_ok = any_ok || ok;
         }
         if (!any_ok) continue;
         // pass 2: column sums of the probabilities over [fb, col_end)
         for (int64_t j0 = fb; j0 < col_end; j0 += kKeyBlock) {
           const int64_t bk = std::min(kKeyBlock, col_end - j0);
-          const float* st = scores_tile(j0, bk);
-          for (int64_t i = 0; i < tq; ++i) {
-            if (row_ok[i]) accumulate_probs(cols.data() + (j0 - fb), st + i * bk, bk, scale,
-                                            row_lse[i]);
-          }
+          (has_lse ? add_column_sums<true> : add_column_sums<false>)(
+              logits(j0, bk), bk, tq, ld, scale, row_lse.data(), row_ok.data(),
+              cols.data() + (j0 - fb));
         }
       }
       float* out = scores_p + s * P;

@@ -2,10 +2,14 @@
 
 The kernels register the ``torch.ops.maskkv_cpp`` operator library. They are found, in order:
 
-1. built ahead of time into ``maskkv_kernels/_C*.so`` (``MASKKV_BUILD_EXT=1 pip install -e .``);
+1. built ahead of time into ``maskkv_kernels/_C*.so`` (``MASKKV_BUILD_EXT=1 pip install .``);
 2. built just in time with ``torch.utils.cpp_extension.load`` and ninja, once per source version,
    under ``$TORCH_EXTENSIONS_DIR/maskkv`` or else ``$XDG_CACHE_HOME/maskkv`` (``~/.cache/maskkv``).
    Later processes load the cached library without compiling.
+
+The sources are ``csrc/`` next to the package in a source checkout, and ``maskkv_kernels/csrc/``
+inside it where it was installed from a wheel (``setup.py`` ships them there). The cache entry's
+name hashes their content (not their path), so both layouts share one build.
 
 A missing compiler (or a failed build) is remembered: ``backend="auto"`` then falls back to the
 torch backend with one warning, and ``backend="cpp"`` raises :class:`CppBackendUnavailable`
@@ -33,9 +37,20 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("select_cpu.cpp", "ragged_attention_cpu.cpp", "register_cpu.cpp")
 _HEADERS = ("maskkv_cpu.h",)
+
+
+def _find_csrc() -> Path:
+    """The C++ sources: inside the installed package, else next to it (a source checkout)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in (*_SOURCES, *_HEADERS)):
+            return candidate
+    return package / "csrc"  # where a wheel puts them: named in the error when missing
+
+
+_CSRC = _find_csrc()
 
 
 class CppBackendUnavailable(RuntimeError):
@@ -121,7 +136,17 @@ def _jit_build() -> None:
     name = f"maskkv_cpu_{digest.hexdigest()[:12]}"
     build_dir = _cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
+    library = build_dir / f"{name}.so"
+    if library.exists() and not (build_dir / "lock").exists():  # no build under way
+        # A finished build of exactly these sources and flags (the name hashes them): load it
+        # without running ninja, whose build file names the source paths of the process that
+        # built it (a checkout and an installed wheel would otherwise rebuild each other's).
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:
+            pass  # a damaged library: rebuilt below
+    if not library.exists():
         print(
             f"maskkv: compiling the C++ CPU kernels with {Path(compiler).name} (once, about a "
             f"minute) into {build_dir} ...",
@@ -162,7 +187,7 @@ def _try_load() -> str | None:
     try:
         if _load_prebuilt():
             return None
-        if not _CSRC.is_dir():
+        if not all((_CSRC / name).is_file() for name in (*_SOURCES, *_HEADERS)):
             return f"the C++ sources ({_CSRC}) are not installed and no prebuilt library exists"
         _jit_build()
     except CppBackendUnavailable as e:
@@ -207,7 +232,9 @@ def warn_fallback() -> None:
 
 
 def last_dim_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
-    """The C++ kernels read rows with any outer strides but need unit stride along D."""
+    """The one stride policy of both C++ adapters: the kernels read rows with any outer strides
+    but need unit stride along D, so such a view is copied; a tensor without elements passes as
+    it is (``contiguous()`` returns it unchanged, and the kernels read nothing from it)."""
     if x is None or x.shape[-1] <= 1 or x.stride(-1) == 1:
         return x
     return x.contiguous()

@@ -9,7 +9,10 @@ Conventions shared with the fast paths (see DESIGN.md, "The algorithm"):
   ``prompt_lens[b]`` real tokens at positions ``[P - prompt_lens[b], P)``; the response follows.
 - padding positions get score 0, are excluded from every softmax and are never kept;
 - window mode: window positions ``[P - W, P)`` get score ``+inf`` (always kept, inside the budget);
-- ranking: higher score first, NaN ranks lowest, ties go to the lower position.
+- ranking: higher score first, NaN ranks lowest, ties go to the lower position;
+- a scoring row whose softmax is undefined (no valid key, or a NaN / +inf logit, e.g. from a
+  non-finite key) carries no mass, so without a given ``lse`` every score is finite (window
+  positions aside).
 """
 
 from __future__ import annotations

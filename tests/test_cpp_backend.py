@@ -19,6 +19,7 @@ import math
 import warnings
 
 import pytest
+import test_fuzz as fz
 import test_ragged_attention as ra
 import test_select_and_gather as sg
 import torch
@@ -153,17 +154,14 @@ def test_topk_rule_nan_inf_ties(P):
     ],
 )
 def test_topk_special_values_vs_torch_backend(scores, budget):
-    """The C++ top-k follows DESIGN.md (NaN below -inf; +inf above FLT_MAX). Today's torch
-    backend ranks NaN with -inf and clamps +-inf to +-FLT_MAX (issue 15 fixes it): compared with
-    it, these cases are expected to differ until that fix is merged."""
+    """NaN below -inf and +inf above FLT_MAX (DESIGN.md), as the independent oracle and the
+    torch backend keep them."""
     s = torch.tensor([[scores]])
     _, k, v = sg.make_inputs(1, 1, 1, 1, 8, 4, 0, torch.float32)
     b = torch.tensor([[budget]])
     got = mk.topk_gather(s, k, v, b, backend="cpp")
     assert kept(got) == rule_topk(s, b.tolist())
-    want = mk.topk_gather(s, k, v, b, backend="torch")
-    if kept(want) != kept(got):
-        pytest.xfail("torch backend ranks NaN / +-inf differently from DESIGN.md (issue 15)")
+    assert kept(got) == kept(mk.topk_gather(s, k, v, b, backend="torch"))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -201,11 +199,6 @@ def test_selection_bitwise_equal_to_torch_fp32(score, head_budget):
     assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
 
 
-@pytest.mark.xfail(
-    reason="query-major BLAS tiles (q @ k^T) can round identical keys differently in the last "
-    "bit; key-major tiles (k @ q^T, as the torch backend since issue 15) would fix it",
-    strict=False,
-)
 @pytest.mark.parametrize("score", ["mask", "window"])
 def test_identical_keys_identical_scores(score):
     """Bitwise-identical keys score bitwise identically (also across key blocks and SIMD lanes),
@@ -225,6 +218,39 @@ def test_identical_keys_identical_scores(score):
         assert torch.equal(s, s[:1].expand_as(s)), "identical keys scored differently"
     if score == "mask":
         assert kept(cache) == [[[3], [3]]]
+
+
+@pytest.mark.parametrize(
+    "seed, B, G, M, D, n, gap, first",
+    [
+        (70, 1, 1, 1, 128, 34, 1, 273),
+        (117, 1, 1, 1, 16, 24, 1, 154),
+        (134, 1, 1, 1, 16, 30, 129, 136),
+        (205, 1, 1, 1, 128, 7, 129, 194),
+        (539, 2, 3, 1, 64, 5, 1, 3),
+        (689, 2, 2, 1, 64, 11, 1, 1),
+        (1989, 1, 1, 2, 64, 29, 37, 1),
+        (2508, 1, 1, 3, 8, 75, 7, 0),
+    ],
+)
+def test_identical_keys_few_scoring_rows(seed, B, G, M, D, n, gap, first):
+    """1-3 scoring rows per KV head (fp32): BLAS takes other kernels for such skinny products (a
+    GEMV for one row), which rounded these copies apart by their position, query-major (the
+    one-row cases) and key-major (the others) alike; the C++ product kernel rounds every key
+    alike. The budget that reaches the copies keeps the first of them."""
+    copies = first + gap * torch.arange(n)
+    q, k, _ = fz.copies_of_one_key(seed, B, G, M, D, copies)
+    P = k.shape[2] - 2
+    _, scores = mk.select_and_gather(q, k, k, 1, prompt_len=P, return_scores=True, backend="cpp")
+    for b in range(B):
+        s = scores[b, 0, copies]
+        assert torch.equal(s, s[:1].expand_as(s)), "identical keys scored differently"
+        better = int((scores[b, 0] > s[0]).sum())  # keys that outrank the copies
+        cache = mk.select_and_gather(
+            q[b : b + 1], k[b : b + 1], k[b : b + 1], better + 1, prompt_len=P, backend="cpp"
+        )
+        assert first in kept(cache)[0][0]
+        assert not set(copies[1:].tolist()) & set(kept(cache)[0][0])
 
 
 # ----------------------------------------------------------------------------- ragged attention

@@ -703,27 +703,38 @@ def test_gpu_cuda_graph_capture(head_budget, padded):
 
 @pytest.mark.slow
 def test_public_select_and_gather_compiles_fullgraph():
-    """The public function (host checks, RaggedKV packing) traces into one graph on the torch
-    backend, with and without prompt_lens (new values need no recompile), equals eager, and a bad
-    prompt_lens still raises the eager ValueError from inside the compiled graph."""
-    q, k, v = make_inputs(2, 4, 2, 3, 16, 30, 10, torch.float32, seed=13)
+    """The public function (host checks, budgets, RaggedKV packing) traces into one graph on the
+    torch backend for every head-budget mode, with and without prompt_lens (new values, equal or
+    not, need no recompile), also when prompt_lens is built inside the compiled function; it
+    equals eager, and a bad prompt_lens still raises the eager ValueError from inside the graph."""
+    P = 33
+    q, k, v = make_inputs(2, 6, 3, 5, 32, P, 4, torch.float32, seed=13)
 
-    def run(q, k, v, prompt_lens, head_budget):
-        cache, scores = mk.select_and_gather(
-            q, k, v, 6, prompt_len=30, prompt_lens=prompt_lens, head_budget=head_budget,
-            backend="torch", return_scores=True,
-        )  # fmt: skip
-        return cache.k, cache.v, cache.cu_seqlens, cache.positions, scores
+    def run(q, k, v, prompt_lens):
+        out = []
+        for head_budget in ("uniform", "prompt_preference", "adakv"):
+            cache, scores = mk.select_and_gather(
+                q, k, v, 6, prompt_len=P, prompt_lens=prompt_lens, head_budget=head_budget,
+                backend="torch", return_scores=True,
+            )  # fmt: skip
+            out += [cache.k, cache.v, cache.cu_seqlens, cache.positions, scores]
+        return out
 
-    compiled = torch.compile(run, fullgraph=True, backend="inductor")
-    for prompt_lens, head_budget in [
-        (None, "prompt_preference"),
-        (torch.tensor([30, 21]), "adakv"),
-        (torch.tensor([4, 30]), "adakv"),
-    ]:
-        got = compiled(q, k, v, prompt_lens, head_budget)
-        want = run(q, k, v, prompt_lens, head_budget)
+    def check(got, want):
+        assert len(got) == len(want)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"prompt_lens: expected values in \[0, prompt_len=30\]"):
-        compiled(q, k, v, torch.tensor([4, 31]), "adakv")
+
+    compiled = torch.compile(run, fullgraph=True, backend="inductor")
+    for prompt_lens in [None, torch.tensor([30, 26]), torch.tensor([26, 26]), torch.tensor([4, P])]:
+        check(compiled(q, k, v, prompt_lens), run(q, k, v, prompt_lens))
+    with pytest.raises(ValueError, match=r"prompt_lens: expected values in \[0, prompt_len=33\]"):
+        compiled(q, k, v, torch.tensor([4, 34]))
+
+    def inner(q, k, v):  # uniform budgets from a prompt_lens made inside the graph
+        cache = mk.select_and_gather(
+            q, k, v, 6, prompt_len=P, prompt_lens=torch.tensor([30, 26]), backend="torch"
+        )
+        return cache.k, cache.cu_seqlens, cache.positions
+
+    check(torch.compile(inner, fullgraph=True, backend="inductor")(q, k, v), inner(q, k, v))

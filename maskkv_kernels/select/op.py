@@ -243,11 +243,12 @@ def _explicit_budgets(budget: torch.Tensor, lens: list[int]) -> tuple[int, int]:
     return int(host.sum()), int(host.max()) if host.numel() else 0
 
 
-def _uniform_budgets(
-    kept: list[int], prompt_lens: torch.Tensor | None, dims: C.Dims, device: torch.device
-) -> torch.Tensor:
-    """int32 [B, Hkv] = min(k_l, prompt_lens[b]), built CUDA-graph safe (``_host_ints``)."""
-    return _host_ints(kept, device)[:, None].expand(dims.B, dims.Hkv).contiguous()
+def _uniform_budgets(first: torch.Tensor, layer_budget: int, dims: C.Dims) -> torch.Tensor:
+    """int32 [B, Hkv] = min(k_l, prompt_lens[b]) from ``first`` (= P - prompt_lens) on its
+    device: tensor ops only, so it is CUDA-graph safe and traces under torch.compile without
+    branching on the (there symbolic) lengths."""
+    kept = (dims.P - first).clamp_max(layer_budget).to(torch.int32)
+    return kept[:, None].expand(dims.B, dims.Hkv).contiguous()
 
 
 def _window_len(q: torch.Tensor, dims: C.Dims) -> None:
@@ -335,18 +336,18 @@ def select_and_gather(
         )  # fmt: skip
 
     lens = _host_lens(prompt_lens, dims)
+    first = _first(prompt_lens, dims, q.device, lens)
     if isinstance(budget, torch.Tensor):
         n, max_seqlen = _explicit_budgets(budget, lens)
         budgets, layer_budget = budget, 0
     elif head_budget == "uniform":  # host-known budgets: skip the allocator's launches
         kept = [min(budget, x) for x in lens]
         n, max_seqlen = dims.Hkv * sum(kept), max(kept)
-        budgets, layer_budget = _uniform_budgets(kept, prompt_lens, dims, q.device), budget
+        budgets, layer_budget = _uniform_budgets(first, budget, dims), budget
     else:
         n = dims.Hkv * sum(min(budget, x) for x in lens)
         max_seqlen = min(max(lens), dims.Hkv * budget)
         budgets, layer_budget = None, budget
-    first = _first(prompt_lens, dims, q.device, lens)
     k_out, v_out, cu, pos, scores = _select_and_gather_op(
         q, k, v, first, budgets, layer_budget, prompt_len, score, head_budget, pool, pool_kernel,
         alpha_f, lse, scale_f, n, backend,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..budgets import rank_within
 
 MAX_ELEMS = 1 << 24  # 64 MiB of fp32 logits per chunk
+SKINNY_ROWS = 8  # fewer scoring rows per KV head: no BLAS product (``_rowwise_logits``)
 
 
 def _chunks(bh: int, rows: int, keys: int, max_elems: int) -> tuple[int, int]:
@@ -26,6 +27,22 @@ def _chunks(bh: int, rows: int, keys: int, max_elems: int) -> tuple[int, int]:
     if rc == 1:
         kc = max(1, min(keys, max_elems // max(1, bh)))
     return rc, kc
+
+
+def _rowwise_logits(k: torch.Tensor, q: torch.Tensor, max_elems: int) -> torch.Tensor:
+    """k @ q^T, [..., keys, rows], as one inner-dim sum per (key, row) for a few rows.
+
+    A BLAS product with a few query rows takes kernels that round keys by their position (a
+    GEMV for one row, others for 2-3 rows); a sum over the contiguous head dim runs the same
+    operations for every key, at about the memory passes of those kernels. Temporaries hold at
+    most ``max_elems`` fp32 values."""
+    keys, D, rows = k.shape[-2], k.shape[-1], q.shape[-2]
+    step = max(1, max_elems // max(1, math.prod(k.shape[:-2]) * D))
+    out = k.new_empty(*k.shape[:-1], rows)
+    for j in range(0, keys, step):
+        for r in range(rows):
+            out[..., j : j + step, r] = (k[..., j : j + step, :] * q[..., r : r + 1, :]).sum(-1)
+    return out
 
 
 def score_keys(
@@ -72,16 +89,19 @@ def score_keys(
         if kc_.stride(-1) != 1 or kc_.stride(-2) != kc_.shape[-1]:
             kc_ = kc_.contiguous()
         qc = rows[:, :, r0 : r0 + rc].float().contiguous()
-        if qc.shape[2] == 1 and qc.shape[0] * qc.shape[1] == 1:
-            # A single query row would be a GEMV, whose tail rows round differently from the
-            # others; an inner-dim sum rounds every key alike (and costs the same memory pass).
-            s = (kc_ * qc).sum(-1, keepdim=True) * scale
+        if GM < SKINNY_ROWS:
+            s = _rowwise_logits(kc_, qc, max_elems) * scale
         else:
             s = torch.matmul(kc_, qc.transpose(-1, -2)) * scale
         return s.masked_fill(~key_ok[:, None, k0:k1, None], -math.inf)  # padding keys
 
+    def undefined_to_nan(lse_c: torch.Tensor) -> torch.Tensor:
+        # A row with a +inf logit has no softmax (inf / inf): NaN, so that it carries no mass,
+        # like a row with a NaN logit (as in the reference and the other backends).
+        return lse_c.masked_fill(lse_c == math.inf, math.nan)
+
     def probs(s: torch.Tensor, lse_c: torch.Tensor, r0: int) -> torch.Tensor:
-        ok = lse_c > -math.inf  # rows without a single valid key carry no mass
+        ok = lse_c > -math.inf  # rows without a single valid key (or a NaN LSE) carry no mass
         if window:  # padding window queries vote for nothing
             ok = ok & (qpos[None, r0 : r0 + rc] >= first[:, None])[:, None, :]
         p = torch.exp(s - torch.where(ok, lse_c, torch.zeros_like(lse_c))[..., None, :])
@@ -91,7 +111,7 @@ def score_keys(
     if lse is None and kc >= key_end:  # one pass: each row chunk sees all keys
         for r0 in range(0, GM, rc):
             s = logits(r0, 0, key_end)
-            cols += probs(s[..., :n_keys, :], torch.logsumexp(s, -2), r0).sum(-1)
+            cols += probs(s[..., :n_keys, :], undefined_to_nan(torch.logsumexp(s, -2)), r0).sum(-1)
         return cols[..., :P].contiguous(), cols[..., P:].sum(-1) if need_mass else None
 
     if lse is None:
@@ -101,7 +121,7 @@ def score_keys(
             for k0 in range(0, key_end, kc):
                 chunk = logits(r0, k0, min(k0 + kc, key_end))
                 acc = torch.logaddexp(acc, torch.logsumexp(chunk, -2))
-            lse_rows[:, :, r0 : r0 + rc] = acc
+            lse_rows[:, :, r0 : r0 + rc] = undefined_to_nan(acc)
     else:
         lse_rows = lse.reshape(B, Hkv, GM).float()
     for k0 in range(0, n_keys, kc):
