@@ -39,7 +39,7 @@ SUITE_RESULTS = (
     / "cpu-x86_64"
     / f"quality-{MODEL}.json"
 )
-#: References first, then the methods in the paper's order.
+#: References first, then the methods in the paper's order, then the ones beyond the paper.
 METHOD_ORDER = (
     "fullcache",
     "nocache",
@@ -48,6 +48,7 @@ METHOD_ORDER = (
     "pyramidkv",
     "squeezeattention",
     "adakv",
+    "tailvote",
 )
 
 
@@ -225,7 +226,7 @@ def model_demo(example: int = 0, repeats: int = 3) -> None:
         where = SUITE_RESULTS.relative_to(SUITE_RESULTS.parents[3])
         print(f"the suite, {suite['n']} held-out {TASK} questions at budget {BUDGET}:")
         print(f"  {listed}\n  ({where})")
-    scope = "5 tasks x 7 methods x 4 budgets x 100 questions"
+    scope = f"5 tasks x {len(methods.available())} methods x 4 budgets x 100 questions"
     if suite is not None and suite.get("seconds"):
         scope += f"; the committed run took {suite['seconds']:.0f} s"
     print(
