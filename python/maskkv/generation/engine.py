@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
+from ..models.fused import FUSIONS, FusedLayers, resolve_fusion
 from .policies import CachePolicy, PromptCache, StepPlan
 
 __all__ = [
@@ -315,6 +316,12 @@ class Denoiser:
             (NoCache) runs a full pass at every step whatever the policy.
         first_pass: a ``FirstPassMemo`` shared with other generations of the same batch: step 1
             replays its record when the inputs match, and records into it otherwise.
+        fusion: how tail passes (later steps) run each layer's elementwise work
+            (``maskkv.models.fused``): "none" (the model's layer protocol, eager PyTorch),
+            "triton" (five fused kernels per layer), "compile" (``torch.compile`` of the layer
+            body), "torch" (the fused loop in eager PyTorch, bit-identical to "none"). "auto"
+            is "triton" on CUDA for LLaDA / Dream layers, else "none": no compile warm-up, and
+            it rounds as the eager code does except for the RMSNorm sum order.
     """
 
     def __init__(
@@ -331,8 +338,13 @@ class Denoiser:
         step1_lse: bool | str = True,
         cache: CachePolicy | None = None,
         first_pass: FirstPassMemo | None = None,
+        fusion: str = "auto",
     ) -> None:
         self.model = model
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
+        self._fused: FusedLayers | None = None  # resolved in _setup (needs the device)
         self.first_pass = first_pass
         self.method = method
         self.policy = cache if cache is not None else PromptCache()
@@ -371,9 +383,25 @@ class Denoiser:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def use_fusion(
+        self, fusion: str, device: torch.device | str, *, compile_backend: str = "inductor"
+    ) -> None:
+        """Run the tail passes from now on with ``fusion`` (see the class docstring); clears the
+        captured graphs. Benchmarks compare the candidates on one step-1 cache with it.
+        ``compile_backend``: the ``torch.compile`` backend of "compile"."""
+        kind = resolve_fusion(fusion, self.model, torch.device(device))
+        self.fusion = fusion
+        self._fused = (
+            None
+            if kind == "none"
+            else FusedLayers(self.model, kind, compile_backend=compile_backend)
+        )
+        self._graphs.clear()
+
     def _setup(self, x: torch.Tensor) -> None:
         B, L = x.shape
         self._backend = mk.resolve_backend(self.backend, x.device)
+        self.use_fusion(self.fusion, x.device)
         if self.attention_mask is None:
             self._positions = torch.arange(L, device=x.device).expand(B, L)
             self._key_valid = None
@@ -556,6 +584,8 @@ class Denoiser:
         The kernels run unchecked: every input is built here (validated once, at step 1)."""
         model, chunk = self.model, self.token_chunk
         h = model.embed(ids)
+        if self._fused is not None:
+            return self._fused(h, cos, sin, self._attend_tail(None))
         for layer, cache in zip(model.layers, self.caches):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
             attn = mk.ragged_attention(q, cache, k, v, backend=self._backend, check_inputs=False)
@@ -580,26 +610,40 @@ class Denoiser:
             return self._cached_pass(x, lo, hi)
         cos, sin = model.rotary(self._positions[:, Pc + lo : Pc + hi])
         h = model.embed(x[:, Pc + lo : Pc + hi])
-        for i, (layer, cache) in enumerate(zip(model.layers, self.caches)):
+        attend = self._attend_tail((lo, hi, whole) if stored else None)
+        if self._fused is not None and not keep_feat:
+            return self._fused(h, cos, sin, attend)
+        for i, layer in enumerate(model.layers):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            if stored and whole:
-                self._keep_tail(i, k, v)
-                k_tail, v_tail = k, v
-            elif stored:
-                self.tail_k[i][:, :, lo:hi] = k
-                self.tail_v[i][:, :, lo:hi] = v
-                k_tail, v_tail = self.tail_k[i], self.tail_v[i]
-            else:
-                k_tail, v_tail = k, v
-            attn = mk.ragged_attention(
-                q, cache, k_tail, v_tail, backend=self._backend, check_inputs=False
-            )
+            attn = attend(i, q, k, v)
             h_attn = layer.attn_output(h, attn)
             h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
             if keep_feat:
                 self._keep_features(i, h_attn - h, h_mlp - h_attn)
             h = h_mlp
         return h
+
+    def _attend_tail(self, stored: tuple[int, int, bool] | None):
+        """attend(i, q, k, v) of layer i in a tail pass: ``ragged_attention`` over [pruned prompt
+        ‖ dense tail]. Without stored response KV (``stored`` None) the tail is k, v; with it
+        (``stored`` = (lo, hi, whole)) k, v overwrite their slots of the stored KV (a whole-tail
+        pass replaces it) and the tail is the whole stored response."""
+
+        def attend(i, q, k, v):
+            k_tail, v_tail = k, v
+            if stored is not None:
+                lo, hi, whole = stored
+                if whole:
+                    self._keep_tail(i, k, v)
+                else:
+                    self.tail_k[i][:, :, lo:hi] = k
+                    self.tail_v[i][:, :, lo:hi] = v
+                    k_tail, v_tail = self.tail_k[i], self.tail_v[i]
+            return mk.ragged_attention(
+                q, self.caches[i], k_tail, v_tail, backend=self._backend, check_inputs=False
+            )
+
+        return attend
 
     def _partial_pass(self, x: torch.Tensor) -> torch.Tensor:
         """dLLM-Cache's in-between step over the whole tail.
