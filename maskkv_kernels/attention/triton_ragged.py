@@ -288,9 +288,21 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 4)]
 ]
-_fwd_tuned = triton.autotune(
-    _CONFIGS, key=["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "UPCAST", "PRECISION"]
-)(_ragged_attn_fwd)
+_TUNE_KEY = ["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "UPCAST", "PRECISION"]
+_fwd_tuned = triton.autotune(_CONFIGS, key=_TUNE_KEY)(_ragged_attn_fwd)
+# 128-row tiles at D = 128 (``ROW_TILE``): two warpgroups share each K/V tile, as flash
+# attention's forward does on Hopper; only 8-warp configs (a 4-warp 128 x 128 fp32 accumulator
+# alone is 128 registers per thread).
+_WIDE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=8, num_stages=s)
+    for bn, s in [(64, 2), (64, 3), (128, 2)]
+]
+_fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY)(_ragged_attn_fwd)
+# Row tile of the forward: None = ``_block_m``'s choice (64 rows at D = 128); 128 forces the wide
+# tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128). Not measured on
+# a GPU yet: benchmarks/bench_ragged_attention.py times both ("ragged_m128"), aimed at
+# full-length GQA (G = 7, 32k keys), whose 64-row tiles reach 49% of dense flash on an H200.
+ROW_TILE: int | None = None
 # How split-K is planned: "worklist" (default) cuts every segment into CHUNK-key work items from
 # the real lengths on the device; "grid" is the first version (a [num_splits] grid axis sized
 # from max_seqlen). Kept selectable so that benchmarks can compare both.
@@ -401,6 +413,9 @@ def ragged_attention_triton(
 
     block_d = max(16, triton.next_power_of_2(D))
     block_m = _block_m(rows, block_d, q.dtype)
+    wide = ROW_TILE == 128 and q.dtype != torch.float32 and block_d <= 128 and rows >= 128
+    if wide:
+        block_m = 128
     row_tiles = triton.cdiv(rows, block_m)
     interp = interpreting()
     max_keys = max_seqlen + Lt
@@ -481,6 +496,8 @@ def ragged_attention_triton(
     )
     if interp:
         _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+    elif wide and block_d > 64:
+        _fwd_tuned_wide[grid](*args, **meta)
     else:
         _fwd_tuned[grid](*args, **meta)
 
