@@ -92,7 +92,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="CUDA: longest prompt that fits, FullCache vs MaskKV (slow)",
     )
-    parser.add_argument("--search-limit", type=int, default=1 << 20)
+    parser.add_argument("--search-limit", type=int, default=1 << 24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", default=None, help="output folder (default: benchmarks/results/<device>/)"

@@ -312,7 +312,7 @@ def run_e2e(
     token_chunk: int = 4096,
     seed: int = 0,
     max_prompt: bool = False,
-    search_limit: int = 1 << 20,
+    search_limit: int = 1 << 24,
     search_refine: int = 2,
     progress: bool = True,
     model=None,
@@ -338,9 +338,9 @@ def run_e2e(
         warmup: run each method once on a short prompt first (Triton compiles, allocator warms),
             so the first timed row is not charged for it.
         backend, token_chunk: passed to ``generate``.
-        max_prompt: also search the longest prompt that fits for FullCache and MaskKV (CUDA),
-            doubling from the smallest prompt length up to ``search_limit`` and then
-            ``search_refine`` bisection steps between the last fit and the first failure.
+        max_prompt: also search the longest prompt that fits for FullCache and MaskKV (CUDA;
+            ``max_prompt_search``: from the memory model's prediction, up to ``search_limit``,
+            ``search_refine`` bisection steps between the last fit and the first failure).
         model: reuse an already built model (must match the preset).
     Returns:
         ``BenchResult`` with one row per (method, prompt length), the ceilings (CUDA), the search
@@ -463,7 +463,6 @@ def run_e2e(
             model,
             ["fullcache", "maskkv"],
             budget=budget,
-            start=prompt_lens[0],
             limit=search_limit,
             refine=search_refine,
             gen_length=gen_length,
@@ -509,60 +508,86 @@ def max_prompt_search(
     methods: Sequence[str] = ("fullcache", "maskkv"),
     *,
     budget: int = 256,
-    start: int = 4096,
-    limit: int = 1 << 20,
-    refine: int = 2,
+    start: int | None = None,
+    limit: int = 1 << 24,
+    refine: int = 3,
     gen_length: int = 256,
     profile=None,
     backend: str = "auto",
     token_chunk: int = 4096,
     batch: int = 1,
+    probe_layers: int | None = 1,
+    step: float = 1.1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Longest prompt that fits, per method (CUDA): double from ``start`` until
-    ``torch.cuda.OutOfMemoryError`` or ``limit``, then ``refine`` bisection steps.
+    """Longest prompt that fits, per method (CUDA), by search around the memory model's answer.
 
-    Each try is one denoising step (step 1: where every method's memory peaks -- the full pass,
-    plus, for FullCache, the whole prompt KV of every layer). Time grows quadratically with the
-    prompt (step-1 attention), so large limits take minutes.
-    Returns ``{method: {"max_fit": int | None, "first_oom": int | None, "tries": [...]}}``.
+    Each try is step 1 (where every method's memory peaks: the full pass, plus, for FullCache,
+    the whole prompt KV of every layer) at prompt length P; it fits unless
+    ``torch.cuda.OutOfMemoryError``. The first try is ``memory.predict_max_prompt`` for the free
+    device memory (or ``start``), rounded down to 1024; from there P moves by factors of
+    ``step`` until one try fits and one does not, then ``refine`` bisection steps (to 1024).
+
+    ``probe_layers`` (default 1): each try is a ``memory.probe`` -- the first layers run, the
+    other layers' caches are allocated as placeholders, attention runs only for the query
+    chunks selection needs -- so a 1M-token try takes seconds, not the quadratic time of a full
+    pass; the peak is the full pass's (``tests/test_memory_model.py`` checks it on CPU, and
+    ``probe_check`` rows compare both on the GPU). None runs the whole model.
+
+    Returns ``{method: {"max_fit", "first_oom", "predicted_max", "limit", "free_bytes",
+    "tries": [{prompt_len, fits, peak_memory_bytes, peak_reserved_bytes, predicted_peak_bytes,
+    seconds}]}}``; peaks are above the weights (allocated before the search).
     """
     from tqdm.auto import tqdm
 
+    from . import memory
+
     device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"model: expected a model on a CUDA device for the search, got {device}")
     out: dict[str, Any] = {}
     for name in methods:
         m = _make_method(name, budget)
+        _release(device)
+        free = torch.cuda.mem_get_info(device)[0]
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        kw = dict(profile=None if probe_layers else profile, batch=batch, token_chunk=token_chunk)
+        predicted = memory.predict_max_prompt(model, m, free, gen_length=gen_length, **kw)
         tries: list[dict[str, Any]] = []
         bar = tqdm(desc=f"max prompt {m.name}", unit="try", disable=not progress)
 
-        def fits(P: int, m=m, tries=tries, bar=bar) -> bool:
+        def fits(P: int, m=m, tries=tries, bar=bar, kw=kw) -> bool:
             ids = random_prompt(model, P, batch=batch, seed=P, device=device)
+
+            def run(ids=ids):
+                return _generate(
+                    model, ids, m, gen_length=gen_length, block_length=gen_length, steps=1,
+                    profile=kw["profile"], backend=backend, chunk=token_chunk,
+                )  # fmt: skip
+
             t0 = time.perf_counter()
+            peak = reserved = None
             try:
-                res = _generate(
-                    model,
-                    ids,
-                    m,
-                    gen_length=gen_length,
-                    block_length=gen_length,
-                    steps=1,
-                    profile=profile,
-                    backend=backend,
-                    chunk=token_chunk,
-                )
-                peak = res.stats.peak_memory_bytes
-                del res
+                if probe_layers:
+                    with memory.probe(model, m, P, layers=probe_layers, batch=batch) as held:
+                        _, peak, reserved = memory.measure_peak(run, device)
+                    peak, reserved = peak + held, reserved + held
+                else:
+                    _, peak, reserved = memory.measure_peak(run, device)
                 ok = True
             except _oom_types():
-                peak, ok = None, False
-            del ids
+                ok = False
+            del ids, run
             _release(device)
+            pred = memory.step1_memory(model, P, gen_length, m, **kw)
             tries.append(
                 {
                     "prompt_len": P,
                     "fits": ok,
                     "peak_memory_bytes": peak,
+                    "peak_reserved_bytes": reserved,
+                    "predicted_peak_bytes": pred.peak_bytes,
+                    "predicted_phase": pred.phase,
                     "seconds": time.perf_counter() - t0,
                 }
             )
@@ -570,22 +595,37 @@ def max_prompt_search(
             bar.update()
             return ok
 
-        good, bad, P = None, None, start
-        while P <= limit:
+        good, bad = None, None
+        P = max(1024, (start or predicted) // 1024 * 1024)
+        for _ in range(12):  # bracket: one fit, one OOM (or the limit)
+            if P > limit:
+                break
             if fits(P):
-                good, P = P, 2 * P
+                good = P
+                if bad is not None:
+                    break
+                P = int(P * step) // 1024 * 1024 + 1024
             else:
                 bad = P
-                break
-        if good is not None and bad is not None:
-            for _ in range(refine):
-                mid = (good + bad) // 2
-                if mid in (good, bad):
+                if good is not None or P <= 1024:
                     break
-                if fits(mid):
-                    good = mid
-                else:
-                    bad = mid
+                P = max(1024, int(P / step) // 1024 * 1024)
+        for _ in range(refine):
+            if good is None or bad is None or bad - good <= 1024:
+                break
+            mid = (good + bad) // 2 // 1024 * 1024
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
         bar.close()
-        out[m.name] = {"max_fit": good, "first_oom": bad, "limit": limit, "tries": tries}
+        out[m.name] = {
+            "max_fit": good,
+            "first_oom": bad,
+            "predicted_max": predicted,
+            "limit": limit,
+            "free_bytes": free,
+            "probe_layers": probe_layers,
+            "tries": tries,
+        }
     return out

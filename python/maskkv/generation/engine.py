@@ -106,6 +106,56 @@ def _lse_op_usable(name: str, q: torch.Tensor, key_valid: torch.Tensor | None) -
     return _lse_probes[key]
 
 
+def attend_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    query_chunk: int,
+    consume,
+    lse_from: int | None = None,
+    lse_op: str = "cudnn",
+) -> torch.Tensor | None:
+    """Bidirectional attention in query chunks, each chunk's output handed to ``consume``.
+
+    q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L] or None.
+    ``consume(s, out)`` receives out [B, Hq, n, D] of query rows [s, s + n) and must not keep
+    it: a full pass adds each chunk into the residual stream at once, so no [B, Hq, T, D]
+    attention output is ever held, and no [Hq, T, L] score matrix either (SDPA's math fallback
+    on CPU would materialise it).
+
+    Returns lse: with ``lse_from`` set and the fused forward ``lse_op`` ("cudnn" or "flash")
+    usable (``_lse_op_usable``), the fp32 natural-log log-sum-exp [B, Hq, T - lse_from] of query
+    rows ``lse_from:`` that the forward computes anyway (``select_and_gather`` then skips its own
+    pass over K); otherwise None.
+    """
+    G = q.shape[1] // k.shape[1]
+    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
+        k = k.repeat_interleave(G, 1)
+        v = v.repeat_interleave(G, 1)
+    T = q.shape[2]
+    fused = lse_from is not None and _lse_op_usable(lse_op, q, key_valid)
+    lses: list[torch.Tensor] | None = [] if fused else None
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    for s in range(0, T, query_chunk):
+        q_chunk = q[:, :, s : s + query_chunk]
+        out = None
+        if lses is not None:
+            try:
+                out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
+                if s + query_chunk > lse_from:
+                    lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
+            except RuntimeError:  # a shape this build's fused kernel refuses: SDPA from here on
+                lses = None
+        if out is None:
+            out = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=mask)
+        consume(s, out)
+        del out
+    if not lses:
+        return None
+    return (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,41 +165,13 @@ def dense_attention(
     lse_from: int | None = None,
     lse_op: str = "cudnn",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention, q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L].
+    """``attend_chunks`` with the outputs gathered: returns (out [B, Hq, T, D], lse or None)."""
+    out = q.new_empty(q.shape)
 
-    Runs in query chunks so that no [Hq, T, L] score matrix is ever held at once (SDPA's math
-    fallback on CPU would materialise it).
+    def keep(s: int, chunk: torch.Tensor) -> None:
+        out[:, :, s : s + chunk.shape[2]] = chunk
 
-    Returns (out [B, Hq, T, D], lse). With ``lse_from`` set and the fused forward ``lse_op``
-    ("cudnn" or "flash") usable (``_lse_op_usable``), lse is the fp32 natural-log log-sum-exp
-    [B, Hq, T - lse_from] of query rows ``lse_from:`` that the forward computes anyway:
-    ``select_and_gather`` then skips its own pass over K. Otherwise lse is None.
-    """
-    G = q.shape[1] // k.shape[1]
-    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
-        k = k.repeat_interleave(G, 1)
-        v = v.repeat_interleave(G, 1)
-    T = q.shape[2]
-    if lse_from is not None and _lse_op_usable(lse_op, q, key_valid):
-        outs, lses = [], []
-        try:
-            for s in range(0, T, query_chunk):
-                q_chunk = q[:, :, s : s + query_chunk]
-                out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
-                outs.append(out)
-                if s + query_chunk > lse_from:
-                    lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
-        except RuntimeError:  # a shape this build's fused kernel refuses: SDPA, LSE pass later
-            outs = None
-        if outs is not None:
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-            return out, (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    outs = [
-        F.scaled_dot_product_attention(q[:, :, s : s + query_chunk], k, v, attn_mask=mask)
-        for s in range(0, T, query_chunk)
-    ]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), None
+    return out, attend_chunks(q, k, v, key_valid, query_chunk, keep, lse_from, lse_op)
 
 
 def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -159,14 +181,27 @@ def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([fn(h[:, s : s + chunk]) for s in range(0, h.shape[1], chunk)], 1)
 
 
+def _chunked_inplace(fn, h: torch.Tensor, chunk: int) -> None:
+    """h[:, s:e] = fn(h[:, s:e]) chunk by chunk for a token-wise block: no second [B, T, d]."""
+    for s in range(0, h.shape[1], chunk):
+        h[:, s : s + chunk] = fn(h[:, s : s + chunk])
+
+
 def _qkv_chunked(layer, h, cos, sin, chunk):
-    if h.shape[1] <= chunk:
+    """The layer's q, k, v of every token, projected chunk by chunk into one buffer each
+    (contiguous [B, H, T, D]): no second copy of q, k, v while they are assembled."""
+    T = h.shape[1]
+    if T <= chunk:
         return layer.qkv(h, cos, sin)
-    parts = [
-        layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
-        for s in range(0, h.shape[1], chunk)
-    ]
-    return tuple(torch.cat(p, 2) for p in zip(*parts))
+    bufs = None
+    for s in range(0, T, chunk):
+        parts = layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
+        if bufs is None:
+            bufs = tuple(p.new_empty(*p.shape[:2], T, p.shape[3]) for p in parts)
+        for buf, part in zip(bufs, parts):
+            buf[:, :, s : s + part.shape[2]] = part
+        del parts
+    return bufs
 
 
 class FirstPassMemo:
@@ -478,8 +513,14 @@ class Denoiser:
                 q, k, v, lse = memo.layers[i]
             else:
                 q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-                attn, lse = dense_attention(
-                    q, k, v, self._key_valid, chunk, lse_from,
+                if keep_feat:
+                    h_in = h[:, Pc:].clone()
+
+                def add_attention(s, out, layer=layer):  # residual add, in place, per chunk
+                    h[:, s : s + out.shape[2]] = layer.attn_output(h[:, s : s + out.shape[2]], out)
+
+                lse = attend_chunks(
+                    q, k, v, self._key_valid, chunk, add_attention, lse_from,
                     lse_op="flash" if self.step1_lse == "flash" else "cudnn",
                 )  # fmt: skip
                 if recorded is not None:
@@ -493,12 +534,11 @@ class Denoiser:
             del q, k, v  # the layer's full KV dies here, before the next layer (without a memo)
             if replay:
                 continue
-            h_attn = layer.attn_output(h, attn)
-            del attn
-            h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
             if keep_feat:
-                self._keep_features(i, h_attn[:, Pc:] - h[:, Pc:], h_mlp[:, Pc:] - h_attn[:, Pc:])
-            h = h_mlp
+                h_attn = h[:, Pc:].clone()
+            _chunked_inplace(layer.mlp_block, h, chunk)
+            if keep_feat:
+                self._keep_features(i, h_attn - h_in, h[:, Pc:] - h_attn)
         if replay:
             h = memo.hidden
             memo.replays += 1
