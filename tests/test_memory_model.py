@@ -130,3 +130,22 @@ def test_prediction_at_llada_8b_shape():
     assert step1_memory(model, fc_max, 256, fc, device="cuda").peak_bytes <= free
     assert step1_memory(model, fc_max + 256, 256, fc, device="cuda").peak_bytes > free
     assert mkv_max > 5 * fc_max
+
+
+def test_longest_prompt_search_brackets_the_answer():
+    """The search on the CPU against a memory budget: it starts at the model's prediction and
+    ends with a fitting try and an over-budget one 128 tokens apart (probe tries: one layer)."""
+    model = _model(layers=4)
+    budget = 6 << 20
+    search = bench.max_prompt_search(
+        model, ["fullcache", "maskkv"], budget=32, gen_length=R, token_chunk=256,
+        free_bytes=budget, refine=5, quantum=128, progress=False,
+    )  # fmt: skip
+    for name, s in search.items():
+        good, bad = s["max_fit"], s["first_oom"]
+        assert good is not None and bad is not None and 0 < bad - good <= 128, (name, s)
+        tries = {t["prompt_len"]: t for t in s["tries"]}
+        assert tries[good]["peak_memory_bytes"] <= budget < tries[bad]["peak_memory_bytes"]
+        assert s["tries"][0]["prompt_len"] == s["predicted_max"] // 128 * 128
+        assert abs(s["predicted_max"] / good - 1) < 0.15, (name, s["predicted_max"], good)
+    assert search["maskkv"]["max_fit"] > search["fullcache"]["max_fit"]

@@ -30,6 +30,7 @@ quadratic time of a 1M-token pass.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,9 @@ def _kept_rows(method, layers: int, Pc: int, batch: int, kv_heads: int, profile)
         return [0] * layers
     if not method.evicts:
         return [batch * kv_heads * Pc] * layers
-    budgets = method.layer_budgets(layers, Pc, profile)
+    with warnings.catch_warnings():  # no profile: uniform layer budgets, as the engine falls back
+        warnings.simplefilter("ignore")
+        budgets = method.layer_budgets(layers, Pc, profile)
     return [batch * kv_heads * min(int(k), Pc) for k in budgets]
 
 

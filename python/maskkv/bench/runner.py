@@ -81,6 +81,61 @@ def measure_ceilings(
     }
 
 
+def measure_attention_rate(
+    device: torch.device | str,
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    heads: int = 32,
+    kv_heads: int = 32,
+    head_dim: int = 128,
+    q_len: int = 4096,
+    kv_len: int = 32768,
+    reps: int = 5,
+) -> float:
+    """FLOP/s of one non-causal SDPA forward (torch's own kernel choice) at a step-1 query chunk:
+    ``q_len`` queries of ``heads`` heads over ``kv_len`` keys, 4 * q_len * kv_len * heads * D FLOPs
+    (CUDA only). K / V expanded to the query heads as step 1 does for GQA."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: the attention rate is measured on CUDA, got {device}")
+    dtype = _dtype(dtype)
+    buf = {"q": torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)}
+    buf["k"] = torch.randn(1, heads, kv_len, head_dim, device=device, dtype=dtype)
+    buf["v"] = torch.randn_like(buf["k"])
+    t = _cuda_time(
+        lambda: F.scaled_dot_product_attention(buf["q"], buf["k"], buf["v"]), device, reps
+    )
+    buf.clear()
+    torch.cuda.empty_cache()
+    return 4 * q_len * kv_len * heads * head_dim / t
+
+
+def step1_floor(
+    model, prompt_len: int, gen_length: int, ceilings: dict[str, float], attention_flops: float
+) -> dict[str, float]:
+    """Step 1's floor: its GEMM FLOPs at the measured matmul rate plus its attention FLOPs at the
+    measured attention rate. GEMMs: 2 * L * (linear parameters of a layer) per layer, plus the
+    LM head on the response; attention: 4 * L^2 * Hq * D per layer (bidirectional, all L)."""
+    cfg = model.config
+    L = prompt_len + gen_length
+    layer_params = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
+    layers = len(model.layers)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gemm = 2 * L * layer_params * layers + 2 * gen_length * cfg.hidden_size * vocab
+    attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim * layers
+    t_gemm, t_attn = gemm / ceilings["matmul_flops"], attn / attention_flops
+    return {
+        "step1_floor_s": t_gemm + t_attn,
+        "step1_gemm_flops": gemm,
+        "step1_attention_flops": attn,
+        "step1_floor_gemm_s": t_gemm,
+        "step1_floor_attention_s": t_attn,
+        "attention_flops_per_s": attention_flops,
+    }
+
+
 def later_step_need(gen_length: int, block_length: int, steps: int) -> float:
     """Mean number of masked positions whose logits a later LLaDA step asks for (the LM head runs
     on those only): the current block's masked count, averaged over steps 2..steps."""
@@ -518,6 +573,8 @@ def max_prompt_search(
     batch: int = 1,
     probe_layers: int | None = 1,
     step: float = 1.1,
+    quantum: int = 1024,
+    free_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Longest prompt that fits, per method (CUDA), by search around the memory model's answer.
@@ -525,14 +582,18 @@ def max_prompt_search(
     Each try is step 1 (where every method's memory peaks: the full pass, plus, for FullCache,
     the whole prompt KV of every layer) at prompt length P; it fits unless
     ``torch.cuda.OutOfMemoryError``. The first try is ``memory.predict_max_prompt`` for the free
-    device memory (or ``start``), rounded down to 1024; from there P moves by factors of
-    ``step`` until one try fits and one does not, then ``refine`` bisection steps (to 1024).
+    device memory (or ``start``), rounded down to ``quantum`` tokens; from there P moves by
+    factors of ``step`` until one try fits and one does not, then ``refine`` bisection steps
+    (down to ``quantum``).
 
     ``probe_layers`` (default 1): each try is a ``memory.probe`` -- the first layers run, the
     other layers' caches are allocated as placeholders, attention runs only for the query
     chunks selection needs -- so a 1M-token try takes seconds, not the quadratic time of a full
     pass; the peak is the full pass's (``tests/test_memory_model.py`` checks it on CPU, and
     ``probe_check`` rows compare both on the GPU). None runs the whole model.
+
+    ``free_bytes``: a memory budget instead of the device's free memory; a try whose measured
+    peak exceeds it does not fit (how the search runs on the CPU, in tests).
 
     Returns ``{method: {"max_fit", "first_oom", "predicted_max", "limit", "free_bytes",
     "tries": [{prompt_len, fits, peak_memory_bytes, peak_reserved_bytes, predicted_peak_bytes,
@@ -543,15 +604,19 @@ def max_prompt_search(
     from . import memory
 
     device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(f"model: expected a model on a CUDA device for the search, got {device}")
+    if device.type != "cuda" and free_bytes is None:
+        raise ValueError(f"free_bytes: expected a memory budget for a model on {device}")
     out: dict[str, Any] = {}
     for name in methods:
         m = _make_method(name, budget)
         _release(device)
-        free = torch.cuda.mem_get_info(device)[0]
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if free_bytes is not None:
+            free = free_bytes
+        else:
+            free = torch.cuda.mem_get_info(device)[0]
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         kw = dict(profile=None if probe_layers else profile, batch=batch, token_chunk=token_chunk)
+        kw["device"] = device
         predicted = memory.predict_max_prompt(model, m, free, gen_length=gen_length, **kw)
         tries: list[dict[str, Any]] = []
         bar = tqdm(desc=f"max prompt {m.name}", unit="try", disable=not progress)
@@ -571,10 +636,11 @@ def max_prompt_search(
                 if probe_layers:
                     with memory.probe(model, m, P, layers=probe_layers, batch=batch) as held:
                         _, peak, reserved = memory.measure_peak(run, device)
-                    peak, reserved = peak + held, reserved + held
+                    peak += held
+                    reserved = None if reserved is None else reserved + held
                 else:
                     _, peak, reserved = memory.measure_peak(run, device)
-                ok = True
+                ok = free_bytes is None or peak <= free_bytes
             except _oom_types():
                 ok = False
             del ids, run
@@ -596,7 +662,7 @@ def max_prompt_search(
             return ok
 
         good, bad = None, None
-        P = max(1024, (start or predicted) // 1024 * 1024)
+        P = max(quantum, (start or predicted) // quantum * quantum)
         for _ in range(12):  # bracket: one fit, one OOM (or the limit)
             if P > limit:
                 break
@@ -604,16 +670,16 @@ def max_prompt_search(
                 good = P
                 if bad is not None:
                     break
-                P = int(P * step) // 1024 * 1024 + 1024
+                P = int(P * step) // quantum * quantum + quantum
             else:
                 bad = P
-                if good is not None or P <= 1024:
+                if good is not None or P <= quantum:
                     break
-                P = max(1024, int(P / step) // 1024 * 1024)
+                P = max(quantum, int(P / step) // quantum * quantum)
         for _ in range(refine):
-            if good is None or bad is None or bad - good <= 1024:
+            if good is None or bad is None or bad - good <= quantum:
                 break
-            mid = (good + bad) // 2 // 1024 * 1024
+            mid = (good + bad) // 2 // quantum * quantum
             if fits(mid):
                 good = mid
             else:
