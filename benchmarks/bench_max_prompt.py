@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llada-8b", choices=sorted(bench.PRESETS))
     ap.add_argument("--methods", nargs="+", default=["fullcache", "maskkv"])
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--check-len", type=int, default=16384, help="0 skips the probe check")
+    ap.add_argument("--check-len", type=int, default=32768, help="0 skips the probe check")
     ap.add_argument("--probe-layers", type=int, default=1, help="0 runs the whole model")
     ap.add_argument("--refine", type=int, default=3)
     ap.add_argument("--device", default=None, help="default cuda; cpu needs --free-bytes")
@@ -129,8 +129,18 @@ def main() -> None:
     fc, mkv = search.get("fullcache", {}), search.get("maskkv", {})
     ratio = mkv["max_fit"] / fc["max_fit"] if fc.get("max_fit") and mkv.get("max_fit") else None
     summary = {n: {k: v for k, v in s.items() if k != "tries"} for n, s in search.items()}
+    # DESIGN: MaskKV's peak <= 50% of FullCache's at 32k, weights included.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    full = {r["method"]: r["full_peak_bytes"] for r in checks}
+    peak_ratio = None
+    if "fullcache" in full and "maskkv" in full:
+        peak_ratio = (weights + full["maskkv"]) / (weights + full["fullcache"])
+        status = "PASS" if peak_ratio <= 0.5 else "MISS"
+        print(f"[{status}] P={args.check_len}: peak memory MaskKV / FullCache = {peak_ratio:.3f} "
+              "(weights included; target <= 0.5)")  # fmt: skip
     config = dict(preset=args.preset, budget=args.budget, gen_length=R, probe_layers=args.probe_layers,
-                  search=summary, maskkv_over_fullcache=ratio, weight_bytes=bench.weight_bytes(model),
+                  search=summary, maskkv_over_fullcache=ratio, parameter_bytes=weights,
+                  peak_vs_fullcache_at_check_len=peak_ratio,
                   target="MaskKV longest prompt >= 8x FullCache's")  # fmt: skip
     path = common.save(f"max_prompt_{args.preset}", device, config, rows, args.out)
     plot(search, path.with_suffix(".png"))

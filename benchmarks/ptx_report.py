@@ -123,7 +123,11 @@ class _Recorder:
             rec.launches.append((rec.case, fn, args, kwargs, warps, stages, options, False))
 
         def run_tuned(tuner, *args, **kwargs):
-            for cfg in tuner.configs:
+            configs = tuner.configs
+            if getattr(tuner, "early_config_prune", None):  # as the autotuner prunes at launch
+                configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)),
+                                                   **kwargs)  # fmt: skip
+            for cfg in configs:
                 meta = {**kwargs, **cfg.kwargs}
                 rec.launches.append(
                     (rec.case, tuner.fn, args, meta, cfg.num_warps, cfg.num_stages, {}, True)
@@ -137,8 +141,9 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _as_if_on_gpu():
-    """The launchers' GPU-only planning, fed a 132-SM device (inputs are CPU tensors here)."""
+def _as_if_on_gpu(capability: int):
+    """The launchers' GPU-only planning, fed a 132-SM device of compute capability
+    ``capability`` (inputs are CPU tensors here)."""
     from maskkv_kernels.attention import triton_ragged
     from maskkv_kernels.select import triton_scores, triton_topk
 
@@ -151,6 +156,7 @@ def _as_if_on_gpu():
         triton_scores._num_splits,
         triton_topk._chunk_size,
         triton_topk._row_block,
+        triton_ragged._capability,
     )
     num_splits, chunk_size = triton_scores._num_splits, triton_topk._chunk_size
     row_block = triton_topk._row_block
@@ -162,6 +168,7 @@ def _as_if_on_gpu():
     triton_scores._num_splits = lambda bh, gm, key_end, device: num_splits(bh, gm, key_end, gpu)
     triton_topk._chunk_size = lambda P, rows, device: chunk_size(P, rows, gpu)
     triton_topk._row_block = lambda P, device: row_block(P, gpu)
+    triton_ragged._capability = lambda: divmod(capability, 10)
     try:
         yield
     finally:
@@ -173,20 +180,23 @@ def _as_if_on_gpu():
             triton_scores._num_splits,
             triton_topk._chunk_size,
             triton_topk._row_block,
+            triton_ragged._capability,
         ) = saved
         if sm_topk is not None:
             triton_topk._sm_count = sm_topk
 
 
-def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: int) -> _Recorder:
+def record_launches(
+    models: list[str], dtypes: list[torch.dtype], prompt_len: int, capability: int = 90
+) -> _Recorder:
     """Run the launchers at the models' shapes (step 1 selection, later-step attention and
-    elementwise work)."""
+    elementwise work) as they would launch on a GPU of compute capability ``capability``."""
     from maskkv_kernels.attention import triton_ragged
     from maskkv_kernels.elementwise import triton_elementwise as tew
     from maskkv_kernels.select import triton_scores, triton_topk
 
     rec = _Recorder()
-    with _as_if_on_gpu(), rec.active():
+    with _as_if_on_gpu(capability), rec.active():
         for name in models:
             Hq, Hkv, D = MODELS[name]
             G = Hq // Hkv
@@ -363,15 +373,15 @@ def _parse_ptxas(log: str, fields: dict) -> None:
         fields["spill_stores"], fields["spill_loads"] = int(spills.group(1)), int(spills.group(2))
 
 
-def report(rec: _Recorder, archs: list[str], *, cache: bool = True) -> list[Variant]:
-    """Compile every distinct recorded variant for every arch (ptxas runs in a thread pool);
-    print one line per variant and return them all."""
+def report(recs: dict[str, _Recorder], *, cache: bool = True) -> list[Variant]:
+    """Compile every distinct variant recorded for each arch (``recs``: arch -> launches);
+    ptxas runs in a thread pool. Print one line per variant and return them all."""
     cache_dir = _cache_dir() if cache else None
     seen, pending = set(), []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for case, fn, args, meta, warps, stages, options, tuned in rec.launches:
-            signature, constexprs, attrs = _signature(fn, args, meta)
-            for arch in archs:
+        for arch, rec in recs.items():
+            for case, fn, args, meta, warps, stages, options, tuned in rec.launches:
+                signature, constexprs, attrs = _signature(fn, args, meta)
                 same = (fn.__name__, tuple(sorted(signature.items())),
                         repr(sorted(constexprs.items())), warps, stages, repr(options), arch)  # fmt: skip
                 if same in seen:  # differing only in divisibility hints: one is enough
@@ -450,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = ", ".join(f"sm_{a} ({ARCHS[a][2]})" for a in args.archs)
     tools = sorted({_ptxas(ARCHS[a][0]) for a in args.archs})
     print(f"triton {triton.__version__}, targets {targets}, ptxas {', '.join(tools)}")
-    rec = record_launches(args.models, [getattr(torch, d) for d in args.dtypes], args.prompt_len)
-    variants = report(rec, args.archs, cache=not args.no_cache)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    recs = {
+        a: record_launches(args.models, dtypes, args.prompt_len, ARCHS[a][0]) for a in args.archs
+    }
+    variants = report(recs, cache=not args.no_cache)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(v) for v in variants], f, indent=1)

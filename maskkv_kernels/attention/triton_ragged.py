@@ -289,7 +289,31 @@ _CONFIGS = [
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 4)]
 ]
 _TUNE_KEY = ["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "UPCAST", "PRECISION"]
-_fwd_tuned = triton.autotune(_CONFIGS, key=_TUNE_KEY)(_ragged_attn_fwd)
+
+
+def _capability() -> tuple[int, int]:
+    """The current GPU's compute capability (``benchmarks/ptx_report.py`` sets it per target)."""
+    return torch.cuda.get_device_capability()
+
+
+def _spill_free_configs(configs, named_args, **kwargs):
+    """Before sm_90 (A100 sm_80, RTX 4090 sm_89: mma.sync instead of wgmma) the 64 x 128-dim row
+    tiles spill with 4 warps over 64 keys, and the 128-row tiles with 128 keys; those configs are
+    left out there (``benchmarks/ptx_report.py --archs 80 89``: 4 to 104 bytes of spills)."""
+    if _capability()[0] >= 9 or kwargs.get("BLOCK_M", 0) * kwargs.get("BLOCK_D", 0) < 64 * 128:
+        return configs
+    keep = [
+        c
+        for c in configs
+        if c.num_warps >= 8 or c.kwargs["BLOCK_N"] <= 32
+        if kwargs["BLOCK_M"] < 128 or c.kwargs["BLOCK_N"] <= 64
+        if not (c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64 and kwargs["BLOCK_M"] == 64)
+    ]
+    return keep or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _spill_free_configs}
+_fwd_tuned = triton.autotune(_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_ragged_attn_fwd)
 # 128-row tiles at D = 128 (``ROW_TILE``): two warpgroups share each K/V tile, as flash
 # attention's forward does on Hopper; only 8-warp configs (a 4-warp 128 x 128 fp32 accumulator
 # alone is 128 registers per thread).
@@ -297,7 +321,9 @@ _WIDE_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=8, num_stages=s)
     for bn, s in [(64, 2), (64, 3), (128, 2)]
 ]
-_fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY)(_ragged_attn_fwd)
+_fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _ragged_attn_fwd
+)
 # Row tile of the forward: None = ``_block_m``'s choice (64 rows at D = 128); 128 forces the wide
 # tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128). Not measured on
 # a GPU yet: benchmarks/bench_ragged_attention.py times both ("ragged_m128"), aimed at
