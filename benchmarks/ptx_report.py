@@ -359,8 +359,7 @@ def compile_variant(fn, args, meta, warps, stages, options, arch, pool):
     compiled = triton.compile(src, target=target, options=opts.__dict__)
     fields["shared"] = int(getattr(compiled.metadata, "shared", -1))
     ptx = compiled.asm["ptx"]
-    if ARCHS[arch][0] < 90:
-        fields["hopper_only"] = tuple(sorted(set(HOPPER_ONLY.findall(ptx))))
+    fields["hopper_only"] = tuple(sorted(set(HOPPER_ONLY.findall(ptx))))  # an error below 90
     fmad = options.get("enable_fp_fusion", True)
     return fields, pool.submit(_run_ptxas, ptx, arch, fmad)
 
@@ -419,7 +418,11 @@ def report(recs: dict[str, _Recorder], *, cache: bool = True) -> list[Variant]:
                 f"sm_{var.arch:3s} {var.kernel:28s} regs {var.registers:4d} "
                 f"spill {var.spill_stores:5d}/{var.spill_loads:<5d} smem {var.shared:6d} "
                 f"w{var.num_warps} s{var.num_stages} {var.constexprs} [{var.case}]"
-                + (f" HOPPER-ONLY {list(var.hopper_only)}" if var.hopper_only else "")
+                + (
+                    f" HOPPER-ONLY {list(var.hopper_only)}"
+                    if var.hopper_only and var.arch != "90a"
+                    else ""
+                )
                 + (f" ERROR {var.error}" if var.error else ""),
                 flush=True,
             )
