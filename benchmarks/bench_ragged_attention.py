@@ -185,7 +185,11 @@ def run_case(name, B, Hkv, G, Lq, lengths, cfg, device, dtype, impls):
 
     rows = []
     for impl, fn in fns.items():
-        fn()  # compile / autotune outside the timing
+        try:
+            fn()  # compile / autotune outside the timing
+        except Exception as e:  # a candidate that fails is reported, the others still run
+            print(f"{name} Lq={Lq} G={G} {impl}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         ms = (
             common.bench(fn, device, warmup=1, rep=5)
             if device.type == "cpu"
