@@ -297,30 +297,25 @@ def _capability() -> tuple[int, int]:
 
 
 def _spill_free_configs(configs, named_args, **kwargs):
-    """Before sm_90 (A100 sm_80, RTX 4090 sm_89: mma.sync instead of wgmma) the 64 x 128-dim row
-    tiles spill with 4 warps over 64 keys, and the 128-row tiles with 128 keys; those configs are
-    left out there (``benchmarks/ptx_report.py --archs 80 89``: 4 to 104 bytes of spills)."""
+    """Before sm_90 (A100 sm_80, RTX 4090 sm_89: mma.sync instead of wgmma) most configs of the
+    64 x 128 and 128 x 128 row tiles spill (``benchmarks/ptx_report.py --archs 80 89``: 4 to 104
+    bytes); there the one config that compiled spill-free in every variant is kept: 128 keys,
+    8 warps, 2 stages for 64 rows; 64 keys, 8 warps, 3 stages for 128 rows."""
     if _capability()[0] >= 9 or kwargs.get("BLOCK_M", 0) * kwargs.get("BLOCK_D", 0) < 64 * 128:
         return configs
-    keep = [
-        c
-        for c in configs
-        if c.num_warps >= 8 or c.kwargs["BLOCK_N"] <= 32
-        if kwargs["BLOCK_M"] < 128 or c.kwargs["BLOCK_N"] <= 64
-        if not (c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64 and kwargs["BLOCK_M"] == 64)
-    ]
+    wanted = (128, 8, 2) if kwargs["BLOCK_M"] < 128 else (64, 8, 3)
+    keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == wanted]
     return keep or configs[:1]
 
 
 _PRUNE = {"early_config_prune": _spill_free_configs}
 _fwd_tuned = triton.autotune(_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_ragged_attn_fwd)
 # 128-row tiles at D = 128 (``ROW_TILE``): two warpgroups share each K/V tile, as flash
-# attention's forward does on Hopper; only 8-warp configs (a 4-warp 128 x 128 fp32 accumulator
-# alone is 128 registers per thread).
+# attention's forward does on Hopper; only 8-warp configs over 64 keys (a 4-warp 128 x 128 fp32
+# accumulator alone is 128 registers per thread; 128 keys spill).
 _WIDE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=8, num_stages=s)
-    for bn, s in [(64, 2), (64, 3), (128, 2)]
-]
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=s) for s in (2, 3)
+]  # 128 keys spill on sm_90a too
 _fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(
     _ragged_attn_fwd
 )
