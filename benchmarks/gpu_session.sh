@@ -7,8 +7,8 @@
 #   STAGES="whole maxprompt racecheck" OUT=/some/dir bash benchmarks/gpu_session.sh   # a subset
 #   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_session.sh      # print the plan, run nothing
 #
-# A device call lasts at most 10 minutes and a session has 15 minutes of device time in all,
-# machine start (2-3 min) included, so DEADLINE (default 560 s) bounds the whole script: a stage
+# A lent GPU machine allows at most 10 minutes per call and about 15 minutes of device time in
+# all, machine start (2-3 min) included, so DEADLINE (default 560 s) bounds the whole script: a stage
 # starts only if its estimate fits in the time left, and its cap is cut to the time left. What
 # did not fit is listed at the end with the command that runs it in a second call. Logs land
 # in $OUT/logs, JSON + PNG results in $OUT/results (commit them to benchmarks/results/<device>/),

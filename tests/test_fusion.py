@@ -4,6 +4,7 @@ fused loop bit for bit, the Triton kernels (interpreter) and torch.compile withi
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,7 @@ def test_fusion_choice_and_bad_values(models):
     assert resolve_fusion("triton", model, torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="fusion: expected one of"):
         Denoiser(model, methods.FullCache(), 40, fusion="fast")
+    other = SimpleNamespace(layers=[torch.nn.Linear(2, 2)])  # a layer class it does not know
     with pytest.raises(ValueError, match="fusion: expected 'none' for layers of type Linear"):
-        FusedLayers(torch.nn.Module.__new__(type("M", (), {"layers": [torch.nn.Linear(2, 2)]})),
-                    "triton")  # fmt: skip
+        FusedLayers(other, "triton")
+    assert resolve_fusion("auto", other, torch.device("cpu")) == "none"
