@@ -7,6 +7,8 @@ no-eviction case where every head keeps ``--full-len`` keys.
 
 Side by side (same inputs, one run):
 - ``ragged``: this package (Triton on CUDA, the C++ backend on CPU);
+- ``ragged_grid`` / ``ragged_m128`` (CUDA): the first split-K planner / 128-row tiles
+  (``triton_ragged.PLANNER`` / ``ROW_TILE``), the candidates a default is chosen from;
 - ``ragged_torch``: the vectorised torch backend (CPU presets);
 - ``padded_sdpa``: SDPA over K/V padded to the longest head (+ tail) with a boolean key mask,
   K/V pre-expanded to the Hq query heads (memory-efficient kernel; padding not timed);
@@ -49,7 +51,7 @@ PRESETS = {
         full_len=32768,
         head_dim=128,
         dtype="bfloat16",
-        impls=["ragged", "ragged_grid", "padded_sdpa", "dense_sdpa", "flex"],
+        impls=["ragged", "ragged_grid", "ragged_m128", "padded_sdpa", "dense_sdpa", "flex"],
     ),
     "cpu": dict(
         lq=[16, 64],
@@ -159,6 +161,17 @@ def run_case(name, B, Hkv, G, Lq, lengths, cfg, device, dtype, impls):
                 triton_ragged.PLANNER = "worklist"
 
         fns["ragged_grid"] = ragged_grid
+    if "ragged_m128" in impls and device.type == "cuda":  # 128 packed query rows per program
+        from maskkv_kernels.attention import triton_ragged
+
+        def ragged_m128():
+            saved, triton_ragged.ROW_TILE = triton_ragged.ROW_TILE, 128
+            try:
+                return mk.ragged_attention(q, cache, kt, vt, backend=backend)
+            finally:
+                triton_ragged.ROW_TILE = saved
+
+        fns["ragged_m128"] = ragged_m128
     if "reference" in impls:
         fns["reference"] = lambda: mk.reference.ragged_attention(q, cache, kt, vt)
     if "padded_sdpa" in impls or "flex" in impls:
@@ -172,7 +185,11 @@ def run_case(name, B, Hkv, G, Lq, lengths, cfg, device, dtype, impls):
 
     rows = []
     for impl, fn in fns.items():
-        fn()  # compile / autotune outside the timing
+        try:
+            fn()  # compile / autotune outside the timing
+        except Exception as e:  # a candidate that fails is reported, the others still run
+            print(f"{name} Lq={Lq} G={G} {impl}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         ms = (
             common.bench(fn, device, warmup=1, rep=5)
             if device.type == "cpu"
@@ -272,6 +289,8 @@ def main(argv=None) -> None:
     p.add_argument("--impls", nargs="+", default=None, help="subset of the preset's impls")
     p.add_argument("--lq", type=int, nargs="+", default=None, help="override the Lq grid")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cases", nargs="+", default=None, help="subset of skew1x skew4x skew8x full")
+    p.add_argument("--groups", type=int, nargs="+", default=None, help="subset of G (1, 7)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,6 +302,8 @@ def main(argv=None) -> None:
         cfg["impls"] = [i for i in cfg["impls"] if i in args.impls]
     if args.lq:
         cfg["lq"] = args.lq
+    if args.groups:
+        cfg["groups"] = {g: bh for g, bh in cfg["groups"].items() if g in args.groups}
     dtype = getattr(torch, cfg["dtype"])
 
     rows = []
@@ -291,6 +312,7 @@ def main(argv=None) -> None:
             S = B * Hkv
             cases = [(f"skew{s}x", skewed_lengths(S, cfg["mean"], s)) for s in cfg["skews"]]
             cases.append(("full", [cfg["full_len"]] * S))
+            cases = [c for c in cases if args.cases is None or c[0] in args.cases]
             for name, lengths in cases:
                 rows += run_case(name, B, Hkv, g, lq, lengths, cfg, device, dtype, cfg["impls"])
                 print(f"done Lq={lq} G={g} {name}", flush=True)
@@ -328,10 +350,11 @@ def main(argv=None) -> None:
                 f"skew 1x Lq={r['Lq']} G={r['G']}: {1 / r['throughput_vs_dense']:.2f}x the time "
                 "of dense SDPA over the same keys (CPU target <= 1.2x)"
             )
-        if r["impl"] == "ragged" and r["case"] == "full":
+        if r["impl"] in ("ragged", "ragged_m128") and r["case"] == "full":
             dense = r.get("graph_throughput_vs_dense")
             checks.append(
-                f"full Lq={r['Lq']} G={r['G']}: {100 * r['throughput_vs_dense']:.0f}% of dense "
+                f"full Lq={r['Lq']} G={r['G']} {r['impl']}: {100 * r['throughput_vs_dense']:.0f}%"
+                " of dense "
                 "SDPA throughput"
                 + (f" eager, {100 * dense:.0f}% graph-replayed" if dense else "")
                 + " (target >= 60%)"

@@ -1,32 +1,43 @@
-"""Compile report for sm_90a without a GPU: registers, spills and shared memory of every Triton
-kernel variant the launchers pick at the LLaDA-8B and Dream-7B shapes.
+"""Compile report without a GPU: registers, spills and shared memory of every Triton kernel variant
+the launchers pick at the LLaDA-8B and Dream-7B shapes, for the H100/H200 (sm_90a) and for the
+paper's GPUs, the A100 (sm_80) and the RTX 4090 (sm_89).
 
-    python benchmarks/ptx_report.py                 # bf16 + fp16, both models, full table
-    python benchmarks/ptx_report.py --dtypes bfloat16 --models llada-8b --json out.json
+    python benchmarks/ptx_report.py                 # bf16 + fp16, both models, three archs
+    python benchmarks/ptx_report.py --dtypes bfloat16 --models llada-8b --archs 80 --json out.json
 
-How: the real launchers (``score_keys``, ``pool_window``, ``topk_gather``,
-``ragged_attention_triton``) run on CPU tensors at the real shapes with every kernel launch
-intercepted: a plain launch records its arguments, an autotuned one records one variant per
-config. The GPU-only planning (SM count, split-K) is told it runs on a 132-SM H100/H200. Each
-recorded variant is compiled ahead of time (``triton.compile`` for ``GPUTarget("cuda", 90)``,
-with the launch's 16-byte divisibility hints) and its PTX is run through Triton's bundled
-``ptxas -v``. Exit status 1 when a variant spills (``--allow-spills`` reports only).
+How: the real launchers (``score_keys``, ``pool_window``, ``topk_gather`` with every compaction,
+``ragged_attention_triton`` with both row tiles, the fused elementwise kernels of a later step)
+run on CPU tensors at the real shapes with every kernel launch intercepted: a plain launch records
+its arguments, an autotuned one records one variant per config. The GPU-only planning (SM count,
+split-K) is told it runs on a 132-SM H100/H200. Each recorded variant is compiled ahead of time
+for each architecture (``triton.compile`` for ``GPUTarget("cuda", cc)``, with the launch's
+16-byte divisibility hints and options) and its PTX is run through Triton's bundled ``ptxas -v``.
 
-Works on Triton 3.6 and 3.9 (``TRITON_INTERPRET`` must be unset: the interpreter has no
-autotune configs). No kernel runs, so this needs no GPU.
+Exit status 1 when a variant fails to compile or is rejected by ptxas (an instruction the
+architecture lacks), spills (``--allow-spills`` reports only), uses a Hopper-only instruction on
+an older architecture, or needs more shared memory than the architecture has (a plain launch; an
+autotuned kernel needs one config that fits: the autotuner skips the others).
+
+Results are cached per (kernel source, specialisation, options, architecture, Triton version)
+under ``~/.cache/maskkv/ptx_report`` (``MASKKV_PTX_CACHE``; ``--no-cache``): a rerun compiles only
+what changed. Works on Triton 3.6 and 3.9 (``TRITON_INTERPRET`` must be unset: the interpreter
+has no autotune configs). No kernel runs, so this needs no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -35,6 +46,19 @@ from triton.runtime.jit import JITFunction
 
 SM_COUNT = 132
 MODELS = {"llada-8b": (32, 32, 128), "dream-7b": (28, 4, 128)}  # Hq, Hkv, D
+LAYER = {"llada-8b": (4096, 12288, True), "dream-7b": (3584, 18944, False)}  # d, FFN, fp32 RoPE
+# Architecture -> (compute capability, opt-in shared memory per block in bytes, the GPU).
+ARCHS = {
+    "90a": (90, 232448, "H100 / H200"),
+    "80": (80, 166912, "A100"),
+    "89": (89, 101376, "RTX 4090"),
+}
+# PTX instructions that exist only from sm_90 on (wgmma, TMA, clusters, mbarrier waits, register
+# reallocation): none may appear in a variant compiled for sm_80 / sm_89.
+HOPPER_ONLY = re.compile(
+    r"\b(wgmma\.\w+|cp\.async\.bulk\S*|mbarrier\.try_wait\S*|setmaxnreg\S*|elect\.sync"
+    r"|fence\.proxy\.async\S*|stmatrix\S*|%cluster\w*|barrier\.cluster\S*|multimem\S*)"
+)
 
 _TYPES = {
     torch.bfloat16: "bf16",
@@ -55,14 +79,29 @@ class Variant:
     constexprs: dict
     num_warps: int
     num_stages: int
+    arch: str = "90a"
+    autotuned: bool = False
     registers: int = -1
     spill_stores: int = -1
     spill_loads: int = -1
     shared: int = -1
+    smem_limit: int = -1
+    hopper_only: tuple = ()  # Hopper-only PTX instructions found (an error below sm_90)
     error: str = ""
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+    @property
+    def over_smem(self) -> bool:
+        return self.shared > self.smem_limit >= 0
 
 
 # ----------------------------------------------------------------------------- interception
+
+
+_OPTIONS = ("enable_fp_fusion", "maxnreg")  # launch options that change the compiled code
 
 
 class _Recorder:
@@ -80,12 +119,19 @@ class _Recorder:
         def run_jit(fn, *args, grid=None, warmup=False, **kwargs):
             warps = kwargs.pop("num_warps", 4)
             stages = kwargs.pop("num_stages", 3)
-            rec.launches.append((rec.case, fn, args, kwargs, warps, stages))
+            options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+            rec.launches.append((rec.case, fn, args, kwargs, warps, stages, options, False))
 
         def run_tuned(tuner, *args, **kwargs):
-            for cfg in tuner.configs:
+            configs = tuner.configs
+            if getattr(tuner, "early_config_prune", None):  # as the autotuner prunes at launch
+                configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)),
+                                                   **kwargs)  # fmt: skip
+            for cfg in configs:
                 meta = {**kwargs, **cfg.kwargs}
-                rec.launches.append((rec.case, tuner.fn, args, meta, cfg.num_warps, cfg.num_stages))
+                rec.launches.append(
+                    (rec.case, tuner.fn, args, meta, cfg.num_warps, cfg.num_stages, {}, True)
+                )
 
         JITFunction.run, Autotuner.run = run_jit, run_tuned
         try:
@@ -95,8 +141,9 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _as_if_on_gpu():
-    """The launchers' GPU-only planning, fed a 132-SM device (inputs are CPU tensors here)."""
+def _as_if_on_gpu(capability: int):
+    """The launchers' GPU-only planning, fed a 132-SM device of compute capability
+    ``capability`` (inputs are CPU tensors here)."""
     from maskkv_kernels.attention import triton_ragged
     from maskkv_kernels.select import triton_scores, triton_topk
 
@@ -108,8 +155,11 @@ def _as_if_on_gpu():
         triton_ragged._plans_splits,
         triton_scores._num_splits,
         triton_topk._chunk_size,
+        triton_topk._row_block,
+        triton_ragged._capability,
     )
     num_splits, chunk_size = triton_scores._num_splits, triton_topk._chunk_size
+    row_block = triton_topk._row_block
     triton_scores._sm_count = lambda index: SM_COUNT
     if saved[1] is not None:
         triton_topk._sm_count = lambda index: SM_COUNT
@@ -117,6 +167,8 @@ def _as_if_on_gpu():
     triton_ragged._plans_splits = lambda t: True
     triton_scores._num_splits = lambda bh, gm, key_end, device: num_splits(bh, gm, key_end, gpu)
     triton_topk._chunk_size = lambda P, rows, device: chunk_size(P, rows, gpu)
+    triton_topk._row_block = lambda P, device: row_block(P, gpu)
+    triton_ragged._capability = lambda: divmod(capability, 10)
     try:
         yield
     finally:
@@ -127,18 +179,24 @@ def _as_if_on_gpu():
             triton_ragged._plans_splits,
             triton_scores._num_splits,
             triton_topk._chunk_size,
+            triton_topk._row_block,
+            triton_ragged._capability,
         ) = saved
         if sm_topk is not None:
             triton_topk._sm_count = sm_topk
 
 
-def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: int) -> _Recorder:
-    """Run the launchers at the models' shapes (step 1 selection, later-step attention)."""
+def record_launches(
+    models: list[str], dtypes: list[torch.dtype], prompt_len: int, capability: int = 90
+) -> _Recorder:
+    """Run the launchers at the models' shapes (step 1 selection, later-step attention and
+    elementwise work) as they would launch on a GPU of compute capability ``capability``."""
     from maskkv_kernels.attention import triton_ragged
+    from maskkv_kernels.elementwise import triton_elementwise as tew
     from maskkv_kernels.select import triton_scores, triton_topk
 
     rec = _Recorder()
-    with _as_if_on_gpu(), rec.active():
+    with _as_if_on_gpu(capability), rec.active():
         for name in models:
             Hq, Hkv, D = MODELS[name]
             G = Hq // Hkv
@@ -165,7 +223,7 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                         triton_scores.pool_window(scores, first, 32, "max", 7)
                 budgets = torch.full((1, Hkv), budget, dtype=torch.int32)
                 cu = torch.arange(Hkv + 1, dtype=torch.int32) * budget
-                for compaction in ("serial", "parallel"):
+                for compaction in ("serial", "parallel", "fused"):
                     rec.case = f"{tag} topk_gather {compaction}"
                     triton_topk.topk_gather(
                         torch.empty(1, Hkv, P),
@@ -181,11 +239,17 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                 kr = torch.empty(n, D, dtype=dtype)
                 for splits, planner in ((1, None), (4, "worklist"), (4, "grid")):
                     for store_lse in (False, True):
-                        rec.case = f"{tag} ragged splits={splits} {planner or ''} lse={store_lse}"
-                        triton_ragged.ragged_attention_triton(
-                            q, kr, kr, cu, budget * 32, Hkv, q[:, ::G], q[:, ::G], D**-0.5,
-                            store_lse, num_splits=splits, planner=planner,
-                        )  # fmt: skip
+                        for tile in (None, 128):
+                            rec.case = (f"{tag} ragged splits={splits} {planner or ''} "
+                                        f"lse={store_lse} row_tile={tile or 'auto'}")  # fmt: skip
+                            saved, triton_ragged.ROW_TILE = triton_ragged.ROW_TILE, tile
+                            try:
+                                triton_ragged.ragged_attention_triton(
+                                    q, kr, kr, cu, budget * 32, Hkv, q[:, ::G], q[:, ::G],
+                                    D**-0.5, store_lse, num_splits=splits, planner=planner,
+                                )  # fmt: skip
+                            finally:
+                                triton_ragged.ROW_TILE = saved
                 # Serving: 4 requests of R queries each in one varlen call (packed q and tails).
                 nb = 4
                 qv = torch.empty(nb * R, Hq, D, dtype=dtype)
@@ -200,6 +264,17 @@ def record_launches(models: list[str], dtypes: list[torch.dtype], prompt_len: in
                         qv, kv, kv, cu_kv, None, budget * 32, Hkv, cu_r, R, tv, tv, cu_r, None, R,
                         D**-0.5, store_lse, num_splits=splits,
                     )  # fmt: skip
+                # The fused elementwise kernels of a later step (fusion="triton").
+                d, ffn, full = LAYER[name]
+                rec.case = f"{tag} elementwise"
+                x = torch.empty(1, R, d, dtype=dtype)
+                tew.rms_norm_triton(x, torch.empty(d, dtype=dtype), 1e-6)
+                tew.rms_norm_triton(x, torch.empty(d, dtype=dtype), 1e-6, x)
+                cos = torch.empty(1, R, D)
+                tew.rotary_triton(x[..., : Hq * D], torch.empty(1, R, Hkv * D, dtype=dtype), cos,
+                                  cos, D, full)  # fmt: skip
+                g = torch.empty(1, R, ffn, dtype=dtype)
+                tew.silu_mul_triton(g, g)
     return rec
 
 
@@ -241,88 +316,181 @@ def _signature(fn: JITFunction, args: tuple, meta: dict):
     return signature, constexprs, attrs
 
 
-def _ptxas() -> str:
+def _ptxas(cc: int = 90) -> str:
+    """The ptxas Triton itself runs for compute capability ``cc``."""
     from triton.backends.nvidia import compiler
 
-    if hasattr(compiler, "get_ptxas"):  # Triton 3.9
-        return compiler.get_ptxas(90).path
+    if hasattr(compiler, "get_ptxas"):  # Triton 3.9: a second ptxas for sm_90 and later
+        return compiler.get_ptxas(cc).path
     return compiler._path_to_binary("ptxas")[0]  # Triton 3.6
 
 
-def compile_variant(fn, args, meta, warps, stages, case) -> Variant:
+def _cache_dir() -> Path | None:
+    path = Path(os.environ.get("MASKKV_PTX_CACHE") or Path.home() / ".cache/maskkv/ptx_report")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
+def _variant_key(fn, signature, constexprs, attrs, options, warps, stages, arch) -> str:
+    """Everything the compiled code depends on: the kernel source and the sources of the jit
+    functions it calls (``cache_key``), the specialisation, the options, the target, Triton."""
+    text = repr((fn.cache_key, sorted(signature.items()), repr(sorted(constexprs.items())),
+                 repr(sorted(attrs.items())), sorted(options.items()), warps, stages, arch,
+                 triton.__version__, _ptxas(ARCHS[arch][0])))  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_ptxas(ptx: str, arch: str, fmad: bool) -> str:
+    """ptxas -v of one PTX module; returns its log (stderr). Raises on rejection."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        cmd = [_ptxas(ARCHS[arch][0]), "-v", f"--gpu-name=sm_{arch}", f.name, "-o", os.devnull]
+        if not fmad:
+            cmd.insert(2, "--fmad=false")
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"ptxas sm_{arch}: {run.stderr.strip()[:300]}")
+        return run.stderr
+    finally:
+        os.unlink(f.name)
+
+
+def compile_variant(fn, args, meta, warps, stages, options, arch, pool):
+    """Compile one launch for ``arch``; returns (fields, ptxas future or None)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
     signature, constexprs, attrs = _signature(fn, args, meta)
-    shown = {k: v for k, v in constexprs.items() if v is not None and k.isupper()}
-    var = Variant(fn.__name__, case, shown, warps, stages)
-    try:
-        target = GPUTarget("cuda", 90, 32)
-        backend = make_backend(target)
-        options = backend.parse_options({"num_warps": warps, "num_stages": stages})
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=target, options=options.__dict__)
-        var.shared = int(getattr(compiled.metadata, "shared", -1))
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        try:
-            out = subprocess.run(
-                [_ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                capture_output=True, text=True, check=True,
-            ).stderr  # fmt: skip
-        finally:
-            os.unlink(f.name)
-        regs = re.search(r"Used (\d+) registers", out)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-        var.registers = int(regs.group(1)) if regs else -1
-        if spills:
-            var.spill_stores, var.spill_loads = int(spills.group(1)), int(spills.group(2))
-    except Exception as e:  # report the failure, keep going
-        var.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return var
+    fields: dict = {}
+    target = GPUTarget("cuda", ARCHS[arch][0], 32)
+    backend = make_backend(target)
+    opts = backend.parse_options({"num_warps": warps, "num_stages": stages, **options})
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=target, options=opts.__dict__)
+    fields["shared"] = int(getattr(compiled.metadata, "shared", -1))
+    ptx = compiled.asm["ptx"]
+    fields["hopper_only"] = tuple(sorted(set(HOPPER_ONLY.findall(ptx))))  # an error below 90
+    fmad = options.get("enable_fp_fusion", True)
+    return fields, pool.submit(_run_ptxas, ptx, arch, fmad)
 
 
-def report(rec: _Recorder) -> list[Variant]:
-    seen, variants = set(), []
-    for case, fn, args, meta, warps, stages in rec.launches:
-        signature, constexprs, _ = _signature(fn, args, meta)
-        key = (fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
-               warps, stages)  # fmt: skip
-        if key in seen:
-            continue
-        seen.add(key)
-        variants.append(compile_variant(fn, args, meta, warps, stages, case))
-        v = variants[-1]
-        print(
-            f"{v.kernel:28s} regs {v.registers:4d} spill {v.spill_stores:5d}/{v.spill_loads:<5d} "
-            f"smem {v.shared:6d} w{v.num_warps} s{v.num_stages} {v.constexprs} [{v.case}]"
-            + (f" ERROR {v.error}" if v.error else ""),
-            flush=True,
-        )
+def _parse_ptxas(log: str, fields: dict) -> None:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    fields["registers"] = int(regs.group(1)) if regs else -1
+    if spills:
+        fields["spill_stores"], fields["spill_loads"] = int(spills.group(1)), int(spills.group(2))
+
+
+def report(recs: dict[str, _Recorder], *, cache: bool = True) -> list[Variant]:
+    """Compile every distinct variant recorded for each arch (``recs``: arch -> launches);
+    ptxas runs in a thread pool. Print one line per variant and return them all."""
+    cache_dir = _cache_dir() if cache else None
+    seen, pending = set(), []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for arch, rec in recs.items():
+            for case, fn, args, meta, warps, stages, options, tuned in rec.launches:
+                signature, constexprs, attrs = _signature(fn, args, meta)
+                same = (fn.__name__, tuple(sorted(signature.items())),
+                        repr(sorted(constexprs.items())), warps, stages, repr(options), arch)  # fmt: skip
+                if same in seen:  # differing only in divisibility hints: one is enough
+                    continue
+                seen.add(same)
+                key = _variant_key(fn, signature, constexprs, attrs, options, warps, stages, arch)
+                shown = {k: v for k, v in constexprs.items() if v is not None and k.isupper()}
+                var = Variant(fn.__name__, case, shown, warps, stages, arch, tuned,
+                              smem_limit=ARCHS[arch][1])  # fmt: skip
+                hit = cache_dir / f"{key}.json" if cache_dir else None
+                if hit is not None and hit.exists():
+                    pending.append((var, json.loads(hit.read_text()), None, None))
+                    continue
+                try:
+                    fields, future = compile_variant(fn, args, meta, warps, stages, options,
+                                                     arch, pool)  # fmt: skip
+                except Exception as e:  # report the failure, keep going
+                    fields, future = {"error": f"{type(e).__name__}: {str(e)[:200]}"}, None
+                pending.append((var, fields, future, hit))
+        variants = []
+        for var, fields, future, hit in pending:
+            if future is not None:
+                try:
+                    _parse_ptxas(future.result(), fields)
+                except Exception as e:
+                    fields["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            for name, value in fields.items():
+                setattr(var, name, tuple(value) if name == "hopper_only" else value)
+            if hit is not None and not var.error:  # atomic: parallel runs share the cache
+                tmp = hit.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(fields))
+                tmp.replace(hit)
+            variants.append(var)
+            print(
+                f"sm_{var.arch:3s} {var.kernel:28s} regs {var.registers:4d} "
+                f"spill {var.spill_stores:5d}/{var.spill_loads:<5d} smem {var.shared:6d} "
+                f"w{var.num_warps} s{var.num_stages} {var.constexprs} [{var.case}]"
+                + (
+                    f" HOPPER-ONLY {list(var.hopper_only)}"
+                    if var.hopper_only and var.arch != "90a"
+                    else ""
+                )
+                + (f" ERROR {var.error}" if var.error else ""),
+                flush=True,
+            )
     return variants
+
+
+def problems(variants: list[Variant], *, allow_spills: bool = False) -> dict[str, list[Variant]]:
+    """What makes the report fail, by kind. An autotuned kernel fails on shared memory only when
+    no config of its launch fits (the autotuner skips configs that do not)."""
+    over = [v for v in variants if v.over_smem and not v.autotuned]
+    groups: dict[tuple, list[Variant]] = {}
+    for v in variants:
+        if v.autotuned:
+            shape = {k: c for k, c in v.constexprs.items() if not k.startswith("BLOCK_N")}
+            groups.setdefault((v.arch, v.kernel, v.case, repr(sorted(shape.items()))), []).append(v)
+    over += [g[0] for g in groups.values() if all(v.over_smem for v in g)]
+    return {
+        "failed to compile": [v for v in variants if v.error],
+        "spilling": [] if allow_spills else [v for v in variants if v.spills],
+        "Hopper-only instructions": [v for v in variants if v.hopper_only and v.arch != "90a"],
+        "over the shared memory": over,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--prompt-len", type=int, default=32768)
     ap.add_argument("--json", default=None, help="also write the variants here")
     ap.add_argument("--allow-spills", action="store_true")
+    ap.add_argument("--no-cache", action="store_true", help="compile everything again")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter has no autotune configs", file=sys.stderr)
         return 2
-    print(f"triton {triton.__version__}, target sm_90a, ptxas {_ptxas()}")
-    rec = record_launches(args.models, [getattr(torch, d) for d in args.dtypes], args.prompt_len)
-    variants = report(rec)
+    targets = ", ".join(f"sm_{a} ({ARCHS[a][2]})" for a in args.archs)
+    tools = sorted({_ptxas(ARCHS[a][0]) for a in args.archs})
+    print(f"triton {triton.__version__}, targets {targets}, ptxas {', '.join(tools)}")
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    recs = {
+        a: record_launches(args.models, dtypes, args.prompt_len, ARCHS[a][0]) for a in args.archs
+    }
+    variants = report(recs, cache=not args.no_cache)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(v) for v in variants], f, indent=1)
-    bad = [v for v in variants if v.spill_stores > 0 or v.spill_loads > 0]
-    errors = [v for v in variants if v.error]
-    print(f"{len(variants)} variants, {len(bad)} spilling, {len(errors)} failed to compile")
-    return 1 if errors or (bad and not args.allow_spills) else 0
+    found = problems(variants, allow_spills=args.allow_spills)
+    for arch in args.archs:
+        mine = [v for v in variants if v.arch == arch]
+        counts = ", ".join(f"{len([v for v in found[k] if v.arch == arch])} {k}" for k in found)
+        print(f"sm_{arch}: {len(mine)} variants, {counts}")
+    return 1 if any(found.values()) else 0
 
 
 if __name__ == "__main__":

@@ -468,3 +468,15 @@ def test_cuda_no_host_sync():
         mk.ragged_attention(q, cache, kt, vt, backend="triton", return_lse=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_triton_wide_row_tile(monkeypatch, num_splits):
+    """``ROW_TILE = 128``: 128 packed GQA rows per program (G * Lq = 7 * 20 = 140: one full tile
+    and a masked one), with and without split-K."""
+    from maskkv_kernels.attention import triton_ragged
+
+    monkeypatch.setattr(triton_ragged, "ROW_TILE", 128)
+    q, cache, kt, vt = make_inputs([[30, 0], [5, 41]], 7, 20, 6, 16, torch.bfloat16, seed=31)
+    check_against_reference(q, cache, kt, vt, triton_run(num_splits), bf16_ulp=True)

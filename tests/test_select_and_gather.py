@@ -399,7 +399,7 @@ def tricky_scores(B, H, P, seed):
     return torch.where(pick, special[idx], s)
 
 
-TOPK_BACKENDS = CPU_BACKENDS + (["triton-serial"] if HAS_TRITON_CPU else [])
+TOPK_BACKENDS = CPU_BACKENDS + (["triton-serial", "triton-fused"] if HAS_TRITON_CPU else [])
 
 
 @pytest.mark.parametrize("backend", TOPK_BACKENDS)
@@ -407,14 +407,15 @@ TOPK_BACKENDS = CPU_BACKENDS + (["triton-serial"] if HAS_TRITON_CPU else [])
 def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     """Ties go to the lower position, NaN ranks with -inf (lowest), padding is never kept;
     ``chunk`` splits each row across several programs (the long-prompt path).
-    "triton-serial": the Triton backend with the serial compaction (the default is parallel)."""
+    "triton-serial" / "triton-fused": the Triton backend with the serial / one-program-per-row
+    compaction (the default is parallel)."""
     if backend.startswith("triton"):
         from maskkv_kernels.select import triton_topk
 
         if chunk is not None:
             monkeypatch.setattr(triton_topk, "_chunk_size", lambda *a: chunk)
-        if backend == "triton-serial":
-            monkeypatch.setattr(triton_topk, "COMPACTION", "serial")
+        if backend in ("triton-serial", "triton-fused"):
+            monkeypatch.setattr(triton_topk, "COMPACTION", backend.split("-")[1])
             backend = "triton"
     B, H, D = 2, 3, 16
     scores = tricky_scores(B, H, P, seed=P)
@@ -435,10 +436,10 @@ def test_topk_gather_nan_ties(backend, P, chunk, monkeypatch):
     frac=st.floats(0.0, 1.0),
 )
 def test_topk_gather_property(backend, P, seed, frac):
-    if backend == "triton-serial":
+    if backend in ("triton-serial", "triton-fused"):
         from maskkv_kernels.select import triton_topk
 
-        saved, triton_topk.COMPACTION = triton_topk.COMPACTION, "serial"
+        saved, triton_topk.COMPACTION = triton_topk.COMPACTION, backend.split("-")[1]
         try:
             return test_topk_gather_property.hypothesis.inner_test("triton", P, seed, frac)
         finally:
@@ -449,6 +450,32 @@ def test_topk_gather_property(backend, P, seed, frac):
     budgets = torch.tensor([[kb, P - kb]])
     got = mk.topk_gather(scores, k, v, budgets, backend=backend)
     assert_cache_equal(got, ref.topk_gather(scores, k, v, budgets), k, v)
+
+
+@needs_triton_cpu
+def test_fused_topk_rows_every_level_and_padding_past_a_tile(monkeypatch):
+    """The one-program-per-row compaction: rows that stop after level 1 or 2 (distinct scores),
+    never stop early (all equal: ties by position), two values, and left padding longer than a
+    tile (BLOCK 16: the first tiles are skipped)."""
+    from maskkv_kernels.select import triton_topk
+
+    monkeypatch.setattr(triton_topk, "COMPACTION", "fused")
+    P, D = 90, 16
+    g = torch.Generator().manual_seed(21)
+    scores = torch.stack([
+        torch.randn(P, generator=g),  # distinct
+        torch.full((P,), 0.25),  # all tied
+        torch.randint(0, 2, (P,), generator=g).float() - 0.5,  # two values
+        -torch.rand(P, generator=g),  # negative keys
+    ]).view(2, 2, P)  # fmt: skip
+    _, k, v = make_inputs(2, 2, 2, 1, D, P, 0, torch.bfloat16, seed=22)
+    lens = torch.tensor([P, 37])  # row 2 starts at 53, in the fourth 16-key tile
+    budgets = torch.tensor([[11, 40], [20, 37]])
+    for block in (None, 16):
+        if block is not None:
+            monkeypatch.setattr(triton_topk, "_row_block", lambda *a, block=block: block)
+        got = mk.topk_gather(scores, k, v, budgets, prompt_lens=lens, backend="triton")
+        assert_cache_equal(got, ref.topk_gather(scores, k, v, budgets, prompt_lens=lens), k, v)
 
 
 # ----------------------------------------------------------------------------- API surface

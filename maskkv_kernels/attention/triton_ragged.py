@@ -323,10 +323,44 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 4)]
 ]
-_fwd_tuned = triton.autotune(
-    _CONFIGS,
-    key=["BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "VARLEN", "UPCAST", "PRECISION"],
-)(_ragged_attn_fwd)
+_TUNE_KEY = [
+    "BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "VARLEN", "UPCAST", "PRECISION"
+]  # fmt: skip
+
+
+def _capability() -> tuple[int, int]:
+    """The current GPU's compute capability (``benchmarks/ptx_report.py`` sets it per target)."""
+    return torch.cuda.get_device_capability()
+
+
+def _spill_free_configs(configs, named_args, **kwargs):
+    """Before sm_90 (A100 sm_80, RTX 4090 sm_89: mma.sync instead of wgmma) most configs of the
+    64 x 128 and 128 x 128 row tiles spill (``benchmarks/ptx_report.py --archs 80 89``: 4 to 104
+    bytes); there the one config that compiled spill-free in every variant is kept: 128 keys,
+    8 warps, 2 stages for 64 rows; 64 keys, 8 warps, 3 stages for 128 rows."""
+    if _capability()[0] >= 9 or kwargs.get("BLOCK_M", 0) * kwargs.get("BLOCK_D", 0) < 64 * 128:
+        return configs
+    wanted = (128, 8, 2) if kwargs["BLOCK_M"] < 128 else (64, 8, 3)
+    keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == wanted]
+    return keep or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _spill_free_configs}
+_fwd_tuned = triton.autotune(_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_ragged_attn_fwd)
+# 128-row tiles at D = 128 (``ROW_TILE``): two warpgroups share each K/V tile, as flash
+# attention's forward does on Hopper; only 8-warp configs over 64 keys (a 4-warp 128 x 128 fp32
+# accumulator alone is 128 registers per thread; 128 keys spill).
+_WIDE_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=s) for s in (2, 3)
+]  # 128 keys spill on sm_90a too
+_fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _ragged_attn_fwd
+)
+# Row tile of the forward: None = ``_block_m``'s choice (64 rows at D = 128); 128 forces the wide
+# tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128). Not measured on
+# a GPU yet: benchmarks/bench_ragged_attention.py times both ("ragged_m128"), aimed at
+# full-length GQA (G = 7, 32k keys), whose 64-row tiles reach 49% of dense flash on an H200.
+ROW_TILE: int | None = None
 # How split-K is planned: "worklist" (default) cuts every segment into CHUNK-key work items from
 # the real lengths on the device; "grid" is the first version (a [num_splits] grid axis sized
 # from max_seqlen). Kept selectable so that benchmarks can compare both.
@@ -545,6 +579,9 @@ class _Launch:
 
         block_d = max(16, triton.next_power_of_2(D))
         block_m = _block_m(rows, block_d, q.dtype)
+        wide = ROW_TILE == 128 and q.dtype != torch.float32 and block_d <= 128 and rows >= 128
+        if wide:
+            block_m = 128
         row_tiles = triton.cdiv(rows, block_m)
         interp = interpreting()
         max_keys = self.max_keys
@@ -610,6 +647,8 @@ class _Launch:
         )
         if interp:
             _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+        elif wide and block_d > 64:
+            _fwd_tuned_wide[grid](*args, **meta)
         else:
             _fwd_tuned[grid](*args, **meta)
 

@@ -23,6 +23,12 @@ prompts (P >= 64k) spread over the whole GPU instead of one program per head:
 
 Rows whose budget is 0 keep nothing, rows whose budget covers every real position keep them
 all, in both cases without any histogram work.
+
+The "fused" compaction (``_topk_rows_kernel``) trades that parallelism for launches: one program
+per row walks its whole row for each radix level with the histogram in registers (no histogram
+buffer, no per-level fold, no scan), stops after a level whose threshold bin holds exactly the
+keys still to keep, and writes the kept positions in a last pass; ``_gather_rows_kernel`` then
+copies K and V. Two launches instead of about fifteen.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ from .._dispatch import interpreting
 from .triton_scores import _sm_count
 
 # Which compaction ``topk_gather`` runs: "parallel" (``_topk_parallel``: per-row level folding,
-# a flag/scan pass and a row-parallel K/V gather) or "serial" (``_gather_kernel``: each program
-# walks its chunk in sub-blocks). On an H200 at P=32k, budget 256, the parallel one was as fast or
-# faster at every LLaDA-8B / Dream-7B shape measured (0.513 vs 0.558 ms at LLaDA M=256 with LSE;
-# benchmarks/results/NVIDIA-H200), so it is the default; the serial one stays for comparison.
+# a flag/scan pass and a row-parallel K/V gather), "serial" (``_gather_kernel``: each program
+# walks its chunk in sub-blocks) or "fused" (``_topk_rows_kernel``: one program per row, two
+# launches in all). On an H200 at P=32k, budget 256, the parallel one was as fast or faster than
+# the serial one at every LLaDA-8B / Dream-7B shape measured (0.513 vs 0.558 ms at LLaDA M=256
+# with LSE; benchmarks/results/NVIDIA-H200), so it is the default; "fused" is not measured on a
+# GPU yet (benchmarks/bench_select_and_gather.py times all three side by side).
 COMPACTION = "parallel"
 
 
@@ -278,6 +286,63 @@ def _gather_rows_kernel(
     tl.store(V_OUT + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], rows_v, mask=m2)
 
 
+@triton.jit
+def _topk_rows_kernel(SCORES, BUDGETS, FIRST, CU, POS_OUT, P, H_KV, BLOCK: tl.constexpr):
+    """One program per row: radix select of the kb-th largest key with the per-level histogram
+    in registers, then the kept positions (ascending) at CU[row]. No K/V traffic here."""
+    row = tl.program_id(0)
+    kb = tl.load(BUDGETS + row)
+    first = tl.load(FIRST + row // H_KV)
+    base = SCORES + row.to(tl.int64) * P
+    dst = tl.load(CU + row).to(tl.int64)
+    start0 = (first // BLOCK) * BLOCK  # left padding: skip the tiles before the first token
+    bins = tl.arange(0, 256)
+    prefix = kb * 0
+    k_left = kb
+    shift = kb * 0  # the threshold compares key >> shift with prefix
+    done = ((kb <= 0) | (kb >= P - first)).to(tl.int32)  # keep none / all: no histogram work
+    for level in tl.static_range(4):
+        if done == 0:
+            hist = tl.zeros([256], tl.int32)
+            for start in range(start0, P, BLOCK):
+                pos = start + tl.arange(0, BLOCK)
+                ok = (pos >= first) & (pos < P)
+                key = _ordered_key(tl.load(base + pos, mask=ok, other=0.0))
+                if level > 0:
+                    ok = ok & ((key >> (32 - 8 * level)) == prefix)
+                digit = (key >> (24 - 8 * level)) & 0xFF
+                if level == 0:
+                    digit = digit ^ 0x80  # signed top byte -> unsigned bin order
+                hist += tl.histogram(digit, 256, mask=ok)
+            # Largest digit whose suffix (keys >= it) still holds k_left keys.
+            suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+            d = tl.max(tl.where(suffix >= k_left, bins, 0), 0)
+            k_left -= tl.sum(tl.where(bins > d, hist, 0), 0)
+            if level == 0:  # the top digit was stored with its sign bit flipped: sign-extend
+                top = d ^ 0x80
+                prefix = tl.where(top >= 128, top - 256, top)
+            else:
+                prefix = (prefix << 8) | d
+            shift = kb * 0 + (24 - 8 * level)
+            # Every key of the threshold bin is kept: the lower digits cannot change the set.
+            done = (tl.sum(tl.where(bins == d, hist, 0), 0) == k_left).to(tl.int32)
+    keep_all = (kb > 0) & (kb >= P - first)
+    eq_seen = kb * 0
+    for start in range(start0, P, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        ok = (pos >= first) & (pos < P)
+        key = _ordered_key(tl.load(base + pos, mask=ok, other=0.0)) >> shift
+        is_eq = (ok & (key == prefix)).to(tl.int32)
+        eq_rank = eq_seen + tl.cumsum(is_eq, 0) - is_eq  # ties before, in position order
+        keep = ok & ((key > prefix) | ((is_eq > 0) & (eq_rank < k_left)))
+        keep = tl.where(keep_all, ok, tl.where(kb > 0, keep, pos < 0))
+        keep_i = keep.to(tl.int32)
+        out = dst + (tl.cumsum(keep_i, 0) - keep_i).to(tl.int64)
+        tl.store(POS_OUT + out, pos, mask=keep)
+        dst += tl.sum(keep_i, 0)
+        eq_seen += tl.sum(is_eq, 0)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -292,6 +357,14 @@ def _chunk_size(P: int, rows: int, device: torch.device) -> int:
         return 64
     per_row = triton.cdiv(2 * _sm_count(device.index or 0), max(rows, 1))
     return int(min(8192, max(1024, triton.next_power_of_2(triton.cdiv(P, per_row)))))
+
+
+def _row_block(P: int, device: torch.device) -> int:
+    """Positions per tile of the one-program-per-row compaction: large tiles keep many loads in
+    flight (a few programs walk whole rows), bounded by 8k keys of registers."""
+    if device.type != "cuda":
+        return 64
+    return int(min(8192, max(128, triton.next_power_of_2(P))))
 
 
 def topk_gather(
@@ -312,8 +385,9 @@ def topk_gather(
         scores: fp32 [B, Hkv, P]; k, v: [B, Hkv, L >= P, D] (any strides); budgets: int32
             [B, Hkv] in [0, P - first[b]]; first: int32 [B]; cu_seqlens: int32 [B*Hkv + 1]
             (device cumsum of budgets); n: host-known total, cu_seqlens[-1].
-        chunk: positions per program (power of 2; default a heuristic; tests force it).
-        compaction: "serial" or "parallel" (default ``COMPACTION``).
+        chunk: positions per program, or per tile of the "fused" compaction (power of 2;
+            default a heuristic; tests force it).
+        compaction: "serial", "parallel" or "fused" (default ``COMPACTION``).
     Returns:
         k_out, v_out [n, D] (k's dtype), positions int32 [n], ascending inside every segment.
     """
@@ -325,15 +399,23 @@ def topk_gather(
     positions = torch.empty(n, dtype=torch.int32, device=k.device)
     if n == 0:
         return k_out, v_out, positions
-    chunk = chunk or _chunk_size(P, rows, k.device)
-    n_chunks = triton.cdiv(P, chunk)
     scores = scores.contiguous()
     budgets = budgets.reshape(-1).to(torch.int32).contiguous()
+    kb, vb = _as_bits(k), _as_bits(v)
+    if (compaction or COMPACTION) == "fused":
+        block = chunk or _row_block(P, k.device)
+        _topk_rows_kernel[(rows,)](
+            scores, budgets, first, cu_seqlens, positions, P, Hkv, BLOCK=block,
+            num_warps=8 if block >= 4096 else 4,
+        )  # fmt: skip
+        _gather_rows(positions, cu_seqlens, kb, vb, k_out, v_out, rows, Hkv, n)
+        return k_out, v_out, positions
+    chunk = chunk or _chunk_size(P, rows, k.device)
+    n_chunks = triton.cdiv(P, chunk)
     # Every (row, level, chunk) histogram is written by _radix_hist_kernel: no memset.
     hist = torch.empty(rows, 4, n_chunks, 256, dtype=torch.int32, device=k.device)
     grid = (n_chunks, rows)
     warps = 4 if chunk <= 2048 else 8
-    kb, vb = _as_bits(k), _as_bits(v)
     if (compaction or COMPACTION) == "parallel":
         _topk_parallel(scores, budgets, first, hist, cu_seqlens, kb, vb, k_out, v_out,
                        positions, P, Hkv, n_chunks, chunk, warps, n)  # fmt: skip
@@ -378,6 +460,11 @@ def _topk_parallel(scores, budgets, first, hist, cu, kb, vb, k_out, v_out, posit
         scores, budgets, first, state, base, eq_before, cu, positions, P, Hkv,
         BLOCK=chunk, num_warps=warps,
     )  # fmt: skip
+    _gather_rows(positions, cu, kb, vb, k_out, v_out, rows, Hkv, n)
+
+
+def _gather_rows(positions, cu, kb, vb, k_out, v_out, rows, Hkv, n) -> None:
+    """Copy the K/V rows of the n kept positions (bit views of k, v) into the ragged buffers."""
     block_rows = 16 if interpreting() else 64
     D = kb.shape[-1]
     _gather_rows_kernel[(triton.cdiv(n, block_rows),)](

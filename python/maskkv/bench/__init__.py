@@ -31,6 +31,7 @@ methods then fall back to uniform layer budgets, which is just as fast).
 from __future__ import annotations
 
 from ..tables import format_rows
+from . import memory
 from .cli import (
     add_bench_arguments,
     add_bench_parser,
@@ -82,6 +83,7 @@ __all__ = [
     "format_targets",
     "later_step_need",
     "max_prompt_search",
+    "memory",
     "measure_ceilings",
     "model_config",
     "plot_results",

@@ -86,7 +86,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="CUDA: longest prompt that fits, FullCache vs MaskKV (slow)",
     )
-    parser.add_argument("--search-limit", type=int, default=1 << 20)
+    parser.add_argument("--search-limit", type=int, default=1 << 24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", default=None, help="output folder (default: benchmarks/results/<device>/)"
@@ -169,7 +169,9 @@ def run_whole_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]
     device = torch.device(result["config"]["device"])
     folder = Path(args.out or Path("benchmarks") / "results" / device_name(device))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"whole_{preset}.json"
+    P = result["config"]["prompt_len"]
+    default_len = max(PRESETS[preset].prompt_lens)  # other lengths get their own file
+    path = folder / (f"whole_{preset}.json" if P == default_len else f"whole_{preset}_{P}.json")
     payload = {"env": environment(device), "config": result["config"], "rows": result["rows"]}
     payload["config"]["targets"] = result["targets"]
     path.write_text(json.dumps(payload, indent=1))

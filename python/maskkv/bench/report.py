@@ -62,7 +62,7 @@ def format_search(search: dict[str, Any] | None) -> str:
         return ""
     return "\n".join(
         f"longest prompt that fits, {name}: {s['max_fit']} (first OOM: {s['first_oom']}, "
-        f"limit {s['limit']})"
+        f"predicted {s.get('predicted_max')}, limit {s['limit']})"
         for name, s in search.items()
     )
 

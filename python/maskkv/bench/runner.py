@@ -80,6 +80,61 @@ def measure_ceilings(
     }
 
 
+def measure_attention_rate(
+    device: torch.device | str,
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    heads: int = 32,
+    kv_heads: int = 32,
+    head_dim: int = 128,
+    q_len: int = 4096,
+    kv_len: int = 32768,
+    reps: int = 5,
+) -> float:
+    """FLOP/s of one non-causal SDPA forward (torch's own kernel choice) at a step-1 query chunk:
+    ``q_len`` queries of ``heads`` heads over ``kv_len`` keys, 4 * q_len * kv_len * heads * D FLOPs
+    (CUDA only). K / V expanded to the query heads as step 1 does for GQA."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: the attention rate is measured on CUDA, got {device}")
+    dtype = _dtype(dtype)
+    buf = {"q": torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)}
+    buf["k"] = torch.randn(1, heads, kv_len, head_dim, device=device, dtype=dtype)
+    buf["v"] = torch.randn_like(buf["k"])
+    t = _cuda_time(
+        lambda: F.scaled_dot_product_attention(buf["q"], buf["k"], buf["v"]), device, reps
+    )
+    buf.clear()
+    torch.cuda.empty_cache()
+    return 4 * q_len * kv_len * heads * head_dim / t
+
+
+def step1_floor(
+    model, prompt_len: int, gen_length: int, ceilings: dict[str, float], attention_flops: float
+) -> dict[str, float]:
+    """Step 1's floor: its GEMM FLOPs at the measured matmul rate plus its attention FLOPs at the
+    measured attention rate. GEMMs: 2 * L * (linear parameters of a layer) per layer, plus the
+    LM head on the response; attention: 4 * L^2 * Hq * D per layer (bidirectional, all L)."""
+    cfg = model.config
+    L = prompt_len + gen_length
+    layer_params = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
+    layers = len(model.layers)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gemm = 2 * L * layer_params * layers + 2 * gen_length * cfg.hidden_size * vocab
+    attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim * layers
+    t_gemm, t_attn = gemm / ceilings["matmul_flops"], attn / attention_flops
+    return {
+        "step1_floor_s": t_gemm + t_attn,
+        "step1_gemm_flops": gemm,
+        "step1_attention_flops": attn,
+        "step1_floor_gemm_s": t_gemm,
+        "step1_floor_attention_s": t_attn,
+        "attention_flops_per_s": attention_flops,
+    }
+
+
 def later_step_need(gen_length: int, block_length: int, steps: int) -> float:
     """Mean number of masked positions whose logits a later LLaDA step asks for (the LM head runs
     on those only): the current block's masked count, averaged over steps 2..steps."""
@@ -274,7 +329,7 @@ def run_e2e(
     token_chunk: int = 4096,
     seed: int = 0,
     max_prompt: bool = False,
-    search_limit: int = 1 << 20,
+    search_limit: int = 1 << 24,
     search_refine: int = 2,
     progress: bool = True,
     model=None,
@@ -300,9 +355,9 @@ def run_e2e(
         warmup: run each method once on a short prompt first (Triton compiles, allocator warms),
             so the first timed row is not charged for it.
         backend, token_chunk: passed to ``generate``.
-        max_prompt: also search the longest prompt that fits for FullCache and MaskKV (CUDA),
-            doubling from the smallest prompt length up to ``search_limit`` and then
-            ``search_refine`` bisection steps between the last fit and the first failure.
+        max_prompt: also search the longest prompt that fits for FullCache and MaskKV (CUDA;
+            ``max_prompt_search``: from the memory model's prediction, up to ``search_limit``,
+            ``search_refine`` bisection steps between the last fit and the first failure).
         model: reuse an already built model (must match the preset).
     Returns:
         ``BenchResult`` with one row per (method, prompt length), the ceilings (CUDA), the search
@@ -425,7 +480,6 @@ def run_e2e(
             model,
             ["fullcache", "maskkv"],
             budget=budget,
-            start=prompt_lens[0],
             limit=search_limit,
             refine=search_refine,
             gen_length=gen_length,
@@ -469,60 +523,97 @@ def max_prompt_search(
     methods: Sequence[str] = ("fullcache", "maskkv"),
     *,
     budget: int = 256,
-    start: int = 4096,
-    limit: int = 1 << 20,
-    refine: int = 2,
+    start: int | None = None,
+    limit: int = 1 << 24,
+    refine: int = 3,
     gen_length: int = 256,
     profile=None,
     backend: str = "auto",
     token_chunk: int = 4096,
     batch: int = 1,
+    probe_layers: int | None = 1,
+    step: float = 1.1,
+    quantum: int = 1024,
+    free_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Longest prompt that fits, per method (CUDA): double from ``start`` until
-    ``torch.cuda.OutOfMemoryError`` or ``limit``, then ``refine`` bisection steps.
+    """Longest prompt that fits, per method (CUDA), by search around the memory model's answer.
 
-    Each try is one denoising step (step 1: where every method's memory peaks -- the full pass,
-    plus, for FullCache, the whole prompt KV of every layer). Time grows quadratically with the
-    prompt (step-1 attention), so large limits take minutes.
-    Returns ``{method: {"max_fit": int | None, "first_oom": int | None, "tries": [...]}}``.
+    Each try is step 1 (where every method's memory peaks: the full pass, plus, for FullCache,
+    the whole prompt KV of every layer) at prompt length P; it fits unless
+    ``torch.cuda.OutOfMemoryError``. The first try is ``memory.predict_max_prompt`` for the free
+    device memory (or ``start``), rounded down to ``quantum`` tokens; from there P moves by
+    factors of ``step`` until one try fits and one does not, then ``refine`` bisection steps
+    (down to ``quantum``).
+
+    ``probe_layers`` (default 1): each try is a ``memory.probe`` -- the first layers run, the
+    other layers' caches are allocated as placeholders, attention runs only for the query
+    chunks selection needs -- so a 1M-token try takes seconds, not the quadratic time of a full
+    pass; the peak is the full pass's (``tests/test_memory_model.py`` checks it on CPU, and
+    ``probe_check`` rows compare both on the GPU). None runs the whole model.
+
+    ``free_bytes``: a memory budget instead of the device's free memory; a try whose measured
+    peak exceeds it does not fit (how the search runs on the CPU, in tests).
+
+    Returns ``{method: {"max_fit", "first_oom", "predicted_max", "limit", "free_bytes",
+    "tries": [{prompt_len, fits, peak_memory_bytes, peak_reserved_bytes, predicted_peak_bytes,
+    seconds}]}}``; peaks are above the weights (allocated before the search).
     """
     from tqdm.auto import tqdm
 
+    from . import memory
+
     device = next(model.parameters()).device
+    if device.type != "cuda" and free_bytes is None:
+        raise ValueError(f"free_bytes: expected a memory budget for a model on {device}")
     out: dict[str, Any] = {}
     for name in methods:
         m = _make_method(name, budget)
+        _release(device)
+        if free_bytes is not None:
+            free = free_bytes
+        else:
+            free = torch.cuda.mem_get_info(device)[0]
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        kw = dict(profile=None if probe_layers else profile, batch=batch, token_chunk=token_chunk)
+        kw["device"] = device
+        predicted = memory.predict_max_prompt(model, m, free, gen_length=gen_length, **kw)
         tries: list[dict[str, Any]] = []
         bar = tqdm(desc=f"max prompt {m.name}", unit="try", disable=not progress)
 
-        def fits(P: int, m=m, tries=tries, bar=bar) -> bool:
+        def fits(P: int, m=m, tries=tries, bar=bar, kw=kw) -> bool:
             ids = random_prompt(model, P, batch=batch, seed=P, device=device)
+
+            def run(ids=ids):
+                return _generate(
+                    model, ids, m, gen_length=gen_length, block_length=gen_length, steps=1,
+                    profile=kw["profile"], backend=backend, chunk=token_chunk,
+                )  # fmt: skip
+
             t0 = time.perf_counter()
+            peak = reserved = None
             try:
-                res = _generate(
-                    model,
-                    ids,
-                    m,
-                    gen_length=gen_length,
-                    block_length=gen_length,
-                    steps=1,
-                    profile=profile,
-                    backend=backend,
-                    chunk=token_chunk,
-                )
-                peak = res.stats.peak_memory_bytes
-                del res
-                ok = True
+                if probe_layers:
+                    with memory.probe(model, m, P, layers=probe_layers, batch=batch) as held:
+                        _, peak, reserved = memory.measure_peak(run, device)
+                    peak += held
+                    reserved = None if reserved is None else reserved + held
+                else:
+                    _, peak, reserved = memory.measure_peak(run, device)
+                ok = free_bytes is None or peak <= free_bytes
             except _oom_types():
-                peak, ok = None, False
-            del ids
+                ok = False
+            del ids, run
             _release(device)
+            pred = memory.step1_memory(model, P, gen_length, m, **kw)
             tries.append(
                 {
                     "prompt_len": P,
                     "fits": ok,
                     "peak_memory_bytes": peak,
+                    "peak_reserved_bytes": reserved,
+                    "predicted_peak_bytes": pred.peak_bytes,
+                    "predicted_phase": pred.phase,
                     "seconds": time.perf_counter() - t0,
                 }
             )
@@ -530,22 +621,37 @@ def max_prompt_search(
             bar.update()
             return ok
 
-        good, bad, P = None, None, start
-        while P <= limit:
+        good, bad = None, None
+        P = max(quantum, (start or predicted) // quantum * quantum)
+        for _ in range(12):  # bracket: one fit, one OOM (or the limit)
+            if P > limit:
+                break
             if fits(P):
-                good, P = P, 2 * P
+                good = P
+                if bad is not None:
+                    break
+                P = int(P * step) // quantum * quantum + quantum
             else:
                 bad = P
-                break
-        if good is not None and bad is not None:
-            for _ in range(refine):
-                mid = (good + bad) // 2
-                if mid in (good, bad):
+                if good is not None or P <= quantum:
                     break
-                if fits(mid):
-                    good = mid
-                else:
-                    bad = mid
+                P = max(quantum, int(P / step) // quantum * quantum)
+        for _ in range(refine):
+            if good is None or bad is None or bad - good <= quantum:
+                break
+            mid = (good + bad) // 2 // quantum * quantum
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
         bar.close()
-        out[m.name] = {"max_fit": good, "first_oom": bad, "limit": limit, "tries": tries}
+        out[m.name] = {
+            "max_fit": good,
+            "first_oom": bad,
+            "predicted_max": predicted,
+            "limit": limit,
+            "free_bytes": free,
+            "probe_layers": probe_layers,
+            "tries": tries,
+        }
     return out

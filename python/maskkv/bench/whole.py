@@ -5,6 +5,10 @@ eviction, ``DualCache(refresh_prompt=True)``), the MaskKV paper's configuration 
 ``DLLMCache(50, 5, 0.25)``), MaskKV + ``PromptCache`` and MaskKV + ``DualCache``, side by side on
 one random-weight model.
 
+On CUDA each cached configuration's row also gets step 1's share of its total and step 1
+against its floor (``runner.step1_floor``: its GEMM and attention FLOPs at the matmul and
+attention rates measured in the same run): at 32k, step 1 is most of a whole generation.
+
 Random weights give meaningless confidences, so a threshold rule would reveal a different,
 arbitrary number of tokens per step in each configuration. Every configuration therefore runs
 the same fixed schedule (``FixedSteps`` with ``gen_length / tokens_per_step`` steps), standing in
@@ -96,6 +100,16 @@ def run_whole(
     model = build_model(p, device=device, dtype=dtype, seed=seed)
     profile = calibrate(model, [random_prompt(model, 512, seed=seed + 1)], gen_length=gen_length)
     ids = random_prompt(model, prompt_len, seed=seed + prompt_len, device=device)
+    floor = None
+    if device.type == "cuda":
+        from .runner import measure_attention_rate, measure_ceilings, step1_floor
+
+        cfg = model.config
+        rate = measure_attention_rate(
+            device, dtype, heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+            kv_len=prompt_len + gen_length,
+        )  # fmt: skip
+        floor = step1_floor(model, prompt_len, gen_length, measure_ceilings(device, dtype), rate)
     rows: list[dict[str, Any]] = []
     for label, name, cache_name, cache_kwargs in CONFIGURATIONS:
         method = methods.get(name, budget=budget)
@@ -151,11 +165,14 @@ def run_whole(
                 first_step_s=s.first_step_time,
                 refresh_s=s.refresh_time,
                 inner_s=s.inner_time,
+                first_step_share=s.first_step_time / s.total_time,
                 passes={k: s.step_kinds.count(k) for k in sorted(set(s.step_kinds))},
                 mean_tokens_per_step=s.mean_tokens_per_step,
                 response_kv_bytes=s.response_kv_bytes,
                 prompt_kv_bytes=s.prompt_kv_bytes_kept,
             )
+        if floor is not None and "first_step_s" in row:
+            row["first_step_vs_floor"] = row["first_step_s"] / floor["step1_floor_s"]
         rows.append(row)
         if progress:
             print(f"[whole]   total {row['total_s']:.2f} s, {row['nfe']} passes", flush=True)
@@ -184,6 +201,7 @@ def run_whole(
         "tokens_per_step_note": "fixed and identical for every configuration: random weights "
         "give meaningless confidences, so this fixed schedule stands in for Threshold(0.9)",
         "nocache_note": f"NoCache total = median of {nocache_passes} full passes x {steps} steps",
+        "step1_floor": floor,
     }
     return {"config": config, "rows": rows, "targets": targets}
 
@@ -210,8 +228,18 @@ def report_whole(result: dict[str, Any]) -> str:
         ("resp KV MiB", "response_kv_bytes", 2.0**-20),
         ("x NoCache", "speedup_vs_nocache", 1.0),
         ("x Fast-dLLM", "speedup_vs_fastdllm", 1.0),
+        ("step1 s", "first_step_s", 1.0),
+        ("step1 share", "first_step_share", 1.0),
+        ("step1 / floor", "first_step_vs_floor", 1.0),
     ]
     lines = [format_rows(result["rows"], cols), ""]
+    floor = result["config"].get("step1_floor")
+    if floor:
+        lines.append(
+            f"step 1 floor {floor['step1_floor_s']:.3f} s = GEMMs {floor['step1_floor_gemm_s']:.3f}"
+            f" s + attention {floor['step1_floor_attention_s']:.3f} s (at "
+            f"{floor['attention_flops_per_s'] / 1e12:.0f} TFLOP/s)"
+        )
     for t in result["targets"]:
         lines.append(f"{t['status']}  {t['target']}: {t['measured']:.1f}x ({t['bound']})")
     return "\n".join(lines)

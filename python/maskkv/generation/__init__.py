@@ -205,6 +205,7 @@ def generate(
     token_chunk: int = 4096,
     backend: str = "auto",
     cuda_graphs: bool = True,
+    fusion: str = "auto",
     seed: int | None = None,
     progress: bool = False,
     first_pass: FirstPassMemo | None = None,
@@ -258,6 +259,9 @@ def generate(
         token_chunk: tokens per chunk in full passes (bounds activations for long prompts).
         backend: ``maskkv_kernels`` backend.
         cuda_graphs: on CUDA, run every later (cached) step as one replayed CUDA graph.
+        fusion: how later steps run each layer's elementwise work: "auto" (fused Triton
+            kernels on CUDA, else the model's eager layers), "none", "triton", "compile"
+            (``torch.compile`` of the layer body) or "torch" (see ``Denoiser``).
         seed: None draws from torch's global generators, as the official code. An int runs the
             loop inside ``torch.random.fork_rng`` after ``torch.manual_seed(seed)``: the same
             draws as ``torch.manual_seed(seed)`` followed by the official loop, and the caller's
@@ -334,6 +338,7 @@ def generate(
         token_chunk=token_chunk,
         backend=backend,
         cuda_graphs=cuda_graphs,
+        fusion=fusion,
         cache=policy,
         first_pass=first_pass,
     )

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
+from ..models.fused import FUSIONS, FusedLayers, resolve_fusion
 from .batch_invariant import plain_linears
 from .policies import CachePolicy, PromptCache, StepPlan
 
@@ -106,6 +107,56 @@ def _lse_op_usable(name: str, q: torch.Tensor, key_valid: torch.Tensor | None) -
     return _lse_probes[key]
 
 
+def attend_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    query_chunk: int,
+    consume,
+    lse_from: int | None = None,
+    lse_op: str = "cudnn",
+) -> torch.Tensor | None:
+    """Bidirectional attention in query chunks, each chunk's output handed to ``consume``.
+
+    q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L] or None.
+    ``consume(s, out)`` receives out [B, Hq, n, D] of query rows [s, s + n) and must not keep
+    it: a full pass adds each chunk into the residual stream at once, so no [B, Hq, T, D]
+    attention output is ever held, and no [Hq, T, L] score matrix either (SDPA's math fallback
+    on CPU would materialise it).
+
+    Returns lse: with ``lse_from`` set and the fused forward ``lse_op`` ("cudnn" or "flash")
+    usable (``_lse_op_usable``), the fp32 natural-log log-sum-exp [B, Hq, T - lse_from] of query
+    rows ``lse_from:`` that the forward computes anyway (``select_and_gather`` then skips its own
+    pass over K); otherwise None.
+    """
+    G = q.shape[1] // k.shape[1]
+    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
+        k = k.repeat_interleave(G, 1)
+        v = v.repeat_interleave(G, 1)
+    T = q.shape[2]
+    fused = lse_from is not None and _lse_op_usable(lse_op, q, key_valid)
+    lses: list[torch.Tensor] | None = [] if fused else None
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    for s in range(0, T, query_chunk):
+        q_chunk = q[:, :, s : s + query_chunk]
+        out = None
+        if lses is not None:
+            try:
+                out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
+                if s + query_chunk > lse_from:
+                    lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
+            except RuntimeError:  # a shape this build's fused kernel refuses: SDPA from here on
+                lses = None
+        if out is None:
+            out = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=mask)
+        consume(s, out)
+        del out
+    if not lses:
+        return None
+    return (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,41 +166,13 @@ def dense_attention(
     lse_from: int | None = None,
     lse_op: str = "cudnn",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention, q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L].
+    """``attend_chunks`` with the outputs gathered: returns (out [B, Hq, T, D], lse or None)."""
+    out = q.new_empty(q.shape)
 
-    Runs in query chunks so that no [Hq, T, L] score matrix is ever held at once (SDPA's math
-    fallback on CPU would materialise it).
+    def keep(s: int, chunk: torch.Tensor) -> None:
+        out[:, :, s : s + chunk.shape[2]] = chunk
 
-    Returns (out [B, Hq, T, D], lse). With ``lse_from`` set and the fused forward ``lse_op``
-    ("cudnn" or "flash") usable (``_lse_op_usable``), lse is the fp32 natural-log log-sum-exp
-    [B, Hq, T - lse_from] of query rows ``lse_from:`` that the forward computes anyway:
-    ``select_and_gather`` then skips its own pass over K. Otherwise lse is None.
-    """
-    G = q.shape[1] // k.shape[1]
-    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
-        k = k.repeat_interleave(G, 1)
-        v = v.repeat_interleave(G, 1)
-    T = q.shape[2]
-    if lse_from is not None and _lse_op_usable(lse_op, q, key_valid):
-        outs, lses = [], []
-        try:
-            for s in range(0, T, query_chunk):
-                q_chunk = q[:, :, s : s + query_chunk]
-                out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
-                outs.append(out)
-                if s + query_chunk > lse_from:
-                    lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
-        except RuntimeError:  # a shape this build's fused kernel refuses: SDPA, LSE pass later
-            outs = None
-        if outs is not None:
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-            return out, (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    outs = [
-        F.scaled_dot_product_attention(q[:, :, s : s + query_chunk], k, v, attn_mask=mask)
-        for s in range(0, T, query_chunk)
-    ]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), None
+    return out, attend_chunks(q, k, v, key_valid, query_chunk, keep, lse_from, lse_op)
 
 
 def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -159,14 +182,27 @@ def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([fn(h[:, s : s + chunk]) for s in range(0, h.shape[1], chunk)], 1)
 
 
+def _chunked_inplace(fn, h: torch.Tensor, chunk: int) -> None:
+    """h[:, s:e] = fn(h[:, s:e]) chunk by chunk for a token-wise block: no second [B, T, d]."""
+    for s in range(0, h.shape[1], chunk):
+        h[:, s : s + chunk] = fn(h[:, s : s + chunk])
+
+
 def _qkv_chunked(layer, h, cos, sin, chunk):
-    if h.shape[1] <= chunk:
+    """The layer's q, k, v of every token, projected chunk by chunk into one buffer each
+    (contiguous [B, H, T, D]): no second copy of q, k, v while they are assembled."""
+    T = h.shape[1]
+    if T <= chunk:
         return layer.qkv(h, cos, sin)
-    parts = [
-        layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
-        for s in range(0, h.shape[1], chunk)
-    ]
-    return tuple(torch.cat(p, 2) for p in zip(*parts))
+    bufs = None
+    for s in range(0, T, chunk):
+        parts = layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
+        if bufs is None:
+            bufs = tuple(p.new_empty(*p.shape[:2], T, p.shape[3]) for p in parts)
+        for buf, part in zip(bufs, parts):
+            buf[:, :, s : s + part.shape[2]] = part
+        del parts
+    return bufs
 
 
 class FirstPassMemo:
@@ -316,6 +352,12 @@ class Denoiser:
             (NoCache) runs a full pass at every step whatever the policy.
         first_pass: a ``FirstPassMemo`` shared with other generations of the same batch: step 1
             replays its record when the inputs match, and records into it otherwise.
+        fusion: how tail passes (later steps) run each layer's elementwise work
+            (``maskkv.models.fused``): "none" (the model's layer protocol, eager PyTorch),
+            "triton" (five fused kernels per layer), "compile" (``torch.compile`` of the layer
+            body), "torch" (the fused loop in eager PyTorch, bit-identical to "none"). "auto"
+            is "triton" on CUDA for LLaDA / Dream layers, else "none": no compile warm-up, and
+            it rounds as the eager code does except for the RMSNorm sum order.
     """
 
     def __init__(
@@ -332,8 +374,13 @@ class Denoiser:
         step1_lse: bool | str = True,
         cache: CachePolicy | None = None,
         first_pass: FirstPassMemo | None = None,
+        fusion: str = "auto",
     ) -> None:
         self.model = model
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
+        self._fused: FusedLayers | None = None  # resolved in _setup (needs the device)
         self.first_pass = first_pass
         self.method = method
         self.policy = cache if cache is not None else PromptCache()
@@ -372,9 +419,25 @@ class Denoiser:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def use_fusion(
+        self, fusion: str, device: torch.device | str, *, compile_backend: str = "inductor"
+    ) -> None:
+        """Run the tail passes from now on with ``fusion`` (see the class docstring); clears the
+        captured graphs. Benchmarks compare the candidates on one step-1 cache with it.
+        ``compile_backend``: the ``torch.compile`` backend of "compile"."""
+        kind = resolve_fusion(fusion, self.model, torch.device(device))
+        self.fusion = fusion
+        self._fused = (
+            None
+            if kind == "none"
+            else FusedLayers(self.model, kind, compile_backend=compile_backend)
+        )
+        self._graphs.clear()
+
     def _setup(self, x: torch.Tensor) -> None:
         B, L = x.shape
         self._backend = mk.resolve_backend(self.backend, x.device)
+        self.use_fusion(self.fusion, x.device)
         if self.attention_mask is None:
             self._positions = torch.arange(L, device=x.device).expand(B, L)
             self._key_valid = None
@@ -454,8 +517,14 @@ class Denoiser:
                 q, k, v, lse = memo.layers[i]
             else:
                 q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-                attn, lse = dense_attention(
-                    q, k, v, self._key_valid, chunk, lse_from,
+                if keep_feat:
+                    h_in = h[:, Pc:].clone()
+
+                def add_attention(s, out, layer=layer):  # residual add, in place, per chunk
+                    h[:, s : s + out.shape[2]] = layer.attn_output(h[:, s : s + out.shape[2]], out)
+
+                lse = attend_chunks(
+                    q, k, v, self._key_valid, chunk, add_attention, lse_from,
                     lse_op="flash" if self.step1_lse == "flash" else "cudnn",
                 )  # fmt: skip
                 if recorded is not None:
@@ -469,12 +538,11 @@ class Denoiser:
             del q, k, v  # the layer's full KV dies here, before the next layer (without a memo)
             if replay:
                 continue
-            h_attn = layer.attn_output(h, attn)
-            del attn
-            h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
             if keep_feat:
-                self._keep_features(i, h_attn[:, Pc:] - h[:, Pc:], h_mlp[:, Pc:] - h_attn[:, Pc:])
-            h = h_mlp
+                h_attn = h[:, Pc:].clone()
+            _chunked_inplace(layer.mlp_block, h, chunk)
+            if keep_feat:
+                self._keep_features(i, h_attn - h_in, h[:, Pc:] - h_attn)
         if replay:
             h = memo.hidden
             memo.replays += 1
@@ -568,6 +636,8 @@ class Denoiser:
         The kernels run unchecked: every input is built here (validated once, at step 1)."""
         model, chunk = self.model, self.token_chunk
         h = model.embed(ids)
+        if self._fused is not None:
+            return self._fused(h, cos, sin, self._attend_tail(None))
         for layer, cache in zip(model.layers, self.caches):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
             attn = mk.ragged_attention(q, cache, k, v, backend=self._backend, check_inputs=False)
@@ -592,26 +662,40 @@ class Denoiser:
             return self._cached_pass(x, lo, hi)
         cos, sin = model.rotary(self._positions[:, Pc + lo : Pc + hi])
         h = model.embed(x[:, Pc + lo : Pc + hi])
-        for i, (layer, cache) in enumerate(zip(model.layers, self.caches)):
+        attend = self._attend_tail((lo, hi, whole) if stored else None)
+        if self._fused is not None and not keep_feat:
+            return self._fused(h, cos, sin, attend)
+        for i, layer in enumerate(model.layers):
             q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            if stored and whole:
-                self._keep_tail(i, k, v)
-                k_tail, v_tail = k, v
-            elif stored:
-                self.tail_k[i][:, :, lo:hi] = k
-                self.tail_v[i][:, :, lo:hi] = v
-                k_tail, v_tail = self.tail_k[i], self.tail_v[i]
-            else:
-                k_tail, v_tail = k, v
-            attn = mk.ragged_attention(
-                q, cache, k_tail, v_tail, backend=self._backend, check_inputs=False
-            )
+            attn = attend(i, q, k, v)
             h_attn = layer.attn_output(h, attn)
             h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
             if keep_feat:
                 self._keep_features(i, h_attn - h, h_mlp - h_attn)
             h = h_mlp
         return h
+
+    def _attend_tail(self, stored: tuple[int, int, bool] | None):
+        """attend(i, q, k, v) of layer i in a tail pass: ``ragged_attention`` over [pruned prompt
+        ‖ dense tail]. Without stored response KV (``stored`` None) the tail is k, v; with it
+        (``stored`` = (lo, hi, whole)) k, v overwrite their slots of the stored KV (a whole-tail
+        pass replaces it) and the tail is the whole stored response."""
+
+        def attend(i, q, k, v):
+            k_tail, v_tail = k, v
+            if stored is not None:
+                lo, hi, whole = stored
+                if whole:
+                    self._keep_tail(i, k, v)
+                else:
+                    self.tail_k[i][:, :, lo:hi] = k
+                    self.tail_v[i][:, :, lo:hi] = v
+                    k_tail, v_tail = self.tail_k[i], self.tail_v[i]
+            return mk.ragged_attention(
+                q, self.caches[i], k_tail, v_tail, backend=self._backend, check_inputs=False
+            )
+
+        return attend
 
     def _partial_pass(self, x: torch.Tensor) -> torch.Tensor:
         """dLLM-Cache's in-between step over the whole tail.
