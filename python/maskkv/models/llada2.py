@@ -47,9 +47,11 @@ from ._common import (
 )
 from ._moe import ExpertList, ExpertMLP, moe_backend_for
 
-#: The official sampler's defaults (``LLaDA2MoeModelLM.generate``): the config has no mask id.
+#: The official sampler's defaults (``LLaDA2MoeModelLM.generate``): the config has no mask id,
+#: and the block length (the block-causal attention's) is the sampler's argument.
 LLADA2_MASK_TOKEN_ID = 156895
 LLADA2_EOS_TOKEN_ID = 156892
+LLADA2_BLOCK_LENGTH = 32
 
 
 class LLaDA2MoeConfig(PretrainedConfig):
