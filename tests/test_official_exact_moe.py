@@ -18,12 +18,10 @@ The reference side is written here from the official sources and imports nothing
 Both read the checkpoint tensors by their official names from the model's state dict.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_official_exact import _add_gumbel_noise, _rms_norm, _rotate_half, llada_generate
+from test_official_exact import _rms_norm, _rotate_half, llada_generate
 
 from maskkv import generate
 from maskkv.models import load_checkpoint
@@ -580,3 +578,49 @@ def test_llada2_matches_official(llada2_models, dtype, case):
     ref = llada2_generate(fn, ids, eos_id=EOS, mask_id=cfg.mask_token_id, **sched, **official)
     out = generate(model, ids, method="nocache", seed=seed, **{"steps": 8} | sched | ours)
     assert torch.equal(_answer(out.responses[0]), ref[0]), (out.responses[0], ref[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaDA-MoE: NoCache against LLaDA's generate.py
+# ------------------------------------------------------------------------------------------------
+
+LLADAMOE_CASES = {
+    "greedy": dict(),
+    "sampled-cfg": dict(temperature=0.8, cfg_scale=1.5),
+    "random-remasking": dict(remasking="random", temperature=0.5),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(LLADAMOE_CASES))
+def test_lladamoe_matches_official(models, dtype, case):
+    model = models["lladamoe", dtype]
+    sd, cfg = model.state_dict(), model.config
+    kw = LLADAMOE_CASES[case]
+    ids = _prompts(1, 26, seed=1)
+    sched = dict(gen_length=16, block_length=8, steps=8)
+    torch.manual_seed(11)
+    ref = llada_generate(
+        lambda x, am: lladamoe_forward(sd, cfg, x, am), ids, mask_id=cfg.mask_token_id,
+        **sched, **kw,
+    )  # fmt: skip
+    out = generate(model, ids, method="nocache", seed=11, **sched, **kw)
+    assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lladamoe_left_padded_batch_matches_official(models, dtype):
+    # As for LLaDA: the reference forward takes maskkv's positions for the padded row.
+    model = models["lladamoe", dtype]
+    sd, cfg = model.state_dict(), model.config
+    ids = _prompts(2, 26, seed=3)
+    mask = torch.ones(2, 26, dtype=torch.long)
+    mask[1, :7] = 0
+
+    def fn(x, am):
+        return lladamoe_forward(sd, cfg, x, am, (am.long().cumsum(-1) - 1).clamp(min=0))
+
+    sched = dict(gen_length=16, block_length=8, steps=8)
+    ref = llada_generate(fn, ids, mask, mask_id=cfg.mask_token_id, **sched)
+    out = generate(model, ids, attention_mask=mask, method="nocache", **sched)
+    assert torch.equal(out.sequences, ref)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MOE_BACKEND", "ExpertList", "ExpertMLP", "moe_backend_for"]
+__all__ = ["MOE_BACKEND", "ExpertList", "ExpertMLP", "cuda_graph_safe", "moe_backend_for"]
 
 #: "auto", "loop" or "grouped" for every ``ExpertBank`` (tests and benchmarks set it).
 MOE_BACKEND = "auto"
@@ -59,6 +59,18 @@ def moe_backend_for(x: torch.Tensor, backend: str | None = None) -> str:
         and not torch.is_grad_enabled()
     )
     return "grouped" if grouped else "loop"
+
+
+def cuda_graph_safe(weight: torch.Tensor) -> bool:
+    """Whether MoE layers whose weights are like ``weight`` run without a host sync in
+    inference (the grouped backend), so that a step can be captured in a CUDA graph."""
+    if MOE_BACKEND != "auto":
+        return MOE_BACKEND == "grouped"
+    return (
+        weight.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and weight.dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 class ExpertList(nn.ModuleList):

@@ -45,7 +45,7 @@ from ._common import (
     merge_heads,
     rotary_cos_sin,
 )
-from ._moe import ExpertList, ExpertMLP, moe_backend_for
+from ._moe import ExpertList, ExpertMLP, cuda_graph_safe, moe_backend_for
 
 #: The official sampler's defaults (``LLaDA2MoeModelLM.generate``): the config has no mask id,
 #: and the block length (the block-causal attention's) is the sampler's argument.
@@ -455,6 +455,13 @@ class LLaDA2MoeModelLM(DiffusionLMMixin, LLaDA2MoePreTrainedModel):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, d] -> fp32 logits [B, T, vocab] (final norm + LM head, then fp32)."""
         return self.lm_head(self.model.norm(hidden)).float()
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a later step may be captured as a CUDA graph: the MoE layers must run the
+        grouped backend (no host sync), i.e. CUDA, bf16 / fp16, ``torch._grouped_mm``."""
+        has_moe = any(isinstance(m, ExpertList) for m in self.modules())
+        return not has_moe or cuda_graph_safe(self.lm_head.weight)
 
     # -- transformers plumbing -----------------------------------------------------------------
 

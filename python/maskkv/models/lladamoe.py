@@ -47,7 +47,7 @@ from ._common import (
     rotary_cos_sin,
     split_heads,
 )
-from ._moe import ExpertList, ExpertMLP
+from ._moe import ExpertList, ExpertMLP, cuda_graph_safe
 
 #: The official checkpoints' special ids (their tokenizer is LLaDA2's).
 LLADAMOE_MASK_TOKEN_ID = 156895
@@ -381,6 +381,13 @@ class LLaDAMoEModelLM(DiffusionLMMixin, LLaDAMoEPreTrainedModel):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, d] -> logits [B, T, vocab] (final norm + LM head)."""
         return self.lm_head(self.model.norm(hidden))
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a later step may be captured as a CUDA graph: the MoE layers must run the
+        grouped backend (no host sync), i.e. CUDA, bf16 / fp16, ``torch._grouped_mm``."""
+        has_moe = any(isinstance(m, ExpertList) for m in self.modules())
+        return not has_moe or cuda_graph_safe(self.lm_head.weight)
 
     # -- transformers plumbing -----------------------------------------------------------------
 
