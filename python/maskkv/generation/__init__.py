@@ -440,7 +440,8 @@ def _generate_llada2(
             seqs, stats = generate_llada2(
                 model, input_ids, attention_mask, method=method, cache=cache,
                 decoding=decoding, gen_length=gen_length, block_length=block_length,
-                steps=steps, profile=profile, progress=bar.update if bar else None, **kwargs,
+                steps=steps, profile=profile,
+                progress=None if bar is None else bar.update, **kwargs,
             )  # fmt: skip
     finally:
         if bar is not None:
