@@ -217,3 +217,35 @@ def test_bad_arguments(models):
     ):
         with pytest.raises(ValueError, match=rf"^{name}: "):
             generate(model, ids, **{"method": "nocache", "gen_length": 8} | kwargs)
+
+
+def test_lm_eval_model_on_llada2(tmp_path):
+    """The lm-eval model on a LLaDA2 checkpoint: generate_until (two ragged prompts, one batch)
+    equals ``maskkv.generate`` on each prompt alone; a one-token likelihood is the exact
+    log-probability of the block-causal forward over [context, MASK]."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from maskkv.eval_harness import MaskKVLM
+
+    path = tiny_checkpoint("llada2", tmp_path / "ckpt")
+    lm = MaskKVLM(pretrained=str(path), method="fullcache", gen_length=8, batch_size=2,
+                  block_length=8, steps=4, mc_num=4)  # fmt: skip
+    contexts = ["the quick brown fox jumps", "a b c d e f g h i j k l m n o p q r s"]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 8}), i)
+        for i, c in enumerate(contexts)
+    ]
+    outs = lm.generate_until(requests, disable_tqdm=True)
+    for context, text in zip(contexts, outs):
+        ids = torch.tensor([lm._encode(context)])
+        resp = generate(lm.model, ids, method="fullcache", gen_length=8, block_length=8,
+                        steps=4).responses[0].tolist()  # fmt: skip
+        assert text == lm._decode_response(resp, [])
+    got, _ = lm.loglikelihood([Instance("loglikelihood", {}, (contexts[0], "x"), 0)],
+                              disable_tqdm=True)[0]  # fmt: skip
+    ctx, cont = lm._encode_pair(contexts[0], "x")
+    with torch.no_grad():
+        ids = torch.tensor([ctx + [lm.model.config.mask_token_id]])
+        logp = torch.log_softmax(lm.model(ids, block_length=8).logits[0, -1], -1)
+    assert len(cont) == 1 and got == pytest.approx(float(logp[cont[0]]), abs=1e-4)
