@@ -249,3 +249,23 @@ def test_lm_eval_model_on_llada2(tmp_path):
         ids = torch.tensor([ctx + [lm.model.config.mask_token_id]])
         logp = torch.log_softmax(lm.model(ids, block_length=8).logits[0, -1], -1)
     assert len(cont) == 1 and got == pytest.approx(float(logp[cont[0]]), abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llada2", "lladamoe"])
+def test_grouped_moe_reads_no_value_on_the_host(kind, monkeypatch):
+    """Meta tensors carry no values: an MoE layer that runs on them never reads one on the host
+    (no device sync), so a CUDA step that routes tokens can be captured as a graph. The loop
+    backend reads the per-expert counts and fails there."""
+    from maskkv.models import LLaDA2MoeModelLM, LLaDAMoEModelLM
+    from maskkv.testing import tiny_config_dict
+
+    cls = LLaDA2MoeModelLM if kind == "llada2" else LLaDAMoEModelLM
+    with torch.device("meta"):
+        model = cls(cls.config_class(**tiny_config_dict(kind))).to(torch.bfloat16)
+        x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(_moe, "MOE_BACKEND", "grouped")
+        assert model.layers[1].mlp_block(x).shape == (2, 5, 64)
+        monkeypatch.setattr(_moe, "MOE_BACKEND", "loop")
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            model.layers[1].mlp_block(x)
