@@ -254,7 +254,7 @@ class BlockCausalDenoiser(Denoiser):
             if self.soft_mask:
                 attn = soft_block_attention(q, k, v, lay.block_length, valid)
             else:
-                attn = block_causal_attention(q, k, v, lay.block_length, valid, chunk)
+                attn = block_causal_attention(q, k, v, lay.block_length, valid)
             if build:
                 self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
                 caches.append(self._prune(q, k, v, None if budgets is None else budgets[i]))
