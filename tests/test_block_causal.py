@@ -269,3 +269,29 @@ def test_grouped_moe_reads_no_value_on_the_host(kind, monkeypatch):
         monkeypatch.setattr(_moe, "MOE_BACKEND", "loop")
         with pytest.raises((RuntimeError, NotImplementedError)):
             model.layers[1].mlp_block(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the grouped MoE backend and CUDA-graph replay of later steps
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["llada2", "lladamoe"])
+def test_cuda_grouped_moe_and_graph_replay(tmp_path, kind, monkeypatch):
+    path = tiny_checkpoint(kind, tmp_path / kind, hidden_size=128, moe_intermediate_size=64,
+                           expert_intermediate_size=64)  # fmt: skip
+    model = load_checkpoint(path, dtype=torch.bfloat16, device="cuda").eval()
+    assert model.supports_cuda_graphs  # bf16 on CUDA: the grouped backend, no host sync
+    ids = _prompt(2, 40).cuda()
+    with torch.no_grad():
+        monkeypatch.setattr(_moe, "MOE_BACKEND", "loop")
+        ref = model(ids).logits.float()
+        monkeypatch.setattr(_moe, "MOE_BACKEND", "auto")
+        out = model(ids).logits.float()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # bf16, other summation order
+    kw = dict(method="fullcache", gen_length=16, block_length=8, steps=4)
+    eager = generate(model, ids, cuda_graphs=False, **kw)
+    graphed = generate(model, ids, cuda_graphs=True, **kw)
+    assert torch.equal(eager.sequences, graphed.sequences)
