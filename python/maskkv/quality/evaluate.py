@@ -38,7 +38,7 @@ import torch
 
 from ..generation import FirstPassMemo
 from . import tasks as task_lib
-from .train import _is_dream
+from .train import _is_block_causal, _is_dream
 
 __all__ = [
     "ASSETS",
@@ -96,6 +96,11 @@ def sampler_kwargs(model) -> dict[str, Any]:
 
 
 def _sampler_description(model) -> str:
+    if _is_block_causal(model):
+        return (
+            "greedy, LLaDA2's official rule (threshold 0.95, at least the step's quota: "
+            "block_length / min(32, gen_length) tokens), whole blocks of 32"
+        )
     if _is_dream(model):
         return (
             "greedy, Dream maskgit_plus (confidence) order and timestep schedule, one block, "
@@ -226,7 +231,8 @@ def evaluate_method(
             ids,
             method=method,
             gen_length=gen_length,
-            block_length=block_length or gen_length,
+            # LLaDA2 decodes its own blocks (default 32); the others decode the response as one
+            block_length=block_length if _is_block_causal(model) else block_length or gen_length,
             steps=steps,
             profile=profile,
             first_pass=None if first_pass is None else first_pass[s // batch_size],

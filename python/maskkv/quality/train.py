@@ -5,7 +5,8 @@ Three model layouts (``--kind``): "llada" (OLMo names, MHA; the prediction of to
 logits at position i), "dream" (Qwen2 names, grouped-query attention via ``--n-kv-heads``; the
 prediction of token i is the logits at position i - 1, as in Dream's generation) and "llada2"
 (LLaDA2's names, grouped-query attention, MoE MLPs, block-causal attention in blocks of
-``block_length`` positions from position 0, as LLaDA2 is trained and sampled). Prompts and
+``block_length`` positions from position 0, as LLaDA2 is trained and sampled; the answer's block
+is filled up with EOS, since generation decodes whole blocks). Prompts and
 answers are encoded with the model's own BOS / EOS / mask ids (``tasks.token_ids``).
 
 Objective (LLaDA SFT, Nie et al. 2025): for a prompt p and answer r0 (padded with EOS to
@@ -636,6 +637,10 @@ def train(
         longest = max_len if adaptive else _max_len_at(step, cfg)
         prompt_len = rng.randint(cfg.min_prompt_len, longest)
         gen_length = max(cfg.gen_length, task_lib.TASK_GEN_LENGTH.get(task, 0))
+        if cfg.kind == "llada2":
+            # LLaDA2 decodes whole blocks: the answer's block is filled up with EOS, as
+            # generation fills it (the padding is a target, as in LLaDA's SFT).
+            gen_length += -(prompt_len + gen_length) % cfg.block_length
         seeds = list(range(next_seed, next_seed + cfg.batch_size))
         next_seed += cfg.batch_size
         pairs = None
