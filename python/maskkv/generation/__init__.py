@@ -340,13 +340,8 @@ def generate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     mask_id = model.config.mask_token_id
-    rng = contextlib.nullcontext()
-    if seed is not None:
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed, device):
             if is_dream:
                 seqs = sample_dream(
                     denoiser,
@@ -395,6 +390,18 @@ def generate(
     return GenerationOutput(seqs, denoiser.stats)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the caller's generator
+    states come back afterwards); nothing for ``seed=None``."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _generate_llada2(
     model, input_ids, attention_mask, *, method, cache, decoding, gen_length, block_length,
     steps, cfg_scale, seed, progress, profile, **kwargs,
@@ -430,13 +437,8 @@ def _generate_llada2(
         bar = tqdm(desc=f"{method.name} denoising", unit="step")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rng = contextlib.nullcontext()
-    if seed is not None:
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed, device):
             seqs, stats = generate_llada2(
                 model, input_ids, attention_mask, method=method, cache=cache,
                 decoding=decoding, gen_length=gen_length, block_length=block_length,

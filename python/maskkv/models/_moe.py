@@ -61,11 +61,15 @@ def moe_backend_for(x: torch.Tensor, backend: str | None = None) -> str:
     return "grouped" if grouped else "loop"
 
 
-def cuda_graph_safe(weight: torch.Tensor) -> bool:
-    """Whether MoE layers whose weights are like ``weight`` run without a host sync in
-    inference (the grouped backend), so that a step can be captured in a CUDA graph."""
+def cuda_graph_safe(model: nn.Module) -> bool:
+    """Whether ``model``'s MoE layers (if any) run without a host sync in inference (the
+    grouped backend), so that a step can be captured in a CUDA graph."""
+    banks = [m for m in model.modules() if isinstance(m, ExpertList)]
+    if not banks:
+        return True
     if MOE_BACKEND != "auto":
         return MOE_BACKEND == "grouped"
+    weight = banks[0][0].gate_proj.weight
     return (
         weight.is_cuda
         and hasattr(torch, "_grouped_mm")

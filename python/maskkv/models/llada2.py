@@ -460,8 +460,7 @@ class LLaDA2MoeModelLM(DiffusionLMMixin, LLaDA2MoePreTrainedModel):
     def supports_cuda_graphs(self) -> bool:
         """Whether a later step may be captured as a CUDA graph: the MoE layers must run the
         grouped backend (no host sync), i.e. CUDA, bf16 / fp16, ``torch._grouped_mm``."""
-        has_moe = any(isinstance(m, ExpertList) for m in self.modules())
-        return not has_moe or cuda_graph_safe(self.lm_head.weight)
+        return cuda_graph_safe(self)
 
     # -- transformers plumbing -----------------------------------------------------------------
 
