@@ -289,3 +289,41 @@ def test_cuda_grouped_moe_and_graph_replay(tmp_path, kind, monkeypatch):
     eager = generate(model, ids, cuda_graphs=False, **kw)
     graphed = generate(model, ids, cuda_graphs=True, **kw)
     assert torch.equal(eager.sequences, graphed.sequences)
+
+
+def test_calibrate_both_families(models):
+    from maskkv.calibrate import calibrate
+
+    prompts = [_prompt(1, 40, s)[0] for s in range(2)]
+    for key in (("llada2", 3), ("lladamoe", 2)):
+        profile = calibrate(models[key], prompts, gen_length=8)
+        assert len(profile.importance) == key[1]
+        assert all(0 <= x <= 2 for x in profile.importance)
+
+
+def test_bench_presets_have_the_official_sizes():
+    from maskkv.bench.presets import PRESETS, model_config
+    from maskkv.models import LLaDA2MoeModelLM, LLaDAMoEModelLM
+
+    for name, cls, billions in (
+        ("llada2-mini", LLaDA2MoeModelLM, 16.26),
+        ("llada-moe-7b", LLaDAMoEModelLM, 7.36),
+    ):
+        with torch.device("meta"):
+            model = cls(model_config(name))
+        assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+        assert PRESETS[name].device == "cuda" and PRESETS[name].dtype == "bfloat16"
+
+
+def test_cli_generate_on_both_families(tmp_path, capsys):
+    from maskkv.cli import main
+
+    for kind in ("llada2", "lladamoe"):
+        path = tiny_checkpoint(kind, tmp_path / kind)
+        argv = ["generate", "--model", str(path), "--prompt", "a b c d e f g", "--method",
+                "snapkv", "--budget", "4", "--gen-length", "16", "--block-length", "8"]  # fmt: skip
+        if kind == "llada2":
+            argv += ["--editing-threshold", "0.9", "--eos-early-stop"]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "SnapKV" in err and "later steps" in err
