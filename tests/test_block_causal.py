@@ -321,9 +321,9 @@ def test_cli_generate_on_both_families(tmp_path, capsys):
     for kind in ("llada2", "lladamoe"):
         path = tiny_checkpoint(kind, tmp_path / kind)
         argv = ["generate", "--model", str(path), "--prompt", "a b c d e f g", "--method",
-                "snapkv", "--budget", "4", "--gen-length", "16", "--block-length", "8"]  # fmt: skip
+                "maskkv", "--budget", "4", "--gen-length", "16", "--block-length", "8"]  # fmt: skip
         if kind == "llada2":
             argv += ["--editing-threshold", "0.9", "--eos-early-stop"]
         assert main(argv) == 0
         err = capsys.readouterr().err
-        assert "SnapKV" in err and "later steps" in err
+        assert "MaskKV" in err and "later steps" in err
