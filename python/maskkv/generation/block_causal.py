@@ -244,6 +244,9 @@ class BlockCausalDenoiser(Denoiser):
         caches: list[mk.RaggedKV] = []
         budgets = None
         if build:
+            # MaskKV's voters: the current block's mask queries (``_prune`` reads q[:, :, P:]):
+            # at step 1 the first block's masks, at a refresh the new block (all masks).
+            self.P = lay.mask_start if nb == 0 else lo
             self.stats.prompt_kv_bytes_full = 0
             if self.method.evicts:
                 budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
