@@ -327,3 +327,41 @@ def test_cli_generate_on_both_families(tmp_path, capsys):
         assert main(argv) == 0
         err = capsys.readouterr().err
         assert "MaskKV" in err and "later steps" in err
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "field"),
+    [
+        ("llada2", {"num_key_value_heads": 3}, "num_key_value_heads"),
+        ("llada2", {"moe_intermediate_size": None}, "moe_intermediate_size"),
+        ("llada2", {"n_group": 3}, "n_group"),
+        ("llada2", {"topk_group": 5}, "topk_group"),
+        ("llada2", {"num_experts_per_tok": 8}, "num_experts_per_tok"),
+        ("llada2", {"rotary_dim": 16}, "rotary_dim"),
+        ("llada2", {"score_function": "softmax"}, "score_function"),
+        ("llada2", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ("lladamoe", {"hidden_size": -1}, "hidden_size"),
+        ("lladamoe", {"moe_layer_freq": [1]}, "moe_layer_freq"),
+        ("lladamoe", {"expert_intermediate_size": -1}, "expert_intermediate_size"),
+        ("lladamoe", {"partial_rotary_factor": -1}, "partial_rotary_factor"),
+    ],
+)
+def test_bad_config_is_named(tmp_path, kind, overrides, field):
+    from maskkv.testing import tiny_config_dict
+
+    config = tiny_config_dict(kind, **overrides)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    with pytest.raises((ValueError, NotImplementedError), match=field):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llada3_moe"}')
+    with pytest.raises(ValueError, match=r"^model_type: unsupported 'llada3_moe'"):
+        load_checkpoint(tmp_path)
+
+
+def test_lladamoe_block_length_must_divide(models):
+    with pytest.raises(ValueError, match=r"^block_length: expected a divisor of gen_length"):
+        generate(models["lladamoe", 2], _prompt(1, 12), method="nocache", gen_length=12,
+                 block_length=8)  # fmt: skip
