@@ -100,7 +100,7 @@ want whole && TAIL=30 stage bench_whole "${WHOLE_CAP:-300}" python3 benchmarks/b
 if want llada2; then
   TAIL=30 stage llada2_attention "${LLADA2_ATTN_CAP:-150}" bash -c \
     "cd benchmarks && python3 bench_block_causal.py --lens 8192,32768 --heads 16 --kv-heads 4 \
-     --chunks 4096,1024 --out $RES"
+     --chunks 4096,1024,256 --out $RES"
   TAIL=40 stage llada2_e2e "${LLADA2_E2E_CAP:-300}" python3 benchmarks/bench_e2e.py \
     --preset llada2-mini --prompt-lens 8192,32768 --methods nocache,fullcache,maskkv,snapkv \
     --out "$RES" ${LLADA2_E2E_ARGS:-}
