@@ -11,7 +11,7 @@
 # STEP1_CAP/STEP1_ARGS, WHOLE_CAP/WHOLE_ARGS, SANITIZE_CAP and SANITIZERS
 # (default "memcheck racecheck initcheck"; empty skips them). STAGES (default "ragged select
 # step1 e2e whole") picks the benchmark stages of a full run; "llada2" (opt-in, caps
-# LLADA2_ATTN_CAP / LLADA2_E2E_CAP / LLADA2_WHOLE_CAP) runs the LLaDA2 stage.
+# LLADA2_ATTN_CAP / LLADA2_MOE_CAP / LLADA2_E2E_CAP / LLADA2_WHOLE_CAP) runs the LLaDA2 stage.
 #   quick: install, GPU tests, sanitizers (a couple of minutes)
 #   full (default): quick + micro-benchmarks + the end-to-end and whole-generation benchmarks
 #   at LLaDA-8B shape. Order of priority when time is short: the engine GPU tests
@@ -94,13 +94,16 @@ want whole && TAIL=30 stage bench_whole "${WHOLE_CAP:-300}" python3 benchmarks/b
   --whole --preset llada-8b --prompt-lens 32768 --out "$RES" ${WHOLE_ARGS:-}
 # 7. LLaDA2 (block-causal MoE) at the llada2-mini shape, opt-in: STAGES="llada2" (or add it to the
 #    list). Block-causal attention candidates at 8k / 32k (chunked SDPA, per-block SDPA, the
-#    [L, L] mask, FlexAttention); then end to end at 8k and 32k (NoCache, FullCache, MaskKV,
+#    [L, L] mask, FlexAttention); one MoE layer (loop, grouped, shared experts fused or not);
+#    then end to end at 8k and 32k (NoCache, FullCache, MaskKV,
 #    SnapKV; later step, its MoE floor, peak memory); then whole generation at 32k (NoCache, the
 #    Fast-dLLM analogue, the exact committed-block cache, MaskKV + prompt / dual cache).
 if want llada2; then
   TAIL=30 stage llada2_attention "${LLADA2_ATTN_CAP:-150}" bash -c \
     "cd benchmarks && python3 bench_block_causal.py --lens 8192,32768 --heads 16 --kv-heads 4 \
      --chunks 4096,1024,256 --out $RES"
+  TAIL=20 stage llada2_moe "${LLADA2_MOE_CAP:-120}" bash -c \
+    "cd benchmarks && python3 bench_moe.py --out $RES"
   TAIL=40 stage llada2_e2e "${LLADA2_E2E_CAP:-300}" python3 benchmarks/bench_e2e.py \
     --preset llada2-mini --prompt-lens 8192,32768 --methods nocache,fullcache,maskkv,snapkv \
     --out "$RES" ${LLADA2_E2E_ARGS:-}

@@ -317,6 +317,9 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
             config.hidden_size, config.moe_intermediate_size, config.num_experts
         )
         self.gate = LLaDA2MoeGate(config)
+        # Run the shared experts as one more expert of the grouped pass (when widths match);
+        # benchmarks/bench_moe.py measures both ways.
+        self.fuse_shared = True
         self.shared_experts = None
         if config.num_shared_experts is not None:
             self.shared_experts = ExpertMLP(
@@ -333,6 +336,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         # The grouped backend runs the shared expert as expert E, weight 1, in the same pass.
         fuse = (
             shared is not None
+            and self.fuse_shared
             and moe_backend_for(x) == "grouped"
             and shared.gate_proj.out_features == self.experts[0].gate_proj.out_features
         )
