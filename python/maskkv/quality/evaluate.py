@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_MODEL",
     "DREAM_MODEL",
+    "LLADA2_MODEL",
     "add_eval_parser",
     "evaluate_method",
     "evidence_recall",
@@ -64,6 +65,7 @@ __all__ = [
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-llada-kv"  # LLaDA layout (MHA)
 DREAM_MODEL = ASSETS / "tiny-dream-kv"  # Dream layout (GQA, shifted logits)
+LLADA2_MODEL = ASSETS / "tiny-llada2-kv"  # LLaDA2 layout (block-causal, MoE)
 #: KV pairs kept per head; at the 512-token default prompt 8 / 16 / 24 are 1.6 / 3.1 / 4.7%.
 DEFAULT_BUDGETS = (8, 16, 24, 64)
 #: Methods whose budget does not matter: evaluated once, drawn as horizontal lines.
@@ -730,7 +732,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=str(DEFAULT_MODEL),
         help=f"checkpoint directory, or the name of a committed asset ({DEFAULT_MODEL.name}, "
-        f"{DREAM_MODEL.name}); default {DEFAULT_MODEL.name}",
+        f"{DREAM_MODEL.name}, {LLADA2_MODEL.name}); default {DEFAULT_MODEL.name}",
     )
     parser.add_argument(
         "--methods",
