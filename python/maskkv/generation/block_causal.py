@@ -217,7 +217,6 @@ class BlockCausalDenoiser(Denoiser):
         self.soft_mask = soft_mask
         self._stored = method.caches_prompt and not isinstance(cache, PromptCache)
         self._refresh_next = False
-        self._block_index = 0
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -371,7 +370,7 @@ class BlockCausalDenoiser(Denoiser):
         """The sampler starts generation block ``nb`` of ``x``; blocks before it are final. With
         stored block KV, block nb - 1 is committed here (one pass over its final tokens), or
         the next step recomputes the window (``refresh_prompt``)."""
-        self._block_index, self._block_step = nb, 0
+        self._block_step = 0
         if nb == 0 or self.caches is None or not self._stored:
             return
         if self.policy.refresh_prompt:
@@ -385,20 +384,18 @@ class BlockCausalDenoiser(Denoiser):
         Returns fp32 logits [B, block_length, vocab] of block nb."""
         if self._positions is None:
             self._setup(x)
-        lo, hi = self.layout.block(nb)
-        first = self.caches is None
-        if not self.method.caches_prompt:
-            run = lambda: self.model.head(self._window_pass(x, nb, build=False))  # noqa: E731
-            kind, refresh = "full", True
-        elif first or self._refresh_next:
+        caching = self.method.caches_prompt
+        if not caching or self.caches is None or self._refresh_next:
+            # NoCache every step; a caching method at step 1 and at a prompt refresh.
             self._refresh_next = False
-            run = lambda: self.model.head(self._window_pass(x, nb, build=True))  # noqa: E731
-            kind, refresh = "full", True
+            logits = self._timed(
+                lambda: self.model.head(self._window_pass(x, nb, build=caching)), "full", True,
+                x.device,
+            )  # fmt: skip
         elif self._stored:
-            run, kind, refresh = (lambda: self._block_pass(x, nb)), "tail", False
+            logits = self._timed(lambda: self._block_pass(x, nb), "tail", False, x.device)
         else:
-            run, kind, refresh = (lambda: self._recompute_pass(x, nb)), "tail", False
-        logits = self._timed(run, kind, refresh, x.device)
+            logits = self._timed(lambda: self._recompute_pass(x, nb), "tail", False, x.device)
         self._block_step += 1
         return logits.float()
 
