@@ -23,7 +23,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import bench, out_dir, peak_memory, print_table, save
+from common import bench, line_plot, out_dir, peak_memory, print_table, save
 
 from maskkv.models._common import block_causal_attention, block_causal_mask
 
@@ -135,29 +135,15 @@ def main() -> None:
 
 
 def _plot(rows, path, config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for impl in sorted({r["impl"] for r in rows}):
-        pts = [(r["L"], r["ms"]) for r in rows if r["impl"] == impl]
-        ax.plot(*zip(*pts), marker="o", label=impl)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("ms (median)")
-    ax.set_title(
+    series = {}
+    for r in rows:
+        series.setdefault(r["impl"], []).append((r["L"], r["ms"]))
+    title = (
         f"block-causal attention, blocks of {config['block_length']}, {config['heads']}/"
-        f"{config['kv_heads']} heads of {config['head_dim']}, {config['dtype']}",
-        fontsize=9,
+        f"{config['kv_heads']} heads of {config['head_dim']}, {config['dtype']}"
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    line_plot(series, path, title=title, xlabel="sequence length", ylabel="ms (median)",
+              log_x=True, log_y=True)  # fmt: skip
 
 
 if __name__ == "__main__":

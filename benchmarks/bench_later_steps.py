@@ -17,7 +17,7 @@ import time
 import warnings
 
 import torch
-from common import out_dir, print_table, save
+from common import line_plot, out_dir, print_table, save
 
 from maskkv import methods
 from maskkv.bench.presets import PRESETS, build_model, random_prompt
@@ -116,26 +116,13 @@ def main() -> None:
 
 
 def _plot(rows, path, config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for row in rows:
-        ax.plot([1e3 * t for t in row["later_s"]], marker="o", label=row["method"])
-    ax.set_xlabel("round (every method once per round)")
-    ax.set_ylabel("later step (ms)")
-    ax.set_title(
+    series = {r["method"]: list(enumerate(1e3 * t for t in r["later_s"])) for r in rows}
+    title = (
         f"{config['preset']}, prompt {config['prompt_len']}, budget {config['budget']}, "
-        f"{config['threads']} thread(s)",
-        fontsize=9,
+        f"{config['threads']} thread(s)"
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    line_plot(series, path, title=title, xlabel="round (every method once per round)",
+              ylabel="later step (ms)")  # fmt: skip
 
 
 if __name__ == "__main__":

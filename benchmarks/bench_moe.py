@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import bench, bench_graph, out_dir, print_table, save
+from common import bench, bench_graph, line_plot, out_dir, print_table, save
 
 from maskkv.bench.presets import model_config
 from maskkv.models import _moe
@@ -92,29 +92,15 @@ def main() -> None:
 
 
 def _plot(rows, path, config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        pts = [(r["tokens"], r["ms"]) for r in rows if r["variant"] == variant]
-        ax.plot(*zip(*pts), marker="o", label=variant)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("ms (median)")
-    ax.set_title(
+    series = {}
+    for r in rows:
+        series.setdefault(r["variant"], []).append((r["tokens"], r["ms"]))
+    title = (
         f"LLaDA2 MoE layer ({config['preset_layer']}): {config['experts']} experts of "
-        f"{config['expert_width']}, top-{config['top_k']}, {config['dtype']}",
-        fontsize=9,
+        f"{config['expert_width']}, top-{config['top_k']}, {config['dtype']}"
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    line_plot(series, path, title=title, xlabel="tokens", ylabel="ms (median)", log_x=True,
+              log_y=True)  # fmt: skip
 
 
 if __name__ == "__main__":
