@@ -36,8 +36,17 @@
 #              memory MaskKV / FullCache (target 0.5): ~90 s, cap 150
 #   racecheck  compute-sanitizer racecheck --tiny --quick --one-config, to completion: ~120 s
 #              (never measured: the full run did not finish in 110 s), cap 240
-# Other engineers' GPU benchmarks (varlen ragged attention, serving, the llada2-mini shape):
-# append a line to STAGE_LIST below the marked line.
+# Then, in later calls (STAGES="..." as the script prints), estimates not yet measured:
+#   varlen     bench_ragged_varlen --preset gpu: 1-128 requests in one varlen call vs a loop of
+#              per-request calls vs padded SDPA, FullCache 32k x 4: ~200 s, cap 300
+#   serving    bench_serving at LLaDA-8B shape (4k/512 and 32k/256 prompts, budget 256, a KV
+#              budget of 2 FullCache 32k requests), concurrency 1-128, MaskKV vs FullCache
+#              (target >= 10x output tokens/s): ~400 s, cap 480
+#   llada2_*   the llada2-mini shape (block-causal MoE): step-1 attention candidates at 8k / 32k
+#              (chunked SDPA, per-block SDPA, [L, L] mask, FlexAttention), one MoE layer (loop vs
+#              grouped, shared expert fused or not), end to end at 8k / 32k, whole generation at
+#              32k; each stage builds the 16B random model (about a minute)
+# A new GPU benchmark: append a line to STAGE_LIST below the marked line.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-run}
 LOGS="$OUT/logs"
@@ -59,6 +68,12 @@ STAGE_LIST=(
   "maxprompt|150|90|python3 benchmarks/bench_max_prompt.py --out $RES"
   "racecheck|240|120|compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 python3 benchmarks/sanitize_kernels.py --tiny --quick --one-config"
   # ---- append new GPU benchmarks here: "name|cap|estimate|command" ----
+  "varlen|300|200|python3 benchmarks/bench_ragged_varlen.py --preset gpu --out $RES"
+  "serving|480|400|python3 benchmarks/bench_serving.py --preset llada-8b --methods maskkv,fullcache --no-static --concurrency 1,8,32,128 --time-limit 20 --out $RES"
+  "llada2_attention|150|90|python3 benchmarks/bench_block_causal.py --lens 8192,32768 --heads 16 --kv-heads 4 --chunks 4096,1024,256 --out $RES"
+  "llada2_moe|120|60|python3 benchmarks/bench_moe.py --out $RES"
+  "llada2_e2e|300|200|python3 benchmarks/bench_e2e.py --preset llada2-mini --prompt-lens 8192,32768 --methods nocache,fullcache,maskkv,snapkv --out $RES"
+  "llada2_whole|300|200|python3 benchmarks/bench_e2e.py --whole --preset llada2-mini --prompt-lens 32768 --out $RES"
 )
 
 left() { echo $((DEADLINE - SECONDS)); }

@@ -144,7 +144,8 @@ def test_bad_arguments():
 # ----------------------------------------------------------------------------- committed model
 
 
-ASSETS = [evaluate.DEFAULT_MODEL, evaluate.DREAM_MODEL]
+ASSETS = [evaluate.DEFAULT_MODEL, evaluate.DREAM_MODEL, evaluate.LLADA2_MODEL]
+KIND = {evaluate.DREAM_MODEL: "dream", evaluate.LLADA2_MODEL: "llada2"}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def model():
 
 @pytest.fixture(scope="module", params=ASSETS, ids=lambda p: p.name)
 def asset(request):
-    """(path, model) of each shipped model: the LLaDA layout and the Dream layout."""
+    """(path, model) of each shipped model: the LLaDA, Dream and LLaDA2 layouts."""
     return request.param, evaluate.load_model(request.param, "cpu")
 
 
@@ -174,7 +175,7 @@ def test_assets_are_small_and_complete():
 
 def test_asset_layouts(asset):
     path, model = asset
-    kind = "dream" if path == evaluate.DREAM_MODEL else "llada"
+    kind = KIND.get(path, "llada")
     assert model.dllm_kind == kind
     if kind == "dream":  # grouped-query attention, as Dream-7B
         assert model.config.num_key_value_heads < model.config.num_attention_heads

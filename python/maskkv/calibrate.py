@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from .generation.engine import dense_attention, position_ids_from_mask
 from .methods import LayerProfile
+from .models._common import block_causal_attention
+from .models.llada2 import LLADA2_BLOCK_LENGTH
 
 __all__ = ["calibrate", "layer_cosines"]
 
@@ -24,7 +26,8 @@ def layer_cosines(
     model, input_ids: torch.Tensor, gen_length: int, attention_mask=None
 ) -> torch.Tensor:
     """fp64 [layers]: mean cosine between the residual before and after each attention block,
-    over the real tokens of [prompt ‖ gen_length masks]."""
+    over the real tokens of [prompt ‖ gen_length masks]. A block-causal model (LLaDA2) attends
+    block-causally, in its official block length, as its first denoising step does."""
     B, P = input_ids.shape
     device = input_ids.device
     x = torch.cat(
@@ -51,9 +54,14 @@ def layer_cosines(
     key_valid = mask.bool()
     h = model.embed(x)
     out = []
+    block_causal = getattr(model, "dllm_kind", "") == "llada2"
     for layer in model.layers:
         q, k, v = layer.qkv(h, cos, sin)
-        h_after = layer.attn_output(h, dense_attention(q, k, v, key_valid, 4096)[0])
+        if block_causal:
+            attn = block_causal_attention(q, k, v, LLADA2_BLOCK_LENGTH, key_valid)
+        else:
+            attn = dense_attention(q, k, v, key_valid, 4096)[0]
+        h_after = layer.attn_output(h, attn)
         c = F.cosine_similarity(h.float(), h_after.float(), dim=-1)  # [B, L]
         out.append((c * key_valid).sum().double() / key_valid.sum())
         h = layer.mlp_block(h_after)

@@ -80,7 +80,9 @@ def _generate(args: argparse.Namespace) -> None:
         if isinstance(eot, int) and eot != tokenizer.unk_token_id:
             model.config.eot_token_id = eot
     block_length = args.block_length
-    if block_length is None:  # the official scripts' 32, or the whole response if shorter
+    block_causal = getattr(model, "dllm_kind", "llada") == "llada2"
+    if block_length is None and not block_causal:
+        # the official scripts' 32, or the whole response if shorter (LLaDA2: always its 32)
         block_length = min(32, args.gen_length)
     out = generate(
         model,
@@ -106,6 +108,12 @@ def _generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         backend=args.backend,
         progress=True,
+        zero_temperature=args.zero_temperature,
+        block_mask=args.block_mask,
+        eos_early_stop=args.eos_early_stop,
+        minimal_topk=args.minimal_topk,
+        editing_threshold=args.editing_threshold,
+        max_post_steps=args.max_post_steps,
     )
     answer = out.responses[0]
     eos = model.config.eos_token_id
@@ -127,11 +135,13 @@ def _cache_policy(args: argparse.Namespace):
         return DualCache(refresh_prompt=args.refresh_prompt)
     if args.cache == "dllm":
         return DLLMCache(args.prompt_interval, args.response_interval, args.transfer_ratio)
-    return PromptCache()
+    if args.cache == "prompt":
+        return PromptCache()
+    return None  # the model's default: PromptCache, or DualCache for block-causal LLaDA2
 
 
 def _decoding_rule(args: argparse.Namespace):
-    from .generation import Factor, FixedSteps, Threshold
+    from .generation import Factor, Threshold
 
     if args.threshold is not None and args.factor is not None:
         raise UsageError("--factor", "give at most one of --threshold and --factor")
@@ -143,7 +153,7 @@ def _decoding_rule(args: argparse.Namespace):
     except ValueError as err:
         option = "--threshold" if args.threshold is not None else "--factor"
         raise UsageError.wrap(option, err) from None
-    return FixedSteps()
+    return None  # the sampler's official rule: fixed steps (LLaDA2: threshold 0.95 + quota)
 
 
 def _format_stats(method, prompt_len: int, stats) -> str:
@@ -296,15 +306,43 @@ def build_parser() -> CommandParser:
     dream.add_argument(
         "--alg-temp", type=number(0.0), default=None, help="sample positions at this temperature"
     )
-    dream.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True), default=None)
-    dream.add_argument("--top-k", type=number(1, kind=int), default=None)
+    dream.add_argument(
+        "--top-p", type=number(0.0, 1.0, lo_open=True), default=None, help="also LLaDA2"
+    )
+    dream.add_argument("--top-k", type=number(1, kind=int), default=None, help="also LLaDA2")
+    llada2 = gen.add_argument_group(
+        "LLaDA2 sampling (official LLaDA2MoeModelLM.generate; --block-length defaults to 32, "
+        "--steps to 32 per block, --threshold to 0.95)"
+    )
+    llada2.add_argument(
+        "--zero-temperature",
+        default="greedy",
+        choices=["greedy", "sample"],
+        help="at temperature 0: the argmax (2.1 file, default) or a softmax draw (2.0 file)",
+    )
+    llada2.add_argument(
+        "--block-mask",
+        default="causal",
+        choices=["causal", "additive"],
+        help="block-causal attention (default) or the 2.1 file's additive 0/1 mask (nocache)",
+    )
+    llada2.add_argument("--eos-early-stop", action="store_true")
+    llada2.add_argument("--minimal-topk", type=number(1, kind=int), default=1)
+    llada2.add_argument(
+        "--editing-threshold",
+        type=number(0.0, 1.0),
+        default=None,
+        help="LLaDA2.1 token editing (the 2.1 file's default: 0.9)",
+    )
+    llada2.add_argument("--max-post-steps", type=number(0, kind=int), default=16)
 
     gen.add_argument(
         "--cache",
-        default="prompt",
+        default=None,
         choices=["prompt", "prefix", "dual", "dllm"],
-        help="what each step recomputes: prompt (pruned prompt frozen, whole response), prefix / "
-        "dual (Fast-dLLM block caches), dllm (dLLM-Cache interval refresh)",
+        help="what each step recomputes: prompt (pruned prompt frozen, whole response; the "
+        "default), prefix / dual (Fast-dLLM block caches; LLaDA2's default: committed blocks "
+        "kept), dllm (dLLM-Cache interval refresh)",
     )
     gen.add_argument(
         "--refresh-prompt",

@@ -1,4 +1,5 @@
-"""Small random checkpoints in the official LLaDA / Dream file formats, for tests and demos.
+"""Small random checkpoints in the official LLaDA / Dream / LLaDA2 / LLaDA-MoE file formats, for
+tests and demos.
 
 No weights can be downloaded in CI, so tests build a tiny model with the same files the official
 repositories ship: a config.json with every official field (tiny sizes; special-token ids remapped
@@ -16,7 +17,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["random_model", "tiny_checkpoint", "tiny_config_dict"]
+__all__ = ["KINDS", "random_model", "tiny_checkpoint", "tiny_config_dict"]
+
+#: Checkpoint kinds -> config.json ``model_type`` of the official files (LLaDA-MoE's says "llada";
+#: its ``architectures`` entry tells it apart).
+KINDS = {"llada": "llada", "dream": "Dream", "llada2": "llada2_moe", "lladamoe": "llada"}
 
 # Token ids 0..255 are the 256 bytes (byte-level BPE without merges, so any text round-trips);
 # the special tokens follow, then reserved filler tokens up to the vocabulary size.
@@ -29,6 +34,17 @@ _LLADA_SPECIALS = [  # name -> tiny id 256.. (official ids in comments)
     "<|start_header_id|>",  # 126346
     "<|end_header_id|>",  # 126347
     "<|eot_id|>",  # 126348
+]
+# LLaDA2.x and LLaDA-MoE share the Ling tokenizer (official ids 156892 EOS, 156895 mask); the
+# tiny one puts BOS / EOS / mask where the tiny LLaDA tokenizer has them, so the quality suite's
+# LLaDA-layout weights carry over without moving rows.
+_LING_SPECIALS = [
+    "<|startoftext|>",
+    "<|endoftext|>",  # eos / pad 156892
+    "<|mask|>",  # mask 156895
+    "<role>",
+    "</role>",
+    "<|role_end|>",
 ]
 _DREAM_SPECIALS = [
     "<|endoftext|>",  # eos / pad / config bos 151643
@@ -62,11 +78,25 @@ DREAM_CHAT_TEMPLATE = (
 )
 
 
+# A Ling-style chat template for the tiny LLaDA2 / LLaDA-MoE tokenizer (role tags, role end).
+LING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<role>' + message['role'] | upper + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+
+
 def tiny_config_dict(kind: str, **overrides: Any) -> dict[str, Any]:
     """The config.json of a tiny checkpoint: every field of the official one, tiny sizes.
 
     LLaDA: 2 layers, d_model 64, 4 heads (head_dim 16), MLP 128, vocab 320.
     Dream: 2 layers, hidden 64, 4 query / 2 KV heads (GQA, head_dim 16), MLP 128, vocab 320.
+    LLaDA2: 2 layers (the first dense, MLP 128; then 8 experts of 32, top-2 within 2 of 4
+    groups, one shared expert), hidden 64, 4 query / 2 KV heads of 16, half of each head
+    rotated, q/k norms, vocab 320.
+    LLaDA-MoE: 2 layers (dense MLP 128, then 8 experts of 32, top-2, expert bias, a shared
+    expert of 32), hidden 64, 4 heads of 16, half rotated, q/k norms, vocab 320.
     Overrides replace fields (unknown names are added).
     """
     base = _NUM_BYTES
@@ -156,8 +186,111 @@ def tiny_config_dict(kind: str, **overrides: Any) -> dict[str, Any]:
             "use_sliding_window": False,
             "vocab_size": 320,
         }
+    elif kind == "llada2":
+        config = {
+            "architectures": ["LLaDA2MoeModelLM"],
+            "attention_dropout": 0.0,
+            "auto_map": {
+                "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+            },
+            "embedding_dropout": 0.0,
+            "eos_token_id": base + 1,
+            "first_k_dense_replace": 1,
+            "head_dim": 16,
+            "hidden_act": "silu",
+            "hidden_size": 64,
+            "initializer_range": 0.02,
+            "intermediate_size": 128,
+            "mask_token_id": base + 2,
+            "max_position_embeddings": 4096,
+            "max_window_layers": 2,
+            "model_type": "llada2_moe",
+            "moe_intermediate_size": 32,
+            "moe_router_enable_expert_bias": True,
+            "n_group": 4,
+            "norm_head": False,
+            "norm_softmax": False,
+            "norm_topk_prob": True,
+            "num_attention_heads": 4,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "num_shared_experts": 1,
+            "output_dropout": 0.0,
+            "output_router_logits": False,
+            "pad_token_id": base + 1,
+            "partial_rotary_factor": 0.5,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": None,
+            "rope_theta": 600000,
+            "rotary_dim": 8,
+            "routed_scaling_factor": 2.5,
+            "router_dtype": "fp32",
+            "score_function": "sigmoid",
+            "tie_word_embeddings": False,
+            "topk_group": 2,
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.56.1",
+            "use_bias": False,
+            "use_cache": False,
+            "use_qk_norm": True,
+            "use_qkv_bias": False,
+            "use_rmsnorm": True,
+            "use_sliding_window": False,
+            "vocab_size": 320,
+        }
+    elif kind == "lladamoe":
+        config = {
+            "architectures": ["LLaDAMoEModelLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "auto_map": {
+                "AutoConfig": "configuration_lladamoe.LLaDAConfig",
+                "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
+            },
+            "clip_qkv": None,
+            "dense_intermediate_size": 128,
+            "eos_token_id": base + 1,
+            "expert_intermediate_size": 32,
+            "hidden_act": "silu",
+            "hidden_size": 64,
+            "initializer_range": 0.02,
+            "mask_token_id": base + 2,
+            "max_position_embeddings": 4096,
+            "model_type": "llada",
+            "moe_layer_freq": [0, 1],
+            "moe_router_enable_expert_bias": True,
+            "moe_router_score_function": "softmax",
+            "norm_topk_prob": False,
+            "num_attention_heads": 4,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 4,
+            "output_router_logits": False,
+            "pad_token_id": base + 1,
+            "partial_rotary_factor": 0.5,
+            "qk_layernorm": True,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": None,
+            "rope_theta": 50000.0,
+            "routed_scaling_factor": 1,
+            "router_aux_loss_coef": 0.01,
+            "router_num_group": -2,
+            "router_topk_group": -2,
+            "shared_expert_intermediate_size": 32,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.46.3",
+            "use_cache": False,
+            "vocab_size": 320,
+        }
     else:
-        raise ValueError(f"kind must be 'llada' or 'dream', got {kind!r}")
+        raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
     config.update(overrides)
     if kind == "llada" and "vocab_size" in overrides and "embedding_size" not in overrides:
         config["embedding_size"] = config["vocab_size"]
@@ -176,7 +309,7 @@ def tiny_checkpoint(
 ) -> Path:
     """Write a small random checkpoint in the official format and return its directory.
 
-    kind: "llada" or "dream". shards: 1 writes `model.safetensors`; n > 1 writes
+    kind: "llada", "dream", "llada2" or "lladamoe". shards: 1 writes `model.safetensors`; n > 1 writes
     `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. seed fixes the weights
     (the same seed gives the same tensors whatever the sharding or dtype). dtype: weight dtype on
     disk.
@@ -194,10 +327,10 @@ def tiny_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config_dict = tiny_config_dict(kind, **overrides)
-    if kind == "dream" and "torch_dtype" not in overrides:
+    if kind != "llada" and "torch_dtype" not in overrides:
         config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
 
-    model_class = model_class_for(config_dict["model_type"])
+    model_class = model_class_for(config_dict["model_type"], config_dict.get("architectures"))
     config = model_class.config_class(**config_dict)
     with torch.device("meta"):
         reference = model_class(config)
@@ -236,22 +369,25 @@ def random_model(
     from maskkv.models import model_class_for
 
     if full_size:
-        model_class = model_class_for(kind)
+        model_class = model_class_for(KINDS.get(kind, kind), _ARCHITECTURES.get(kind))
         config = model_class.config_class(**overrides)
     else:
         config_dict = tiny_config_dict(kind, **overrides)
-        model_class = model_class_for(config_dict["model_type"])
+        model_class = model_class_for(config_dict["model_type"], config_dict.get("architectures"))
         config = model_class.config_class(**config_dict)
     # Built on the meta device and materialised once in the target dtype: no fp32 copy of a
     # full-size model ever exists, and transformers' own init does not run first.
     with torch.device("meta"):
         model = model_class(config)
     model = model.to(dtype=dtype).to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in _random_weights(model, seed, torch.device(device)):
             params[name].copy_(value)
     return model.eval()
+
+
+_ARCHITECTURES = {"lladamoe": ["LLaDAMoEModelLM"]}
 
 
 def _random_weights(model: torch.nn.Module, seed: int, device: torch.device):
@@ -259,8 +395,9 @@ def _random_weights(model: torch.nn.Module, seed: int, device: torch.device):
     seeded generator (so the values do not depend on sharding or on the target dtype).
 
     normal(0, 0.02) for embeddings and projections (biases too, so Dream's q/k/v biases are
-    exercised); norm weights 1 + normal(0, 0.1); the LM head normal(0, d ** -0.5), so the logits
-    have a spread of about 1 (with 0.02 every token would be almost equally likely).
+    exercised); norm weights 1 + normal(0, 0.1); the LM head and the MoE routers normal(0,
+    d ** -0.5), so the logits and router scores have a spread of about 1 (with 0.02 every token
+    and every expert would be almost equally likely; the expert biases stay at 0.02).
     """
     head_names = ("lm_head.weight", "model.transformer.ff_out.weight")
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -269,7 +406,7 @@ def _random_weights(model: torch.nn.Module, seed: int, device: torch.device):
         # In place: a full-size embedding is 2 GB in fp32.
         if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
             value.mul_(0.1).add_(1.0)
-        elif name in head_names:
+        elif name in head_names or name.endswith("mlp.gate.weight"):
             value.mul_(1.0 / math.sqrt(t.shape[-1]))
         else:
             value.mul_(0.02)
@@ -321,7 +458,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _write_tokenizer(kind: str, config: dict[str, Any], path: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    specials = _LLADA_SPECIALS if kind == "llada" else _DREAM_SPECIALS
+    specials = {"llada": _LLADA_SPECIALS, "dream": _DREAM_SPECIALS}.get(kind, _LING_SPECIALS)
     vocab_size = config.get("embedding_size") or config["vocab_size"]
     if kind == "llada":
         vocab_size = min(vocab_size, config["vocab_size"])
@@ -350,6 +487,14 @@ def _write_tokenizer(kind: str, config: dict[str, Any], path: Path) -> None:
             "mask_token": "<|mdm_mask|>",
         }
         template = LLADA_CHAT_TEMPLATE
+    elif kind in ("llada2", "lladamoe"):
+        named = {
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+        }
+        template = LING_CHAT_TEMPLATE
     else:
         named = {
             "bos_token": "<|beginoftext|>",
@@ -391,7 +536,9 @@ def _write_tokenizer(kind: str, config: dict[str, Any], path: Path) -> None:
         **named,
         "chat_template": template,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": config.get("max_sequence_length", 131072),
+        "model_max_length": config.get(
+            "max_sequence_length", config.get("max_position_embeddings", 131072)
+        ),
         "padding_side": "left",
         "tokenizer_class": "PreTrainedTokenizerFast",
     }

@@ -32,12 +32,17 @@ class Preset:
     """A model shape plus the benchmark defaults that go with it.
 
     Attributes:
-        name: preset name (``llada-8b``, ``dream-7b``, ``cpu``, ``tiny``).
-        kind: ``"llada"`` or ``"dream"`` (which model class and sampler).
-        layers, hidden, heads, kv_heads, ffn, vocab: the model shape (head dim = hidden / heads).
+        name: preset name (``llada-8b``, ``dream-7b``, ``llada2-mini``, ``llada-moe-7b``,
+            ``cpu``, ``cpu-llada2``, ``tiny``).
+        kind: ``"llada"``, ``"dream"``, ``"llada2"`` or ``"lladamoe"`` (model class and sampler).
+        layers, hidden, heads, kv_heads, ffn, vocab: the model shape (head dim = hidden / heads;
+            ``ffn``: the dense MLP width).
         device, dtype: where and in which precision the model runs by default.
         prompt_lens: default prompt lengths of the grid.
-        gen_length, steps, budget: default response length, denoising steps, KV budget.
+        gen_length, steps, budget: default response length, denoising steps, KV budget
+            (LLaDA2: ``steps`` per block).
+        extra: further config fields of the MoE families (experts, routing, rotary), as
+            (name, value) pairs.
     """
 
     name: str
@@ -54,6 +59,7 @@ class Preset:
     gen_length: int = 256
     steps: int = 8
     budget: int = 256
+    extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +84,47 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu", kind="llada", layers=4, hidden=1024, heads=8, kv_heads=8,
         ffn=2816, vocab=4096, device="cpu", dtype="float32", prompt_lens=(8192,), steps=8,
+    ),
+    # LLaDA2.0-mini / 2.1-mini, the official config.json: 20 layers (the first dense), d 2048,
+    # 16 query / 4 KV heads of 128 (half of each rotated), q/k norms, 256 experts of 512 (top-8
+    # within 4 of 8 groups, scaling 2.5) plus one shared expert, vocabulary 157184. One block
+    # of 32 (its official length) generated in 8 fixed steps: step 1 plus 7 later steps.
+    "llada2-mini": Preset(
+        name="llada2-mini", kind="llada2", layers=20, hidden=2048, heads=16, kv_heads=4,
+        ffn=5120, vocab=157184, device="cuda", dtype="bfloat16",
+        prompt_lens=(4096, 8192, 16384, 32768), gen_length=32, steps=8,
+        extra=(("head_dim", 128), ("first_k_dense_replace", 1), ("num_experts", 256),
+               ("num_experts_per_tok", 8), ("n_group", 8), ("topk_group", 4),
+               ("moe_intermediate_size", 512), ("num_shared_experts", 1),
+               ("routed_scaling_factor", 2.5), ("partial_rotary_factor", 0.5),
+               ("rope_theta", 600000.0), ("max_position_embeddings", 32768),
+               ("use_qk_norm", True), ("use_bias", False), ("rms_norm_eps", 1e-6)),
+    ),
+    # LLaDA-MoE-7B-A1B (model card and paper: 16 layers, d 2048, 16 heads of 128, 64 experts of
+    # 1024, top-8, q/k norms, vocabulary 157184; its config.json was not available to check the
+    # rest: no shared expert and every layer MoE are assumed, as in OLMoE, whose layout it uses).
+    "llada-moe-7b": Preset(
+        name="llada-moe-7b", kind="lladamoe", layers=16, hidden=2048, heads=16, kv_heads=16,
+        ffn=8192, vocab=157184, device="cuda", dtype="bfloat16",
+        prompt_lens=(4096, 8192, 16384, 32768),
+        extra=(("num_experts", 64), ("num_experts_per_tok", 8),
+               ("expert_intermediate_size", 1024), ("shared_expert_intermediate_size", None),
+               ("moe_layer_freq", (1,) * 16), ("qk_layernorm", True),
+               ("partial_rotary_factor", 1.0), ("rope_theta", 50000.0),
+               ("max_position_embeddings", 8192)),
+    ),
+    # The CPU counterpart of llada2-mini for the same scripts: 4 layers (the first dense),
+    # d 1024, 8 query / 2 KV heads of 128, 32 experts of 256 (top-4 within 2 of 4 groups) plus
+    # a shared expert, fp32, small vocabulary.
+    "cpu-llada2": Preset(
+        name="cpu-llada2", kind="llada2", layers=4, hidden=1024, heads=8, kv_heads=2,
+        ffn=2816, vocab=4096, device="cpu", dtype="float32", prompt_lens=(8192,),
+        gen_length=32, steps=8,
+        extra=(("head_dim", 128), ("first_k_dense_replace", 1), ("num_experts", 32),
+               ("num_experts_per_tok", 4), ("n_group", 4), ("topk_group", 2),
+               ("moe_intermediate_size", 256), ("num_shared_experts", 1),
+               ("routed_scaling_factor", 2.5), ("partial_rotary_factor", 0.5),
+               ("rope_theta", 600000.0), ("use_qk_norm", True), ("use_bias", False)),
     ),
     # Tests: a few seconds for the whole grid. Budget 32 < prompt so every method evicts.
     "tiny": Preset(
@@ -176,9 +223,10 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def model_config(preset: Preset | str):
-    """The ``LLaDAConfig`` / ``DreamConfig`` of a preset. The real presets keep the official
-    special-token ids; the small ones put mask / eos inside their small vocabulary."""
-    from ..models import DreamConfig, LLaDAConfig
+    """The model config of a preset (``LLaDAConfig``, ``DreamConfig``, ``LLaDA2MoeConfig``,
+    ``LLaDAMoEConfig``). The real presets keep the official special-token ids; the small ones
+    put mask / eos inside their small vocabulary."""
+    from ..models import DreamConfig, LLaDA2MoeConfig, LLaDAConfig, LLaDAMoEConfig
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     small = p.vocab < 100_000
@@ -200,6 +248,18 @@ def model_config(preset: Preset | str):
             embedding_size=p.vocab,
             **ids,
         )
+    if p.kind in ("llada2", "lladamoe"):
+        extra = {k: list(v) if isinstance(v, tuple) else v for k, v in p.extra}
+        shape = dict(
+            hidden_size=p.hidden,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            num_key_value_heads=p.kv_heads,
+            vocab_size=p.vocab,
+        )
+        if p.kind == "llada2":
+            return LLaDA2MoeConfig(intermediate_size=p.ffn, **shape, **ids, **extra)
+        return LLaDAMoEConfig(dense_intermediate_size=p.ffn, **shape, **ids, **extra)
     if p.kind == "dream":
         if small:
             ids["bos_token_id"] = p.vocab - 2
@@ -212,7 +272,7 @@ def model_config(preset: Preset | str):
             vocab_size=p.vocab,
             **ids,
         )
-    raise ValueError(f"kind: expected 'llada' or 'dream', got {p.kind!r}")
+    raise ValueError(f"kind: expected 'llada', 'dream', 'llada2' or 'lladamoe', got {p.kind!r}")
 
 
 def build_model(
@@ -226,12 +286,18 @@ def build_model(
 
     Weights follow the model's own init (normal(0, 0.02), norms at 1), drawn on ``device``.
     """
-    from ..models import DreamModelLM, LLaDAModelLM
+    from ..models import DreamModelLM, LLaDA2MoeModelLM, LLaDAModelLM, LLaDAMoEModelLM
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     device = torch.device(device or p.device)
     dtype = _dtype(dtype or p.dtype)
-    cls = LLaDAModelLM if p.kind == "llada" else DreamModelLM
+    classes = {
+        "llada": LLaDAModelLM,
+        "dream": DreamModelLM,
+        "llada2": LLaDA2MoeModelLM,
+        "lladamoe": LLaDAMoEModelLM,
+    }
+    cls = classes[p.kind]
     torch.manual_seed(seed)  # seeds every device
     with _default_dtype(dtype), torch.device(device):
         model = cls(model_config(p))
@@ -251,8 +317,21 @@ def random_prompt(
     return torch.randint(0, high, (batch, length), generator=g).to(device)
 
 
-def weight_bytes(model) -> int:
-    """Bytes every later step reads: all parameters except the input embedding table (a later
-    step gathers only the response rows of it)."""
+def weight_bytes(model, tokens: int | None = None) -> int:
+    """Bytes a later step reads: all parameters except the input embedding table (a later step
+    gathers only the response rows of it). With MoE layers and ``tokens`` (the rows a step
+    routes), only the experts those rows are expected to reach count: with uniform routing of
+    k of E experts per row, E * (1 - (1 - k / E) ** tokens) per layer."""
+    from ..models._moe import ExpertList
+
     emb = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+    if tokens is None:
+        return total
+    k = getattr(model.config, "num_experts_per_tok", None)
+    for experts in (m for m in model.modules() if isinstance(m, ExpertList)):
+        E = len(experts)
+        per_expert = sum(p.numel() * p.element_size() for p in experts[0].parameters())
+        reached = E * (1 - (1 - k / E) ** tokens)
+        total -= int((E - reached) * per_expert)
+    return total

@@ -162,21 +162,29 @@ def step_floor(
 ) -> dict[str, float]:
     """The later step's floor: max(weight bytes / copy bandwidth, response FLOPs / matmul rate).
 
-    Response FLOPs = per layer 2 * T * (linear parameters) + attention 4 * T * Hq * D * (kept + T)
-    (QK^T and PV), plus the LM head 2 * need * d * vocab; T = the positions a later step runs
-    (Dream: the response plus the last prompt position). ``kept_per_layer``: mean kept prompt
-    tokens per KV head of each layer.
+    Response FLOPs = per layer 2 * T * (linear parameters a token uses: in an MoE layer its k
+    experts, not all) + attention 4 * T * Hq * D * (kept + T) (QK^T and PV), plus the LM head
+    2 * need * d * vocab; T = the positions a later step runs (Dream: the response plus the last
+    prompt position). Weight bytes: an MoE layer counts the experts the step's T * batch rows
+    are expected to reach (``weight_bytes``). ``kept_per_layer``: mean kept prompt tokens per KV
+    head of each layer.
     """
+    from ..models._moe import ExpertList
+
     cfg = model.config
     T = gen_length + (1 if getattr(model, "dllm_kind", "llada") == "dream" else 0)
-    layer_params = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
     Hq, D = cfg.num_attention_heads, cfg.head_dim
+    k = getattr(cfg, "num_experts_per_tok", None)
     flops = 0.0
-    for kept in kept_per_layer:
-        flops += 2 * T * layer_params + 4 * T * Hq * D * (kept + T)
+    for layer, kept in zip(model.layers, kept_per_layer):
+        banks = [m for m in layer.modules() if isinstance(m, ExpertList)]
+        in_banks = {id(p) for b in banks for p in b.parameters()}
+        used = sum(p.numel() for p in layer.parameters() if p.dim() == 2 and id(p) not in in_banks)
+        used += sum(k * sum(p.numel() for p in b[0].parameters()) for b in banks)
+        flops += 2 * T * used + 4 * T * Hq * D * (kept + T)
     head = 2 * need_tokens * cfg.hidden_size * model.get_input_embeddings().weight.shape[0]
     flops = batch * (flops + head)
-    wbytes = weight_bytes(model)
+    wbytes = weight_bytes(model, tokens=T * batch)
     t_bytes = wbytes / ceilings["copy_bandwidth_Bps"]
     t_flops = flops / ceilings["matmul_flops"]
     return {
@@ -212,7 +220,7 @@ def _make_method(name: str, budget: int):
 
 
 def _generate(model, ids, method, *, gen_length, block_length, steps, profile, backend, chunk):
-    from ..generation import generate
+    from ..generation import FixedSteps, generate
     from ..methods import MissingProfileWarning
 
     with warnings.catch_warnings():
@@ -229,6 +237,9 @@ def _generate(model, ids, method, *, gen_length, block_length, steps, profile, b
             profile=profile,
             token_chunk=chunk,
             backend=backend,
+            # Random weights give meaningless confidences: every model follows its fixed
+            # schedule (LLaDA2's threshold rule would reveal an arbitrary number per step).
+            decoding=FixedSteps(),
         )
 
 

@@ -15,6 +15,10 @@ the same fixed schedule (``FixedSteps`` with ``gen_length / tokens_per_step`` st
 for the threshold rule of the real runs; the JSON states it. NoCache recomputes everything at
 every step, so its total is the median of a few full passes times the step count (stated as
 extrapolated).
+
+Block-causal presets (LLaDA2) run ``LLADA2_CONFIGURATIONS`` instead: their exact cache is the
+committed-block cache (``DualCache``; what dInfer and SGLang run), the Fast-dLLM analogue
+recomputes the prompt at every block start, and dLLM-Cache does not apply.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CONFIGURATIONS", "plot_whole", "report_whole", "run_whole"]
+__all__ = ["CONFIGURATIONS", "LLADA2_CONFIGURATIONS", "plot_whole", "report_whole", "run_whole"]
 
 # (label, method name, cache policy factory name, refresh_prompt / DLLMCache args)
 CONFIGURATIONS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -35,6 +39,16 @@ CONFIGURATIONS: list[tuple[str, str, str, dict[str, Any]]] = [
      {"refresh_prompt": True}),
     ("paper (MaskKV + DLLMCache 50/5/0.25)", "maskkv", "dllm",
      {"prompt_interval": 50, "response_interval": 5, "transfer_ratio": 0.25}),
+    ("MaskKV + PromptCache", "maskkv", "prompt", {}),
+    ("MaskKV + DualCache", "maskkv", "dual", {}),
+]  # fmt: skip
+
+
+LLADA2_CONFIGURATIONS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("NoCache", "nocache", "prompt", {}),
+    ("Fast-dLLM (FullCache + DualCache refresh_prompt)", "fullcache", "dual",
+     {"refresh_prompt": True}),
+    ("FullCache + DualCache (exact)", "fullcache", "dual", {}),
     ("MaskKV + PromptCache", "maskkv", "prompt", {}),
     ("MaskKV + DualCache", "maskkv", "dual", {}),
 ]  # fmt: skip
@@ -75,7 +89,8 @@ def run_whole(
     """
     from .. import methods
     from ..calibrate import calibrate
-    from ..generation import generate
+    from ..generation import FixedSteps, generate
+    from ..generation.block_causal import BlockCausalDenoiser, BlockLayout
     from ..generation.engine import Denoiser
     from .presets import PRESETS, _dtype, build_model, random_prompt
 
@@ -111,7 +126,9 @@ def run_whole(
         )  # fmt: skip
         floor = step1_floor(model, prompt_len, gen_length, measure_ceilings(device, dtype), rate)
     rows: list[dict[str, Any]] = []
-    for label, name, cache_name, cache_kwargs in CONFIGURATIONS:
+    block_causal = p.kind == "llada2"
+    configurations = LLADA2_CONFIGURATIONS if block_causal else CONFIGURATIONS
+    for label, name, cache_name, cache_kwargs in configurations:
         method = methods.get(name, budget=budget)
         policy = _policy(cache_name, cache_kwargs)
         if progress:
@@ -122,13 +139,22 @@ def run_whole(
             "cache": repr(policy),
             "decoding": f"FixedSteps ({tokens_per_step} tokens per step)",
         }
-        if not method.caches_prompt:
+        if not method.caches_prompt and block_causal:
+            # Passes over [prompt ‖ first block]: the later blocks' windows are longer by at
+            # most gen_length tokens.
+            mask_id = model.config.mask_token_id
+            layout, x = BlockLayout.build(ids, None, gen_length, block_length, mask_id)
+            den = BlockCausalDenoiser(model, method, layout, token_chunk=4096)
+            for _ in range(nocache_passes):
+                den.block_logits(x, 0)
+        elif not method.caches_prompt:
             x = torch.nn.functional.pad(ids, (0, gen_length), value=model.config.mask_token_id)
             need = torch.zeros(1, gen_length, dtype=torch.bool, device=device)
             need[:, :block_length] = True
             den = Denoiser(model, method, prompt_len, token_chunk=4096)
             for _ in range(nocache_passes):
                 den(x, need)
+        if not method.caches_prompt:
             per = sorted(den.stats.step_times)[len(den.stats.step_times) // 2]
             row.update(
                 total_s=per * steps,
@@ -152,8 +178,10 @@ def run_whole(
                     cache=policy,
                     gen_length=gen_length,
                     block_length=block_length,
-                    steps=steps,
+                    # LLaDA2 counts steps per block
+                    steps=steps // (gen_length // block_length) if block_causal else steps,
                     profile=profile,
+                    decoding=FixedSteps(),
                 )
             wall = time.perf_counter() - t0
             s = out.stats
@@ -177,7 +205,7 @@ def run_whole(
         if progress:
             print(f"[whole]   total {row['total_s']:.2f} s, {row['nfe']} passes", flush=True)
     by = {r["config"]: r["total_s"] for r in rows}
-    nocache, fast = by[CONFIGURATIONS[0][0]], by[CONFIGURATIONS[1][0]]
+    nocache, fast = by[configurations[0][0]], by[configurations[1][0]]
     for r in rows:
         r["speedup_vs_nocache"] = nocache / r["total_s"]
         r["speedup_vs_fastdllm"] = fast / r["total_s"]
@@ -186,6 +214,10 @@ def run_whole(
         _target("MaskKV + DualCache vs Fast-dLLM config", ours["speedup_vs_fastdllm"], 5),
         _target("MaskKV + DualCache vs NoCache", ours["speedup_vs_nocache"], 100),
     ]
+    if block_causal:
+        exact = by["FullCache + DualCache (exact)"]
+        for r in rows:
+            r["speedup_vs_exact_cache"] = exact / r["total_s"]
     config = {
         "preset": p.name,
         "shape": {k: getattr(p, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn")},

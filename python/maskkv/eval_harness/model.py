@@ -1,5 +1,5 @@
 """``MaskKVLM``: an lm-evaluation-harness model (registered as ``maskkv``) that runs
-``maskkv.generate`` with a KV eviction method on a LLaDA or Dream checkpoint.
+``maskkv.generate`` with a KV eviction method on a LLaDA, Dream, LLaDA2 or LLaDA-MoE checkpoint.
 
     python -m maskkv.eval_harness --model maskkv \\
         --model_args pretrained=DIR,method=maskkv,budget=256,gen_length=256,block_length=32 \\
@@ -14,9 +14,11 @@ method, budget      ``maskkv.methods.get(method, budget=budget)``; default ``mas
 dtype               ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float16``,
                     ``float32``
 gen_length          response tokens when a request names none (``max_gen_toks`` wins)
-block_length        LLaDA's semi-autoregressive block (default: gen_length); Dream ignores it
+block_length        LLaDA's semi-autoregressive block (default: gen_length); Dream ignores it;
+                    LLaDA2: its block (default 32)
 steps               denoising steps for ``gen_length`` tokens (default: gen_length); a request
-                    with another length keeps the tokens-per-step ratio
+                    with another length keeps the tokens-per-step ratio; LLaDA2: steps per
+                    block (default 32)
 temperature,        sampler options of ``maskkv.generate`` (greedy by default); a request's
 remasking, seed     ``temperature`` (with ``do_sample``) wins
 cfg                 classifier-free guidance scale (generation and likelihood), default 0
@@ -34,7 +36,8 @@ factor, ...         rule, passed to ``maskkv.generate(cache=..., decoding=...)``
 Every key and value is checked, and the checkpoint directory looked at, before the model loads.
 
 Likelihoods are **Monte Carlo estimates** (LLaDA's evaluation; see ``loglikelihood``), not exact
-log-probabilities: a masked diffusion model has no left-to-right factorisation to sum.
+log-probabilities: a masked diffusion model has no left-to-right factorisation to sum. On
+LLaDA2 each sample is the model's full block-causal forward (the method applies to generation).
 """
 
 from __future__ import annotations
@@ -447,8 +450,12 @@ class MaskKVLM(LM):
             groups.setdefault((job[3], job[4]), []).append(job)
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="maskkv generate", disable=disable_tqdm or self.rank)
+        block_causal = getattr(self.model, "dllm_kind", "llada") == "llada2"
         for (gen_length, temperature), group in groups.items():
-            block, steps = self._schedule(gen_length)
+            if block_causal:  # LLaDA2: its own block length and steps per block (default 32)
+                block, steps = self.opts["block_length"], self.opts["steps"]
+            else:
+                block, steps = self._schedule(gen_length)
             for s in range(0, len(group), self.batch_size):
                 batch = group[s : s + self.batch_size]
                 P = max(len(j[1]) for j in batch)
@@ -554,7 +561,13 @@ class MaskKVLM(LM):
         rows = min(self.opts["mc_batch_size"], self.opts["mc_num"])
         seq = torch.tensor(context + continuation, device=self._device)[None].repeat(rows, 1)
         cfg = float(self.opts["cfg"])
-        denoiser = Denoiser(self.model, self.method, P, profile=self.profile)
+        block_causal = getattr(self.model, "dllm_kind", "llada") == "llada2"
+        if block_causal:
+            # LLaDA2: the model's own block-causal forward (exact; the method applies to
+            # generate_until, whose committed-block cache is the block-causal pass).
+            denoiser = _BlockCausalForward(self.model, P, self.opts["block_length"] or 32)
+        else:
+            denoiser = Denoiser(self.model, self.method, P, profile=self.profile)
 
         def logits_of(x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
             if cfg <= 0:
@@ -564,7 +577,7 @@ class MaskKVLM(LM):
             cond, un = denoiser(torch.cat([x, uncond]), torch.cat([need, need])).chunk(2)
             return un + (cfg + 1) * (cond - un)
 
-        if self.method.caches_prompt:  # step 1 of generation: prunes the context KV once
+        if self.method.caches_prompt and not block_causal:  # step 1 prunes the context KV once
             first = seq.clone()
             first[:, P:] = self.mask_id
             logits_of(first, torch.ones(rows, R, dtype=torch.bool, device=self._device))
@@ -630,3 +643,16 @@ class MaskKVLM(LM):
             "maskkv_profile": None if self.profile is None else self.profile.importance,
             "maskkv_dtype": str(next(self.model.parameters()).dtype),
         }
+
+
+class _BlockCausalForward:
+    """``Denoiser``'s call for the Monte Carlo likelihood of a block-causal model: the logits of
+    response positions ``need`` from the full block-causal forward of ``x``."""
+
+    def __init__(self, model, prompt_len: int, block_length: int) -> None:
+        self.model, self.P, self.block_length = model, prompt_len, block_length
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x, block_length=self.block_length).logits[:, self.P :]
+        return logits[need]

@@ -13,6 +13,7 @@ from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import ALGORITHMS, dream_steps
 from .engine import Denoiser, FirstPassMemo, StepStats
 from .llada import LLADA_EOT_TOKEN_ID, REMASKING, llada_steps
+from .llada2 import BLOCK_MASKS, ZERO_TEMPERATURE, generate_llada2
 from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
 from .stepwise import run_sampler
 
@@ -45,6 +46,8 @@ class GenerationOutput:
 
 
 DREAM_DEFAULT_STEPS = 512  # DreamGenerationConfig's default
+LLADA2_DEFAULT_BLOCK_LENGTH = 32  # LLaDA2MoeModelLM.generate's defaults
+LLADA2_DEFAULT_STEPS = 32
 
 
 def _check_options(
@@ -58,6 +61,12 @@ def _check_options(
     top_k: int | None,
     eps: float,
     confidence_dtype: torch.dtype | None,
+    zero_temperature: str = "greedy",
+    block_mask: str = "causal",
+    eos_early_stop: bool = False,
+    minimal_topk: int = 1,
+    editing_threshold: float | None = None,
+    max_post_steps: int = 16,
 ) -> None:
     """ValueError naming the first bad sampling option (NaN fails every range check)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -87,6 +96,30 @@ def _check_options(
     ):
         raise ValueError(
             f"confidence_dtype: expected None or a floating torch.dtype, got {confidence_dtype!r}"
+        )
+    if zero_temperature not in ZERO_TEMPERATURE:
+        raise ValueError(
+            f"zero_temperature: expected one of {ZERO_TEMPERATURE}, got {zero_temperature!r}"
+        )
+    if block_mask not in BLOCK_MASKS:
+        raise ValueError(f"block_mask: expected one of {BLOCK_MASKS}, got {block_mask!r}")
+    if not isinstance(eos_early_stop, bool):
+        raise ValueError(f"eos_early_stop: expected a bool, got {eos_early_stop!r}")
+    for name, value in (("minimal_topk", minimal_topk), ("max_post_steps", max_post_steps)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (name == "minimal_topk")
+        ):
+            least = 1 if name == "minimal_topk" else 0
+            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
+    if editing_threshold is not None and (
+        isinstance(editing_threshold, bool)
+        or not isinstance(editing_threshold, (int, float))
+        or not 0 <= editing_threshold <= 1
+    ):
+        raise ValueError(
+            f"editing_threshold: expected None or a number in [0, 1], got {editing_threshold!r}"
         )
 
 
@@ -210,28 +243,41 @@ def generate(
     progress: bool = False,
     first_pass: FirstPassMemo | None = None,
     batch_invariant: bool = True,
+    zero_temperature: str = "greedy",
+    block_mask: str = "causal",
+    eos_early_stop: bool = False,
+    minimal_topk: int = 1,
+    editing_threshold: float | None = None,
+    max_post_steps: int = 16,
 ) -> GenerationOutput:
     """Generate ``gen_length`` tokens after ``input_ids`` [B, P] (left-padded when batched).
 
     With ``method="nocache"`` the output is the official samplers' output token for token, in
-    bf16 and fp16 as in fp32 (LLaDA's ``generate.py``, Dream's ``diffusion_generate``), except
-    where noted below. Every default is the official one; the official recommended settings are
-    ``block_length=32`` for LLaDA and ``alg="entropy", temperature=0.2, top_p=0.95`` for Dream.
+    bf16 and fp16 as in fp32 (LLaDA's ``generate.py``, Dream's ``diffusion_generate``,
+    ``LLaDA2MoeModelLM.generate`` of the LLaDA2.0 / 2.1 files), except where noted below. Every
+    default is the official one; the official recommended settings are ``block_length=32`` for
+    LLaDA and ``alg="entropy", temperature=0.2, top_p=0.95`` for Dream.
 
     Args:
-        model: ``LLaDAModelLM`` or ``DreamModelLM`` (``model.dllm_kind`` picks the sampler).
+        model: ``LLaDAModelLM``, ``DreamModelLM``, ``LLaDAMoEModelLM`` (LLaDA's sampler) or
+            ``LLaDA2MoeModelLM`` (``model.dllm_kind`` picks the sampler).
         method: a ``maskkv.methods.Method`` or its name (``"maskkv"`` = ``MaskKV(budget=256)``).
-        cache: what each step recomputes: ``PromptCache()`` (default), ``PrefixCache()``,
-            ``DualCache()``, ``DLLMCache()`` or their names ``prompt | prefix | dual | dllm``.
+        cache: what each step recomputes: ``PromptCache()`` (default; LLaDA2: ``DualCache()``),
+            ``PrefixCache()``, ``DualCache()``, ``DLLMCache()`` or their names
+            ``prompt | prefix | dual | dllm``.
         decoding: how many tokens a step reveals: ``FixedSteps()`` (default), ``Threshold(tau)``,
             ``Factor(f)``. With an adaptive rule ``steps`` only fixes the block count check and
-            each block runs until it has no mask left.
+            each block runs until it has no mask left. LLaDA2: None or ``Threshold(tau)`` is
+            the official rule (every masked token above tau, strictly, and at least the step's
+            quota; None: tau 0.95), ``FixedSteps()`` the quota alone (the official rule with
+            the threshold off), ``Factor(f)`` the factor rule (at least one token).
         gen_length: response length.
         block_length, steps: the semi-autoregressive schedule; ``block_length`` defaults to
             ``gen_length`` and ``steps`` to ``gen_length`` for LLaDA (the official defaults, 128
             and 128, at the default ``gen_length``). Dream decodes block by block too
             (``block_length = gen_length`` is its official loop); its ``steps`` defaults to 512,
-            as ``DreamGenerationConfig``.
+            as ``DreamGenerationConfig``. LLaDA2: blocks of ``block_length`` (default 32) from
+            the first prompt token, ``steps`` per block (default 32; the quota schedule).
         temperature: 0 is greedy.
         attention_mask: [B, P] (1 = real token) for left-padded batches. Positions count real
             tokens only (a padded row generates what it would alone); the official LLaDA code
@@ -250,7 +296,7 @@ def generate(
             ``"entropy"``.
         alg_temp: Dream: positions are drawn from softmax(confidence / alg_temp) instead of
             taken top-k (None or 0: top-k).
-        top_p: Dream: nucleus sampling, in (0, 1]. top_k: Dream: positive int.
+        top_p: Dream, LLaDA2: nucleus sampling, in (0, 1]. top_k: Dream, LLaDA2: positive int.
         eps: Dream's final timestep.
         confidence_dtype: None (official): confidences in the logits' dtype, the current
             official LLaDA and Dream code. ``torch.float64``: LLaDA's code before June 2025 and
@@ -269,7 +315,18 @@ def generate(
         progress: show a progress bar.
         first_pass: a ``FirstPassMemo`` shared by several ``generate`` calls on the same batch
             (e.g. one per method and budget): step 1's full pass runs once and is replayed,
-            exactly, by the others; each still makes its own selection.
+            exactly, by the others; each still makes its own selection (not LLaDA2).
+        zero_temperature: LLaDA2: ``"greedy"`` (the argmax at temperature 0: the 2.1 file, and
+            the 2.0 file's documented behaviour) or ``"sample"`` (a draw from the softmax at
+            temperature 1: what the 2.0 file's code does at temperature 0).
+        block_mask: LLaDA2: ``"causal"`` (block-causal attention, as trained and as the 2.0 file,
+            dInfer and SGLang compute it) or ``"additive"`` (the 2.1 file: its 0/1 block pattern
+            added to the scores, so positions also read later blocks of the window; NoCache only).
+        eos_early_stop, minimal_topk: LLaDA2: the official arguments (stop a row as soon as an
+            EOS is revealed with no mask before it; cap ``steps`` at
+            ``gen_length // minimal_topk``).
+        editing_threshold, max_post_steps: LLaDA2.1's token editing (None: the 2.0 loop without
+            editing; the 2.1 file's defaults are 0.9 and 16).
         batch_invariant: run the linear layers batch-invariantly
             (``maskkv.generation.batch_invariant``): a row's logits do not depend on how many
             rows share a matrix multiply, so the serving engine, which batches requests, gives
@@ -313,7 +370,24 @@ def generate(
         top_k=top_k,
         eps=eps,
         confidence_dtype=confidence_dtype,
+        zero_temperature=zero_temperature,
+        block_mask=block_mask,
+        eos_early_stop=eos_early_stop,
+        minimal_topk=minimal_topk,
+        editing_threshold=editing_threshold,
+        max_post_steps=max_post_steps,
     )
+    if getattr(model, "dllm_kind", "llada") == "llada2":
+        return _generate_llada2(
+            model, input_ids, attention_mask, method=method, cache=cache,
+            decoding=None if decoding is None else rule, gen_length=gen_length, block_length=block_length, steps=steps,
+            temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+            zero_temperature=zero_temperature, block_mask=block_mask,
+            eos_early_stop=eos_early_stop, minimal_topk=minimal_topk,
+            editing_threshold=editing_threshold, max_post_steps=max_post_steps, profile=profile,
+            token_chunk=token_chunk, backend=backend, cuda_graphs=cuda_graphs, seed=seed,
+            progress=progress,
+        )  # fmt: skip
     steps = resolve_steps(
         model, gen_length, steps, block_length, logits_eos_inf, confidence_eos_eot_inf
     )
@@ -351,13 +425,8 @@ def generate(
         bar = tqdm(total=steps, desc=f"{method.name} denoising", unit="step")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rng = contextlib.nullcontext()
-    if seed is not None:
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with rng, batch_invariant_mode(batch_invariant):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed, device), batch_invariant_mode(batch_invariant):
             steps_gen = sampler_steps(
                 model,
                 input_ids,
@@ -387,3 +456,67 @@ def generate(
         denoiser.stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
     denoiser.stats.gen_length = gen_length
     return GenerationOutput(seqs, denoiser.stats)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the caller's generator
+    states come back afterwards); nothing for ``seed=None``."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generate_llada2(
+    model, input_ids, attention_mask, *, method, cache, decoding, gen_length, block_length,
+    steps, cfg_scale, seed, progress, profile, **kwargs,
+) -> GenerationOutput:  # fmt: skip
+    """``generate`` for a block-causal model (LLaDA2): validation, then ``generate_llada2``."""
+    block_length = LLADA2_DEFAULT_BLOCK_LENGTH if block_length is None else block_length
+    steps = LLADA2_DEFAULT_STEPS if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(block_length, int) or isinstance(block_length, bool) or block_length < 1:
+        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    if cfg_scale:
+        raise ValueError("cfg_scale: expected 0 for LLaDA2 (its sampler has no guidance)")
+    if kwargs["minimal_topk"] > gen_length:
+        raise ValueError(
+            f"minimal_topk: expected at most gen_length={gen_length} (steps = gen_length // "
+            f"minimal_topk), got {kwargs['minimal_topk']}"
+        )
+    if kwargs["editing_threshold"] is not None and isinstance(decoding, FixedSteps):
+        raise ValueError(
+            "decoding: the LLaDA2.1 editing loop reveals by threshold (Threshold(tau), "
+            "Factor(f) or None), not FixedSteps()"
+        )
+    if profile is None and getattr(model, "name_or_path", None):
+        profile = LayerProfile.find(model.name_or_path)
+    if isinstance(cache, str) or cache is None:
+        cache = get_policy(cache) if cache is not None else None
+    device = input_ids.device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"{method.name} denoising", unit="step")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with _seeded(seed, device):
+            seqs, stats = generate_llada2(
+                model, input_ids, attention_mask, method=method, cache=cache,
+                decoding=decoding, gen_length=gen_length, block_length=block_length,
+                steps=steps, profile=profile,
+                progress=None if bar is None else bar.update, **kwargs,
+            )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    if device.type == "cuda":
+        stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    stats.gen_length = gen_length
+    return GenerationOutput(seqs, stats)

@@ -761,7 +761,8 @@ class Denoiser:
             g.replay()
             return static_h
         cos, sin = self.model.rotary(self._positions[:, self.Pc + lo : self.Pc + hi])
-        if not (self.cuda_graphs and x.is_cuda):
+        graph_safe = getattr(self.model, "supports_cuda_graphs", True)  # MoE: no host sync
+        if not (self.cuda_graphs and x.is_cuda and graph_safe):
             return self._cached_layers(ids, cos, sin)
         # Warm up on a side stream (Triton compiles and autotunes here, outside the capture).
         static_ids = ids.clone()

@@ -1,5 +1,5 @@
-"""Pieces shared by the LLaDA and Dream models: RMSNorm, rotary embeddings, bidirectional attention,
-the full-sequence forward both models run, and checkpoint checks.
+"""Pieces shared by the model files: RMSNorm, rotary embeddings (full and partial), bidirectional
+and block-causal attention, the full-sequence forward every model runs, and checkpoint checks.
 
 The generation loop and `forward` share all of their math through one small layer protocol, which
 both models implement::
@@ -105,6 +105,20 @@ def apply_rotary(
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R = cos.shape[-1] channels of every head and pass the rest through, in
+    x's dtype (cos and sin are cast to it first), as the LLaDA2 and LLaDA-MoE files do
+    (``partial_rotary_factor`` < 1 gives R < D).
+
+    x: [B, H, T, D]; cos, sin: fp32 [B, T, R] (or [1, T, R]) with R <= D even -> [B, H, T, D].
+    """
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return apply_rotary(x, cos, sin, full_precision=False)
+    rotated = apply_rotary(x[..., :rot], cos, sin, full_precision=False)
+    return torch.cat([rotated, x[..., rot:]], dim=-1)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, T, H * D] -> [B, H, T, D]"""
     b, t, _ = x.shape
@@ -146,6 +160,69 @@ def bidirectional_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
 
 
+def block_causal_mask(
+    q_start: int,
+    q_end: int,
+    num_keys: int,
+    block_length: int,
+    key_valid: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """bool [B or 1, 1, q_end - q_start, num_keys]: query position i may read key position j
+    when j's block is not after i's (blocks of ``block_length`` positions from position 0) and
+    key j is real (``key_valid`` bool [B, >= num_keys], or None). A padding query whose blocks
+    hold no real key reads itself, so that its (unused) output stays finite."""
+    q_pos = torch.arange(q_start, q_end, device=device)
+    k_pos = torch.arange(num_keys, device=device)
+    mask = (k_pos[None, :] // block_length <= q_pos[:, None] // block_length)[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :num_keys].to(device=device, dtype=torch.bool)
+        mask = mask | (k_pos[None, :] == q_pos[:, None])
+    return mask
+
+
+def block_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_length: int,
+    key_valid: torch.Tensor | None = None,
+    query_chunk: int = 1024,
+) -> torch.Tensor:
+    """Block-causal attention (LLaDA2): a position reads every position of its own block and of
+    the blocks before it, blocks being ``block_length`` positions from position 0.
+
+    q: [B, Hq, L, D]; k, v: [B, Hkv, L, D] (the same L positions); key_valid: bool [B, L] or
+    None. Returns [B, Hq, L, D].
+
+    Queries run in chunks of whole blocks (about ``query_chunk`` positions); a chunk reads only
+    the keys up to its last block, through SDPA with a [chunk, keys] mask, so no [L, L] mask or
+    score matrix exists for a long sequence, and the masked-out work is the upper half of each
+    chunk's diagonal square (``benchmarks/bench_block_causal.py``: on one CPU core at 8192
+    positions, chunks of 1024 took 0.47x the time of one [L, L]-masked SDPA and 0.68x of one
+    mask-free SDPA per block; chunks of 256 were 12% faster still there, at more calls). With
+    one chunk (L <= query_chunk) this is SDPA with the whole [L, L] mask, the official LLaDA2
+    forward's computation.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    L = q.shape[2]
+    chunk = max(block_length, query_chunk // block_length * block_length)
+    outs = []
+    for start in range(0, L, chunk):
+        end = min(start + chunk, L)
+        keys = min(L, -(-end // block_length) * block_length)
+        mask = block_causal_mask(start, end, keys, block_length, key_valid, q.device)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], attn_mask=mask
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
 def default_position_ids(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -179,11 +256,19 @@ class DiffusionLMMixin:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        block_length: int | None = None,
     ) -> MaskedLMOutput | tuple[torch.Tensor]:
         """input_ids: int [B, T]; attention_mask: [B, T] with 1 for real tokens (left padding), or
-        None; position_ids: int [B, T] or None (see `default_position_ids`).
-        Returns an output whose `.logits` is [B, T, vocab] in the model dtype.
+        None; position_ids: int [B, T] or None (see `default_position_ids`); block_length: None
+        for bidirectional attention, an int for block-causal attention with blocks of that many
+        positions from position 0 (LLaDA2's training and generation, see
+        `block_causal_attention`).
+        Returns an output whose `.logits` is [B, T, vocab] (the model's `head` dtype).
         """
+        if block_length is not None and (
+            isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1
+        ):
+            raise ValueError(f"block_length: expected None or a positive int, got {block_length!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         key_padding_mask = None
@@ -204,7 +289,11 @@ class DiffusionLMMixin:
         cos, sin = self.rotary(position_ids.to(input_ids.device))
         for layer in self.layers:
             q, k, v = layer.qkv(hidden, cos, sin)
-            hidden = layer.attn_output(hidden, bidirectional_attention(q, k, v, key_padding_mask))
+            if block_length is None:
+                attn = bidirectional_attention(q, k, v, key_padding_mask)
+            else:
+                attn = block_causal_attention(q, k, v, block_length, key_padding_mask)
+            hidden = layer.attn_output(hidden, attn)
             hidden = layer.mlp_block(hidden)
         logits = self.head(hidden)
 
@@ -323,7 +412,14 @@ def load_pretrained_checked(
     Returns the model in eval mode on `device`."""
     path = Path(path)
     dtype = resolve_dtype(dtype)
-    config = model_class.config_class.from_pretrained(path)
+    config_class = model_class.config_class
+    config_dict = read_config_dict(path)
+    if str(config_dict.get("model_type")).lower() != config_class.model_type.lower():
+        # A class picked by `architectures` (LLaDA-MoE's config.json says "llada"): from_dict
+        # does not warn about the other model_type, which from_pretrained would.
+        config = config_class.from_dict(config_dict)
+    else:
+        config = config_class.from_pretrained(path)
 
     # Check names and shapes from the safetensors headers against a meta-device instance first:
     # costs no memory and fails before any weight is read.

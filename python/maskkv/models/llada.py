@@ -118,6 +118,10 @@ class LLaDAConfig(PretrainedConfig):
         self.block_group_size = block_group_size
         self.multi_query_attention = multi_query_attention
         self.init_std = init_std
+        # Derived (the properties below). A LLaDA-MoE config.json also says model_type "llada"
+        # (AutoConfig, e.g. under AutoTokenizer, reads it as this class) and sets some of them.
+        for derived in ("num_key_value_heads", "head_dim", "intermediate_size"):
+            kwargs.pop(derived, None)
         # The head is tied by `weight_tying`, handled in `LLaDAModelLM.head`; transformers' own
         # tying (whose default is on in transformers 4) must never touch `ff_out`.
         kwargs["tie_word_embeddings"] = False

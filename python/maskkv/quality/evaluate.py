@@ -47,13 +47,14 @@ from ..cli_common import (
 )
 from ..generation import FirstPassMemo
 from . import tasks as task_lib
-from .train import _is_dream
+from .train import _is_block_causal, _is_dream
 
 __all__ = [
     "ASSETS",
     "DEFAULT_BUDGETS",
     "DEFAULT_MODEL",
     "DREAM_MODEL",
+    "LLADA2_MODEL",
     "add_eval_parser",
     "evaluate_method",
     "evidence_recall",
@@ -72,6 +73,7 @@ __all__ = [
 #: The shipped checkpoints (``maskkv/assets``, trained by ``maskkv.quality.train``).
 DEFAULT_MODEL = ASSETS / "tiny-llada-kv"  # LLaDA layout (MHA)
 DREAM_MODEL = ASSETS / "tiny-dream-kv"  # Dream layout (GQA, shifted logits)
+LLADA2_MODEL = ASSETS / "tiny-llada2-kv"  # LLaDA2 layout (block-causal, MoE)
 #: KV pairs kept per head; at the 512-token default prompt 8 / 16 / 24 are 1.6 / 3.1 / 4.7%.
 DEFAULT_BUDGETS = (8, 16, 24, 64)
 #: Methods whose budget does not matter: evaluated once, drawn as horizontal lines.
@@ -104,6 +106,11 @@ def sampler_kwargs(model) -> dict[str, Any]:
 
 
 def _sampler_description(model) -> str:
+    if _is_block_causal(model):
+        return (
+            "greedy, LLaDA2's official rule (threshold 0.95, at least the step's quota: "
+            "block_length / min(32, gen_length) tokens), whole blocks of 32"
+        )
     if _is_dream(model):
         return (
             "greedy, Dream maskgit_plus (confidence) order and timestep schedule, one block, "
@@ -234,7 +241,8 @@ def evaluate_method(
             ids,
             method=method,
             gen_length=gen_length,
-            block_length=block_length or gen_length,
+            # LLaDA2 decodes its own blocks (default 32); the others decode the response as one
+            block_length=block_length if _is_block_causal(model) else block_length or gen_length,
             steps=steps,
             profile=profile,
             first_pass=None if first_pass is None else first_pass[s // batch_size],

@@ -1,9 +1,12 @@
 """Train the quality suite's tiny LLaDA (or Dream) on the synthetic tasks with LLaDA's
 masked-diffusion SFT objective, on the CPU, in minutes.
 
-Two model layouts (``--kind``): "llada" (OLMo names, MHA; the prediction of token i is the
-logits at position i) and "dream" (Qwen2 names, grouped-query attention via ``--n-kv-heads``; the
-prediction of token i is the logits at position i - 1, as in Dream's generation). Prompts and
+Three model layouts (``--kind``): "llada" (OLMo names, MHA; the prediction of token i is the
+logits at position i), "dream" (Qwen2 names, grouped-query attention via ``--n-kv-heads``; the
+prediction of token i is the logits at position i - 1, as in Dream's generation) and "llada2"
+(LLaDA2's names, grouped-query attention, MoE MLPs, block-causal attention in blocks of
+``block_length`` positions from position 0, as LLaDA2 is trained and sampled; the answer's block
+is filled up with EOS, since generation decodes whole blocks). Prompts and
 answers are encoded with the model's own BOS / EOS / mask ids (``tasks.token_ids``).
 
 Objective (LLaDA SFT, Nie et al. 2025): for a prompt p and answer r0 (padded with EOS to
@@ -53,11 +56,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.llada2 import LLADA2_BLOCK_LENGTH
 from . import tasks as task_lib
 
 __all__ = [
     "DREAM_MODEL_OVERRIDES",
     "KINDS",
+    "LLADA2_MODEL_OVERRIDES",
     "MODEL_OVERRIDES",
     "TrainConfig",
     "build_model",
@@ -100,7 +105,37 @@ DREAM_MODEL_OVERRIDES: dict[str, Any] = {
     "rope_theta": 10000.0,  # see MODEL_OVERRIDES
 }
 
-KINDS = ("llada", "dream")
+#: The LLaDA2-layout counterpart (LLaDA2 config names), shaped so that ``convert`` carries a
+#: trained ``MODEL_OVERRIDES`` model over exactly: the same width and heads (MHA: grouping
+#: K and V by averaging, as for the Dream sibling, would start from a broken model), every
+#: channel rotated and no q/k norms (LLaDA has neither; both are optional in LLaDA2's config),
+#: layer 0 dense, then MoE layers of 8 experts of 128 (top-2 within 2 of 4 groups) beside 2
+#: shared experts of 128, which together hold the dense MLP.
+LLADA2_MODEL_OVERRIDES: dict[str, Any] = {
+    "num_hidden_layers": 4,
+    "max_window_layers": 4,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "first_k_dense_replace": 1,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "moe_intermediate_size": 128,
+    "num_shared_experts": 2,
+    "routed_scaling_factor": 1.0,
+    "partial_rotary_factor": 1.0,
+    "rotary_dim": 32,
+    "use_qk_norm": False,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,  # see MODEL_OVERRIDES
+}
+
+
+KINDS = ("llada", "dream", "llada2")
 
 # The config names of one shape in each layout (``model_overrides``).
 _SHAPE_NAMES = {
@@ -119,6 +154,12 @@ _SHAPE_NAMES = {
         "mlp": "intermediate_size",
     },
 }
+_SHAPE_NAMES["llada2"] = _SHAPE_NAMES["dream"]
+_DEFAULT_OVERRIDES = {
+    "llada": MODEL_OVERRIDES,
+    "dream": DREAM_MODEL_OVERRIDES,
+    "llada2": LLADA2_MODEL_OVERRIDES,
+}
 
 
 def model_overrides(
@@ -130,18 +171,19 @@ def model_overrides(
     n_kv_heads: int | None = None,
     mlp: int | None = None,
 ) -> dict[str, Any]:
-    """The config overrides of a trained model of ``kind`` ("llada" | "dream"): the kind's
-    defaults (``MODEL_OVERRIDES`` / ``DREAM_MODEL_OVERRIDES``) with the given sizes under the
-    kind's config names. n_kv_heads defaults to n_heads for LLaDA (MHA, as LLaDA-8B) and to the
-    default's ratio of query to KV heads (2) for Dream."""
+    """The config overrides of a trained model of ``kind`` ("llada" | "dream" | "llada2"): the
+    kind's defaults (``MODEL_OVERRIDES`` / ``DREAM_MODEL_OVERRIDES`` /
+    ``LLADA2_MODEL_OVERRIDES``) with the given sizes under the kind's config names. n_kv_heads
+    defaults to n_heads for LLaDA and LLaDA2 (MHA, as LLaDA-8B and the shipped conversion) and
+    to the default's ratio of query to KV heads (2) for Dream."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     names = _SHAPE_NAMES[kind]
-    out = dict(MODEL_OVERRIDES if kind == "llada" else DREAM_MODEL_OVERRIDES)
+    out = dict(_DEFAULT_OVERRIDES[kind])
     given = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "mlp": mlp}
     out.update({names[k]: v for k, v in given.items() if v is not None})
     if n_kv_heads is None and n_heads is not None:
-        default = out[names["n_heads"]] if kind == "llada" else max(1, n_heads // 2)
+        default = n_heads if kind != "dream" else max(1, n_heads // 2)
         n_kv_heads = default
     if n_kv_heads is not None:
         out[names["n_kv_heads"]] = n_kv_heads
@@ -151,8 +193,11 @@ def model_overrides(
             f"n_kv_heads: expected a divisor of n_heads={heads} (and n_heads a divisor of "
             f"d_model={out[names['d_model']]}), got n_kv_heads={kv}"
         )
-    if kind == "dream":
+    if kind != "llada":
         out["max_window_layers"] = out["num_hidden_layers"]
+    if kind == "llada2":
+        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+        out["rotary_dim"] = out["head_dim"]
     return out
 
 
@@ -160,10 +205,11 @@ def model_overrides(
 class TrainConfig:
     """Everything that determines a training run (recorded in the asset's train_log.json).
 
-    kind: the model layout, "llada" (OLMo names, MHA, logits[i] predicts token i) or "dream"
-    (Qwen2 names, GQA, logits[i - 1] predicts token i). model: config overrides in the kind's
-    names (``model_overrides``); the LLaDA default ``MODEL_OVERRIDES`` becomes
-    ``DREAM_MODEL_OVERRIDES`` for ``kind="dream"``.
+    kind: the model layout, "llada" (OLMo names, MHA, logits[i] predicts token i), "dream"
+    (Qwen2 names, GQA, logits[i - 1] predicts token i) or "llada2" (LLaDA2 names, GQA, MoE,
+    block-causal attention in blocks of ``block_length``). model: config overrides in the kind's
+    names (``model_overrides``); the LLaDA default ``MODEL_OVERRIDES`` becomes the kind's own
+    default (``DREAM_MODEL_OVERRIDES``, ``LLADA2_MODEL_OVERRIDES``).
     """
 
     kind: str = "llada"
@@ -198,6 +244,7 @@ class TrainConfig:
     #: read when resuming); for kind "dream" it may hold a LLaDA-layout model (see ``convert``)
     init_from: str | None = None
     seed: int = 0
+    block_length: int = LLADA2_BLOCK_LENGTH  # llada2 only: the block-causal attention's blocks
     threads: int = 1  # more threads only pay on an idle machine
     max_minutes: float | None = None  # stop early (the cosine schedule still assumes `steps`)
     model: dict[str, Any] = field(default_factory=lambda: dict(MODEL_OVERRIDES))
@@ -209,8 +256,8 @@ class TrainConfig:
             raise ValueError(
                 f"prompt_mask_prob: expected a probability in [0, 1), got {self.prompt_mask_prob!r}"
             )
-        if self.kind == "dream" and self.model == MODEL_OVERRIDES:
-            self.model = dict(DREAM_MODEL_OVERRIDES)
+        if self.kind != "llada" and self.model == MODEL_OVERRIDES:
+            self.model = dict(_DEFAULT_OVERRIDES[self.kind])
         self.check_model_names()
 
     def check_model_names(self) -> None:
@@ -294,10 +341,20 @@ def _is_dream(model: torch.nn.Module) -> bool:
     return getattr(model, "dllm_kind", "llada") == "dream"
 
 
-def token_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _is_block_causal(model: torch.nn.Module) -> bool:
+    return getattr(model, "dllm_kind", "llada") == "llada2"
+
+
+def token_logits(
+    model: torch.nn.Module, x: torch.Tensor, block_length: int | None = None
+) -> torch.Tensor:
     """Logits [B, L, V] of token ids x [B, L] whose row i predicts token i: the model's own for
-    LLaDA; for a Dream model (``model.dllm_kind == "dream"``) the logits at i - 1, Dream's
-    generation's concatenation, with row 0 repeating row 0 (no prediction of token 0)."""
+    LLaDA and LLaDA2 (block-causal, blocks of ``block_length``, default
+    ``LLADA2_BLOCK_LENGTH``); for a Dream model (``model.dllm_kind == "dream"``) the logits at
+    i - 1, Dream's generation's concatenation, with row 0 repeating row 0 (no prediction of
+    token 0)."""
+    if _is_block_causal(model):
+        return model(x, block_length=block_length or LLADA2_BLOCK_LENGTH).logits
     logits = model(x).logits
     if _is_dream(model):
         logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
@@ -315,8 +372,10 @@ def masked_diffusion_loss(
     *,
     prompt_mask_prob: float = 0.0,
     return_exact: bool = False,
+    block_length: int | None = None,
 ):
-    """LLaDA's masked-diffusion loss on a batch x0 [B, L].
+    """LLaDA's masked-diffusion loss on a batch x0 [B, L] (``block_length``: a LLaDA2 model's
+    block-causal attention, see ``token_logits``).
 
     Per row t (stratified over the batch, or 1 for the first ``round(full_mask_frac * B)`` rows);
     each position of ``targets`` (bool [B, L]) is masked with probability
@@ -356,7 +415,7 @@ def masked_diffusion_loss(
     xt = torch.where(masked | prompt_masked, torch.full_like(x0, mask_id), x0)
     if _is_dream(model) and targets[:, 0].any():
         raise ValueError("targets: position 0 has no prediction in a Dream model")
-    logits = token_logits(model, xt)  # [B, L, V]
+    logits = token_logits(model, xt, block_length)  # [B, L, V]
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # [B, L]
     loss = (ce * masked / p_mask).sum() / targets.sum()
     if prompt_masked.any():
@@ -441,8 +500,8 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 
 def _init_state(init_from: str | Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights of ``init_from``/model.safetensors for ``model``; LLaDA-layout weights for a
-    Dream-layout model are converted (``convert.dream_state_from_llada``, which needs the LLaDA
-    config.json next to them)."""
+    Dream- or LLaDA2-layout model are converted (``convert.dream_state_from_llada`` /
+    ``llada2_state_from_llada``, which need the LLaDA config.json next to them)."""
     from safetensors.torch import load_file
 
     from . import convert
@@ -451,16 +510,20 @@ def _init_state(init_from: str | Path, model: torch.nn.Module) -> dict[str, torc
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"init_from: expected a directory holding model.safetensors, got {path}")
     state = load_file(str(path / "model.safetensors"))
-    if _is_dream(model) and convert.is_llada_state(state):
+    kind = getattr(model, "dllm_kind", "llada")
+    if kind != "llada" and convert.is_llada_state(state):
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"init_from: converting LLaDA weights to the Dream layout needs their "
+                f"init_from: converting LLaDA weights to the {kind} layout needs their "
                 f"config.json in {path}"
             )
         from maskkv.models import LLaDAConfig
 
         llada_config = LLaDAConfig.from_pretrained(str(path))
-        state = convert.dream_state_from_llada(state, llada_config, model.config)
+        if kind == "dream":
+            state = convert.dream_state_from_llada(state, llada_config, model.config)
+        else:
+            state = convert.llada2_state_from_llada(state, llada_config, model.config)
     return state
 
 
@@ -501,7 +564,7 @@ def train(
     # No weight decay on norms and embeddings (the usual transformer recipe; "wte" is LLaDA's
     # embedding, "embed_tokens" Dream's).
     named = list(model.named_parameters())
-    is_embedding = [("wte" in n or "embed_tokens" in n) for n, _ in named]
+    is_embedding = [("wte" in n or "embed_tokens" in n or "word_embeddings" in n) for n, _ in named]
     decay = [p for (_, p), emb in zip(named, is_embedding) if p.dim() >= 2 and not emb]
     no_decay = [p for (_, p), emb in zip(named, is_embedding) if p.dim() < 2 or emb]
     opt = torch.optim.AdamW(
@@ -574,6 +637,10 @@ def train(
         longest = max_len if adaptive else _max_len_at(step, cfg)
         prompt_len = rng.randint(cfg.min_prompt_len, longest)
         gen_length = max(cfg.gen_length, task_lib.TASK_GEN_LENGTH.get(task, 0))
+        if cfg.kind == "llada2":
+            # LLaDA2 decodes whole blocks: the answer's block is filled up with EOS, as
+            # generation fills it (the padding is a target, as in LLaDA's SFT).
+            gen_length += -(prompt_len + gen_length) % cfg.block_length
         seeds = list(range(next_seed, next_seed + cfg.batch_size))
         next_seed += cfg.batch_size
         pairs = None
@@ -594,6 +661,7 @@ def train(
             full_mask_frac=cfg.full_mask_frac,
             prompt_mask_prob=cfg.prompt_mask_prob,
             return_exact=True,
+            block_length=cfg.block_length,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -766,15 +834,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--kind", default="llada", choices=KINDS,
-        help="model layout: llada (MHA) or dream (GQA, shifted logits)",
+        help="model layout: llada (MHA), dream (GQA, shifted logits) or llada2 (GQA, MoE, "
+        "block-causal)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--block-length", type=int, default=defaults.block_length,
+        help="llada2: block length of the block-causal attention",
     )  # fmt: skip
     parser.add_argument("--n-layers", type=int, default=MODEL_OVERRIDES["n_layers"])
     parser.add_argument("--d-model", type=int, default=MODEL_OVERRIDES["d_model"])
     parser.add_argument("--n-heads", type=int, default=MODEL_OVERRIDES["n_heads"])
     parser.add_argument(
         "--n-kv-heads", type=int, default=None,
-        help="KV heads (GQA; a divisor of --n-heads); default: --n-heads for llada, "
-        "--n-heads // 2 for dream",
+        help="KV heads (GQA; a divisor of --n-heads); default: --n-heads for llada and "
+        "llada2, --n-heads // 2 for dream",
     )  # fmt: skip
     parser.add_argument("--mlp", type=int, default=MODEL_OVERRIDES["mlp_hidden_size"])
     parser.add_argument(
@@ -851,6 +924,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         start_level=args.start_level,
         init_from=args.init_from,
+        block_length=args.block_length,
         model=shape,
     )
     model, log = train(
