@@ -58,7 +58,7 @@ def test_every_model_option_takes_a_directory_or_a_shipped_name(command):
         (
             ["generate", "--model", "nope", "--prompt", "x"],
             "maskkv generate: --model: expected a checkpoint directory or a shipped model "
-            "(tiny-dream-kv, tiny-llada-kv), got 'nope'",
+            "(tiny-dream-kv, tiny-llada-kv, tiny-llada2-kv), got 'nope'",
         ),
         (
             ["generate", "--model", "tiny-llada-kv", "--prompt", "x", "--budget", "-3"],

@@ -394,13 +394,15 @@ class MaskKVLM(LM):
 
     def _engine(self):
         """The serving engine (``maskkv.serving.Engine``) that runs ``generate_until``, or None
-        where it cannot (classifier-free guidance, dLLM-Cache): then left-padded batches of
+        where it cannot (classifier-free guidance, dLLM-Cache, LLaDA2): then left-padded batches of
         ``maskkv.generate`` run instead. ``batch_size`` is the most requests running at once."""
         from maskkv.generation import DLLMCache
         from maskkv.serving import Engine
 
         cache = self.opts["policy_kwargs"].get("cache")
         if float(self.opts["cfg"]) > 0 or isinstance(cache, DLLMCache):
+            return None
+        if getattr(self.model, "dllm_kind", "llada") == "llada2":  # not served yet
             return None
         if getattr(self, "_engine_obj", None) is None:
             self._engine_obj = Engine(

@@ -100,6 +100,11 @@ class Engine:
             method = methods_lib.get(method)
         if not isinstance(method, Method):
             raise ValueError(f"method: expected a maskkv Method or its name, got {method!r}")
+        if getattr(model, "dllm_kind", "llada") == "llada2":
+            raise ValueError(
+                "model: block-causal LLaDA2 models are not supported by the serving engine yet "
+                "(they decode block by block with their own sampler); use maskkv.generate"
+            )
         policy = get_policy(cache)
         if isinstance(policy, DLLMCache):
             raise ValueError(
