@@ -4,14 +4,25 @@ paper's GPUs, the A100 (sm_80) and the RTX 4090 (sm_89).
 
     python benchmarks/ptx_report.py                 # bf16 + fp16, both models, three archs
     python benchmarks/ptx_report.py --dtypes bfloat16 --models llada-8b --archs 80 --json out.json
+    python benchmarks/ptx_report.py --variants defaults   # only what the defaults launch
 
-How: the real launchers (``score_keys``, ``pool_window``, ``topk_gather`` with every compaction,
-``ragged_attention_triton`` with both row tiles, the fused elementwise kernels of a later step)
-run on CPU tensors at the real shapes with every kernel launch intercepted: a plain launch records
+How: the real launchers (``score_keys``, ``pool_window``, ``topk_gather``,
+``ragged_attention_triton`` dense and varlen, the fused elementwise kernels of a later step) run
+on CPU tensors at the real shapes with every kernel launch intercepted: a plain launch records
 its arguments, an autotuned one records one variant per config. The GPU-only planning (SM count,
-split-K) is told it runs on a 132-SM H100/H200. Each recorded variant is compiled ahead of time
-for each architecture (``triton.compile`` for ``GPUTarget("cuda", cc)``, with the launch's
-16-byte divisibility hints and options) and its PTX is run through Triton's bundled ``ptxas -v``.
+split-K) is told it runs on a 132-SM GPU of the target's compute capability.
+
+Which launches (``--variants``): ``defaults`` records what the shipped defaults launch at these
+shapes, every autotune config of it: ``SCORE_KERNEL="auto"``'s pass-2 kernel with and without a
+given LSE, window pooling, the default ``COMPACTION``, ``ragged_attention`` dense and varlen
+without split-K and with the default ``PLANNER``'s split-K, without the LSE output, the
+elementwise kernels. ``all`` (the default here) adds the selectable alternatives: both pass-2
+kernels for every case, every compaction, the "grid" planner, ``ROW_TILE = 128`` and
+``ragged_attention``'s LSE output.
+
+Each recorded variant is compiled ahead of time for each architecture (``triton.compile`` for
+``GPUTarget("cuda", cc)``, with the launch's 16-byte divisibility hints and options, up to PTX)
+in a pool of ``--jobs`` processes, and its PTX is run through Triton's bundled ``ptxas -v``.
 
 Exit status 1 when a variant fails to compile or is rejected by ptxas (an instruction the
 architecture lacks), spills (``--allow-spills`` reports only), uses a Hopper-only instruction on
@@ -20,8 +31,9 @@ autotuned kernel needs one config that fits: the autotuner skips the others).
 
 Results are cached per (kernel source, specialisation, options, architecture, Triton version)
 under ``~/.cache/maskkv/ptx_report`` (``MASKKV_PTX_CACHE``; ``--no-cache``): a rerun compiles only
-what changed. Works on Triton 3.6 and 3.9 (``TRITON_INTERPRET`` must be unset: the interpreter
-has no autotune configs). No kernel runs, so this needs no GPU.
+what changed (Triton's own cache is a temporary directory: see ``_ptx_only``). Works on Triton
+3.6 and 3.9 (``TRITON_INTERPRET`` must be unset: the interpreter has no autotune configs). No
+kernel runs, so this needs no GPU.
 """
 
 from __future__ import annotations
@@ -29,13 +41,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
+import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +104,7 @@ class Variant:
     smem_limit: int = -1
     hopper_only: tuple = ()  # Hopper-only PTX instructions found (an error below sm_90)
     error: str = ""
+    cached: bool = False  # read from the report's cache, not compiled in this run
 
     @property
     def spills(self) -> bool:
@@ -187,14 +204,27 @@ def _as_if_on_gpu(capability: int):
 
 
 def record_launches(
-    models: list[str], dtypes: list[torch.dtype], prompt_len: int, capability: int = 90
+    models: list[str],
+    dtypes: list[torch.dtype],
+    prompt_len: int,
+    capability: int = 90,
+    *,
+    alternatives: bool = True,
 ) -> _Recorder:
     """Run the launchers at the models' shapes (step 1 selection, later-step attention and
-    elementwise work) as they would launch on a GPU of compute capability ``capability``."""
+    elementwise work) as they would launch on a GPU of compute capability ``capability``: with
+    the shipped defaults, and with ``alternatives`` also every selectable alternative (see
+    ``--variants``)."""
     from maskkv_kernels.attention import triton_ragged
     from maskkv_kernels.elementwise import triton_elementwise as tew
     from maskkv_kernels.select import triton_scores, triton_topk
 
+    # None = the launcher's default (SCORE_KERNEL, COMPACTION, PLANNER, ROW_TILE).
+    score_kernels = ("key_resident", "k_streaming") if alternatives else (None,)
+    compactions = ("serial", "parallel", "fused") if alternatives else (None,)
+    planners = ("worklist", "grid") if alternatives else (None,)
+    row_tiles = (None, 128) if alternatives else (triton_ragged.ROW_TILE,)
+    lse_outputs = (False, True) if alternatives else (False,)  # the framework asks for no LSE
     rec = _Recorder()
     with _as_if_on_gpu(capability), rec.active():
         for name in models:
@@ -213,7 +243,7 @@ def record_launches(
                         " +lse" if with_lse else ""
                     )
                     qs = q[:, :, :32] if window else q
-                    for kernel in ("key_resident", "k_streaming"):
+                    for kernel in score_kernels:
                         scores, _ = triton_scores.score_keys(
                             qs, k, first, prompt_len=P, window=window,
                             lse=lse if with_lse else None, scale=D**-0.5, need_mass=not window,
@@ -223,8 +253,8 @@ def record_launches(
                         triton_scores.pool_window(scores, first, 32, "max", 7)
                 budgets = torch.full((1, Hkv), budget, dtype=torch.int32)
                 cu = torch.arange(Hkv + 1, dtype=torch.int32) * budget
-                for compaction in ("serial", "parallel", "fused"):
-                    rec.case = f"{tag} topk_gather {compaction}"
+                for compaction in compactions:
+                    rec.case = f"{tag} topk_gather {compaction or triton_topk.COMPACTION}"
                     triton_topk.topk_gather(
                         torch.empty(1, Hkv, P),
                         k,
@@ -237,10 +267,12 @@ def record_launches(
                     )
                 n = Hkv * budget
                 kr = torch.empty(n, D, dtype=dtype)
-                for splits, planner in ((1, None), (4, "worklist"), (4, "grid")):
-                    for store_lse in (False, True):
-                        for tile in (None, 128):
-                            rec.case = (f"{tag} ragged splits={splits} {planner or ''} "
+                plans = [(1, None)] + [(4, planner) for planner in planners]
+                for splits, planner in plans:
+                    for store_lse in lse_outputs:
+                        for tile in row_tiles:
+                            shown = "" if splits == 1 else planner or triton_ragged.PLANNER
+                            rec.case = (f"{tag} ragged splits={splits} {shown} "
                                         f"lse={store_lse} row_tile={tile or 'auto'}")  # fmt: skip
                             saved, triton_ragged.ROW_TILE = triton_ragged.ROW_TILE, tile
                             try:
@@ -257,13 +289,13 @@ def record_launches(
                 kv = torch.empty(nb * n, D, dtype=dtype)
                 cu_kv = torch.arange(nb * Hkv + 1, dtype=torch.int32) * budget
                 cu_r = torch.arange(nb + 1, dtype=torch.int32) * R
-                # Two of the four (split, lse) variants: the lightest and the heaviest one.
-                for splits, store_lse in ((1, False), (4, True)):
-                    rec.case = f"{tag} ragged varlen splits={splits} lse={store_lse}"
-                    triton_ragged.ragged_attention_varlen_triton(
-                        qv, kv, kv, cu_kv, None, budget * 32, Hkv, cu_r, R, tv, tv, cu_r, None, R,
-                        D**-0.5, store_lse, num_splits=splits,
-                    )  # fmt: skip
+                for splits in (1, 4):
+                    for store_lse in lse_outputs:
+                        rec.case = f"{tag} ragged varlen splits={splits} lse={store_lse}"
+                        triton_ragged.ragged_attention_varlen_triton(
+                            qv, kv, kv, cu_kv, None, budget * 32, Hkv, cu_r, R, tv, tv, cu_r,
+                            None, R, D**-0.5, store_lse, num_splits=splits,
+                        )  # fmt: skip
                 # The fused elementwise kernels of a later step (fusion="triton").
                 d, ffn, full = LAYER[name]
                 rec.case = f"{tag} elementwise"
@@ -359,23 +391,90 @@ def _run_ptxas(ptx: str, arch: str, fmad: bool) -> str:
         os.unlink(f.name)
 
 
-def compile_variant(fn, args, meta, warps, stages, options, arch, pool):
-    """Compile one launch for ``arch``; returns (fields, ptxas future or None)."""
+def _compile(module: str, name: str, signature, constexprs, attrs, options, arch) -> dict:
+    """Compile one variant for ``arch`` to PTX and run ptxas -v on it (in a worker process);
+    returns its report fields. The kernel is looked up by module and name (what a process pool
+    can send)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    signature, constexprs, attrs = _signature(fn, args, meta)
-    fields: dict = {}
+    fn = getattr(importlib.import_module(module), name)
+    while not isinstance(fn, JITFunction):  # an autotuned / heuristics-wrapped kernel
+        fn = fn.fn
     target = GPUTarget("cuda", ARCHS[arch][0], 32)
-    backend = make_backend(target)
-    opts = backend.parse_options({"num_warps": warps, "num_stages": stages, **options})
+    opts = make_backend(target).parse_options(options)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=target, options=opts.__dict__)
-    fields["shared"] = int(getattr(compiled.metadata, "shared", -1))
+    try:
+        compiled = triton.compile(src, target=target, options=opts.__dict__)
+    except Exception as e:  # report the failure, keep going
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     ptx = compiled.asm["ptx"]
-    fields["hopper_only"] = tuple(sorted(set(HOPPER_ONLY.findall(ptx))))  # an error below 90
-    fmad = options.get("enable_fp_fusion", True)
-    return fields, pool.submit(_run_ptxas, ptx, arch, fmad)
+    fields = {
+        "shared": int(getattr(compiled.metadata, "shared", -1)),
+        "hopper_only": sorted(set(HOPPER_ONLY.findall(ptx))),  # an error below sm_90
+    }
+    try:
+        _parse_ptxas(_run_ptxas(ptx, arch, opts.enable_fp_fusion), fields)
+    except Exception as e:
+        fields["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return fields
+
+
+def _ptx_only(triton_cache: str) -> dict:
+    """Make ``triton.compile`` stop at PTX in this process; returns what to restore.
+
+    Triton's PTX -> cubin step would run ptxas a second time (~15% of the compile time), with
+    the flags of its version (Triton 3.9 adds ``--regAllocOptLevel=2`` for sm_90, working around
+    a ptxas 13 bug; 3.6, on the GPU image, runs ptxas 12.8 with none): the report runs ptxas -v
+    itself with Triton's bundled binary and plain flags. The stub's empty cubins go to a private
+    Triton cache, deleted after the report."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    saved = {"make_cubin": CUDABackend.make_cubin, "env": os.environ.get("TRITON_CACHE_DIR")}
+    CUDABackend.make_cubin = lambda self, src, metadata, opt, capability: b""
+    os.environ["TRITON_CACHE_DIR"] = triton_cache
+    return saved
+
+
+class _InProcess:
+    """The pool's interface for ``--jobs 1`` (and where ``fork`` is missing): compiles at once."""
+
+    def __init__(self, triton_cache: str) -> None:
+        self.triton_cache = triton_cache
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self):
+        self.saved = _ptx_only(self.triton_cache)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        CUDABackend.make_cubin = self.saved["make_cubin"]
+        if self.saved["env"] is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = self.saved["env"]
+
+
+@contextlib.contextmanager
+def _compile_pool(jobs: int):
+    """``jobs`` forked worker processes (they inherit the imported kernels), or in-process."""
+    triton_cache = tempfile.mkdtemp(prefix="maskkv_ptx_triton_")
+    try:
+        if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(jobs, ctx, _ptx_only, (triton_cache,)) as pool:
+                yield pool
+        else:
+            with _InProcess(triton_cache) as pool:
+                yield pool
+    finally:
+        shutil.rmtree(triton_cache, ignore_errors=True)
 
 
 def _parse_ptxas(log: str, fields: dict) -> None:
@@ -386,12 +485,12 @@ def _parse_ptxas(log: str, fields: dict) -> None:
         fields["spill_stores"], fields["spill_loads"] = int(spills.group(1)), int(spills.group(2))
 
 
-def report(recs: dict[str, _Recorder], *, cache: bool = True) -> list[Variant]:
-    """Compile every distinct variant recorded for each arch (``recs``: arch -> launches);
-    ptxas runs in a thread pool. Print one line per variant and return them all."""
+def report(recs: dict[str, _Recorder], *, cache: bool = True, jobs: int = 1) -> list[Variant]:
+    """Compile every distinct variant recorded for each arch (``recs``: arch -> launches) in
+    ``jobs`` processes. Print one line per variant and return them all."""
     cache_dir = _cache_dir() if cache else None
     seen, pending = set(), []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    with _compile_pool(jobs) as pool:
         for arch, rec in recs.items():
             for case, fn, args, meta, warps, stages, options, tuned in rec.launches:
                 signature, constexprs, attrs = _signature(fn, args, meta)
@@ -406,21 +505,17 @@ def report(recs: dict[str, _Recorder], *, cache: bool = True) -> list[Variant]:
                               smem_limit=ARCHS[arch][1])  # fmt: skip
                 hit = cache_dir / f"{key}.json" if cache_dir else None
                 if hit is not None and hit.exists():
+                    var.cached = True
                     pending.append((var, json.loads(hit.read_text()), None, None))
                     continue
-                try:
-                    fields, future = compile_variant(fn, args, meta, warps, stages, options,
-                                                     arch, pool)  # fmt: skip
-                except Exception as e:  # report the failure, keep going
-                    fields, future = {"error": f"{type(e).__name__}: {str(e)[:200]}"}, None
-                pending.append((var, fields, future, hit))
+                opts = {"num_warps": warps, "num_stages": stages, **options}
+                future = pool.submit(_compile, fn.__module__, fn.__name__, signature,
+                                     constexprs, attrs, opts, arch)  # fmt: skip
+                pending.append((var, None, future, hit))
         variants = []
         for var, fields, future, hit in pending:
             if future is not None:
-                try:
-                    _parse_ptxas(future.result(), fields)
-                except Exception as e:
-                    fields["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                fields = future.result()
             for name, value in fields.items():
                 setattr(var, name, tuple(value) if name == "hopper_only" else value)
             if hit is not None and not var.error:  # atomic: parallel runs share the cache
@@ -470,18 +565,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the variants here")
     ap.add_argument("--allow-spills", action="store_true")
     ap.add_argument("--no-cache", action="store_true", help="compile everything again")
+    ap.add_argument("--variants", default="all", choices=["defaults", "all"],
+                    help="what the shipped defaults launch, or also every alternative")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile processes (default: one per CPU)")  # fmt: skip
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter has no autotune configs", file=sys.stderr)
         return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    start = time.perf_counter()
     targets = ", ".join(f"sm_{a} ({ARCHS[a][2]})" for a in args.archs)
     tools = sorted({_ptxas(ARCHS[a][0]) for a in args.archs})
     print(f"triton {triton.__version__}, targets {targets}, ptxas {', '.join(tools)}")
     dtypes = [getattr(torch, d) for d in args.dtypes]
+    alternatives = args.variants == "all"
     recs = {
-        a: record_launches(args.models, dtypes, args.prompt_len, ARCHS[a][0]) for a in args.archs
+        a: record_launches(
+            args.models, dtypes, args.prompt_len, ARCHS[a][0], alternatives=alternatives
+        )  # fmt: skip
+        for a in args.archs
     }
-    variants = report(recs, cache=not args.no_cache)
+    variants = report(recs, cache=not args.no_cache, jobs=max(1, args.jobs))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(v) for v in variants], f, indent=1)
@@ -489,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.archs:
         mine = [v for v in variants if v.arch == arch]
         counts = ", ".join(f"{len([v for v in found[k] if v.arch == arch])} {k}" for k in found)
-        print(f"sm_{arch}: {len(mine)} variants, {counts}")
+        cached = sum(v.cached for v in mine)
+        print(f"sm_{arch}: {len(mine)} variants ({len(mine) - cached} compiled), {counts}")
+    print(f"{time.perf_counter() - start:.0f} s")
     return 1 if any(found.values()) else 0
 
 

@@ -337,7 +337,9 @@ def _spill_free_configs(configs, named_args, **kwargs):
     """Before sm_90 (A100 sm_80, RTX 4090 sm_89: mma.sync instead of wgmma) most configs of the
     64 x 128 and 128 x 128 row tiles spill (``benchmarks/ptx_report.py --archs 80 89``: 4 to 104
     bytes); there the one config that compiled spill-free in every variant is kept: 128 keys,
-    8 warps, 2 stages for 64 rows; 64 keys, 8 warps, 3 stages for 128 rows."""
+    8 warps, 2 stages for 64 rows; 64 keys, 8 warps, 3 stages for 128 rows (128 x 64 tiles:
+    156 / 180 registers on sm_80 / sm_89, the others spill; the 128 x 128 tile is not taken
+    before sm_90)."""
     if _capability()[0] >= 9 or kwargs.get("BLOCK_M", 0) * kwargs.get("BLOCK_D", 0) < 64 * 128:
         return configs
     wanted = (128, 8, 2) if kwargs["BLOCK_M"] < 128 else (64, 8, 3)
@@ -357,7 +359,8 @@ _fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY, prune_configs_by
     _ragged_attn_fwd
 )
 # Row tile of the forward: None = ``_block_m``'s choice (64 rows at D = 128); 128 forces the wide
-# tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128). Not measured on
+# tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128), on sm_90 and
+# later (before, ``_block_m``'s tile: see ``_Launch.run``). Not measured on
 # a GPU yet: benchmarks/bench_ragged_attention.py times both ("ragged_m128"), aimed at
 # full-length GQA (G = 7, 32k keys), whose 64-row tiles reach 49% of dense flash on an H200.
 ROW_TILE: int | None = None
@@ -577,13 +580,17 @@ class _Launch:
         if k.shape[0] == 0:
             k = v = q.new_empty((1, D))
 
+        interp = interpreting()
         block_d = max(16, triton.next_power_of_2(D))
         block_m = _block_m(rows, block_d, q.dtype)
         wide = ROW_TILE == 128 and q.dtype != torch.float32 and block_d <= 128 and rows >= 128
+        # The 128-row tile is a Hopper design (two wgmma warpgroups share each K/V tile). Before
+        # sm_90 (mma.sync) its 64-key configs spill at D = 128 (benchmarks/ptx_report.py: up to
+        # 84 bytes on sm_80); 32-key ones do not but are unmeasured: there _block_m's tile stays.
+        wide = wide and (interp or _capability()[0] >= 9)
         if wide:
             block_m = 128
         row_tiles = triton.cdiv(rows, block_m)
-        interp = interpreting()
         max_keys = self.max_keys
         if num_splits is not None:
             chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
