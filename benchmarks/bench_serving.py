@@ -132,7 +132,7 @@ def run_static(model, method, cache, kv_budget, C, requests, time_limit):
     as the KV budget holds), one batch after the other."""
     probe = Engine(model, method=method, cache=cache, kv_budget=kv_budget)
     per_request = max(
-        probe.runner.footprint(len(ids), p.gen_length).rows * probe.pool.row_bytes
+        probe.runner.footprint(len(ids), p.resolved(model)).rows * probe.pool.row_bytes
         for ids, p in requests
     )
     B = max(1, min(C, probe.pool.capacity_bytes // max(per_request, 1)))
@@ -270,7 +270,9 @@ def main(argv=None):
     full = methods_lib.get("fullcache")
     probe = Engine(model, method=full, cache=cache, kv_budget=1 << 20)
     longest = max(workload, key=lambda w: w[0] + w[1])
-    rows_full = probe.runner.footprint(longest[0], longest[1]).rows
+    rows_full = probe.runner.footprint(
+        longest[0], SamplingParams(gen_length=longest[1]).resolved(model)
+    ).rows
     kv_budget = int(args.kv_requests * rows_full * probe.pool.row_bytes)
     del probe
     rows = []

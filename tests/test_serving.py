@@ -88,7 +88,7 @@ def _check_invariance(model, method, cache, seed: int) -> None:
     prompts, params = _workload(18, seed=seed)
     prompts = [p.to(device) for p in prompts]
     probe = Engine(model, method=method, cache=cache, kv_budget=1 << 26)
-    rows = [probe.runner.footprint(len(p), sp.gen_length).rows for p, sp in zip(prompts, params)]
+    rows = [probe.runner.footprint(len(p), sp.resolved(model)).rows for p, sp in zip(prompts, params)]
     budget = 6 * max(rows) * probe.pool.row_bytes  # a handful at a time: admission queues
     engine = Engine(model, method=method, cache=cache, kv_budget=budget, prefill_tokens=300)
     reqs, peak, arrivals = [], 0, iter(range(len(prompts)))
@@ -137,7 +137,8 @@ def test_kv_bytes_are_exact_and_fifo_admission(models):
     model = models["dream"]
     method = methods.get("snapkv", budget=16)
     probe = Engine(model, method=method, cache="dual", kv_budget=1 << 24)
-    small, large = probe.runner.footprint(60, 8), probe.runner.footprint(200, 32)
+    small = probe.runner.footprint(60, SamplingParams(gen_length=8).resolved(model))
+    large = probe.runner.footprint(200, SamplingParams(gen_length=32).resolved(model))
     engine = Engine(
         model,
         method=method,
@@ -264,13 +265,14 @@ def test_bad_input_names_the_field(models):
         ([], dict(), "prompt: expected at least one token"),
         ("text", dict(), "prompt: text needs an engine with a tokenizer"),
         ([1.5, 2], dict(), "prompt: expected a string or a list of int"),
+        ([1, 2], dict(gen_length=8, block_length=3), "block_length: expected a divisor of"),
+        ([1, 2], dict(editing_threshold=0.9), "editing_threshold: a LLaDA2 option"),
     ]
     for prompt, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             engine.add_request(prompt, SamplingParams(**kw))
     for kw, msg in [
         (dict(gen_length=0), "gen_length: expected a positive int"),
-        (dict(gen_length=8, block_length=3), "block_length: expected a divisor of gen_length=8"),
         (dict(temperature=-1.0), "temperature"),
         (dict(seed=-1), "seed"),
         (dict(decoding="greedy"), "decoding"),
