@@ -317,6 +317,7 @@ class ModelRunner:
             batch.dest = tail_at[:, owner] + slots
         return batch, spans, counts
 
+    @torch.no_grad()
     def forward(self, batch: StepBatch, attend=None) -> torch.Tensor:
         """The batched step of ``batch`` (on the device): logits [batch.num_logits, V].
         ``attend``: layer attention (default: one varlen call per layer over the pool)."""
