@@ -344,3 +344,31 @@ def test_bad_input_names_the_field(models):
     with pytest.raises(ValueError, match=r"prompts\[1\]: prompt: expected at least one token"):
         engine.generate([[1, 2], []], progress=False)
     assert engine.kv_bytes_in_use == 0 and not engine.has_unfinished()
+
+
+def test_moe_expert_rows_are_batch_invariant(models, monkeypatch):
+    """An MoE layer's output rows for one request's tokens do not depend on the other tokens
+    routed beside them (each expert's row count does): the loop backend's per-expert linears
+    and the grouped backend's calls (cut at ``GROUPED_ROWS_PER_EXPERT`` rows per expert, checked
+    here against one call) under ``batch_invariant``."""
+    from maskkv.generation import batch_invariant as bi
+    from maskkv.models import _moe
+
+    layer = models["llada2"].layers[1]  # layer 0 is dense
+    g = torch.Generator().manual_seed(0)
+    mine = torch.randn(1, 7, layer.mlp.gate.weight.shape[1], generator=g)
+    others = torch.randn(1, 61, mine.shape[2], generator=g)
+    monkeypatch.setattr(_moe, "MOE_BACKEND", "loop")
+    with torch.no_grad(), bi.batch_invariant():
+        alone = layer.mlp_block(mine)
+        packed = layer.mlp_block(torch.cat([others[:, :30], mine, others[:, 30:]], 1))
+    assert torch.equal(packed[:, 30:37], alone)
+    E = len(layer.mlp.experts)
+    a, w = torch.randn(50, 16, generator=g), torch.randn(E, 16, 8, generator=g)
+    offs = torch.linspace(0, 50, E + 1)[1:].round().to(torch.int32)
+    offs[E // 2] = offs[E // 2 - 1]  # an empty group
+    whole = torch._grouped_mm(a, w, offs=offs)
+    monkeypatch.setattr(bi, "GROUPED_ROWS_PER_EXPERT", 1)  # calls of E rows
+    with bi.batch_invariant():
+        cut = torch._grouped_mm(a, w, offs=offs)
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-6)

@@ -180,3 +180,27 @@ def test_params_for_graph_tests_resolve(models):
     for kind, workload in (("llada", _workload), ("llada2", _llada2_workload)):
         for p in workload(6, seed=0)[1]:
             assert isinstance(p.resolved(models[kind]), SamplingParams)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_grouped_experts_are_batch_invariant():
+    """bf16 on a GPU: the grouped experts (``torch._grouped_mm``, whose tile follows the rows per
+    expert) give one request's rows the same bits alone and beside 2000 other tokens (more than
+    ``GROUPED_ROWS_PER_EXPERT`` rows per expert: the calls are cut)."""
+    from maskkv.generation.batch_invariant import GROUPED_ROWS_PER_EXPERT
+    from maskkv.models import _moe
+
+    model = load_checkpoint(ASSETS / "tiny-llada2-kv", dtype=torch.bfloat16, device="cuda")
+    layer = model.eval().layers[1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = layer.mlp.gate.weight.shape[1]
+    mine = torch.randn(1, 7, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    others = torch.randn(1, 2000, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert _moe.moe_backend_for(mine) == "grouped"
+    slots = 2007 * layer.mlp.top_k
+    assert slots > GROUPED_ROWS_PER_EXPERT * (len(layer.mlp.experts) + 1)
+    with torch.no_grad(), batch_invariant():
+        alone = layer.mlp_block(mine)
+        packed = layer.mlp_block(torch.cat([others[:, :900], mine, others[:, 900:]], 1))
+    assert torch.equal(packed[:, 900:907], alone)

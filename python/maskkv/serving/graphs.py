@@ -109,9 +109,7 @@ class StepBatch:
             positions=tail(self.positions, Nb, 0),
             cu_q=tail(self.cu_q, Bb + 1, N),
             max_q=q,
-            cache_cu=torch.cat(
-                [self.cache_cu, self.cache_cu[:, -1:].expand(L, (Bb - B) * H)], 1
-            ),
+            cache_cu=torch.cat([self.cache_cu, self.cache_cu[:, -1:].expand(L, (Bb - B) * H)], 1),
             cache_starts=tail(self.cache_starts, Bb * H, 0),
             max_kv=[kv] * L,
             logit_rows=tail(self.logit_rows, nb, 0),
