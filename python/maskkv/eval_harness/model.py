@@ -394,15 +394,13 @@ class MaskKVLM(LM):
 
     def _engine(self):
         """The serving engine (``maskkv.serving.Engine``) that runs ``generate_until``, or None
-        where it cannot (classifier-free guidance, dLLM-Cache, LLaDA2): then left-padded batches of
+        where it cannot (classifier-free guidance, dLLM-Cache): then left-padded batches of
         ``maskkv.generate`` run instead. ``batch_size`` is the most requests running at once."""
         from maskkv.generation import DLLMCache
         from maskkv.serving import Engine
 
         cache = self.opts["policy_kwargs"].get("cache")
         if float(self.opts["cfg"]) > 0 or isinstance(cache, DLLMCache):
-            return None
-        if getattr(self.model, "dllm_kind", "llada") == "llada2":  # not served yet
             return None
         if getattr(self, "_engine_obj", None) is None:
             self._engine_obj = Engine(
@@ -494,9 +492,13 @@ class MaskKVLM(LM):
         from maskkv.serving import SamplingParams
 
         seed = self.opts["seed"]
+        block_causal = getattr(self.model, "dllm_kind", "llada") == "llada2"
         params = []
         for i, _, _, gen_length, temperature in jobs:
-            block, steps = self._schedule(gen_length)
+            if block_causal:  # LLaDA2: its own block length and steps per block (default 32)
+                block, steps = self.opts["block_length"], self.opts["steps"]
+            else:
+                block, steps = self._schedule(gen_length)
             params.append(
                 SamplingParams(
                     gen_length=gen_length,
