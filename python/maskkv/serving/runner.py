@@ -197,9 +197,10 @@ class ModelRunner:
             return BlockCausalDenoiser(
                 self.model, self.method, layout, soft_mask=p.block_mask == "additive", **kw
             )
+        # Its later steps never run (the batched step does): no fused layer bodies to build.
         return Denoiser(
-            self.model, self.method, req.prompt_len, step1_lse=self.step1_lse,
-            fusion=self.fusion, **kw,
+            self.model, self.method, req.prompt_len, step1_lse=self.step1_lse, fusion="none",
+            **kw,
         )  # fmt: skip
 
     # -- full passes --------------------------------------------------------------------------
