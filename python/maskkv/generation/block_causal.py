@@ -348,11 +348,7 @@ class BlockCausalDenoiser(Denoiser):
         method builds its prompt cache (and, with stored block KV, the committed blocks' KV)
         into ``sink`` (default: this denoiser's own). Its ``hidden`` feeds
         ``head_logits(pass.hidden, need, 0)``."""
-        if self._positions is None:
-            self._setup(x)
-        build = self.method.caches_prompt
-        if build and sink is None:
-            sink = self._own_kv()
+        build, sink = self._pass_sink(x, sink)
         return WindowPass(self, x, nb, build_cache=build, sink=sink)
 
     def _store_tail(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -304,12 +304,18 @@ class Denoiser:
         KV / features. ``sink``: where they go (default: this denoiser's own ``caches``,
         ``tail_k`` ...; the serving engine passes its KV pool's). Its hidden states feed
         ``head_logits(pass.hidden, need, 0)``."""
+        build, sink = self._pass_sink(x, sink)
+        return FullPass(self, x, build_cache=build, sink=sink)
+
+    def _pass_sink(self, x: torch.Tensor, sink: KVSink | None) -> tuple[bool, KVSink | None]:
+        """(build_cache, sink) of a full pass over ``x``: a caching method builds its caches,
+        into ``sink`` or, by default, this denoiser's own. Sets the denoiser up on first use."""
         if self._positions is None:
             self._setup(x)
         build = self.method.caches_prompt
         if build and sink is None:
             sink = self._own_kv()
-        return FullPass(self, x, build_cache=build, sink=sink)
+        return build, sink
 
     def _own_kv(self) -> KVSink:
         """The sink that keeps a full pass's caches in this denoiser (``caches``, ``tail_k`` ...)."""
