@@ -9,11 +9,13 @@ every method: the bytes ``--kv-requests`` FullCache requests of the longest prom
 block, peak requests running, peak KV bytes in use. The static-batch path runs the same requests
 through ``maskkv.generate`` in left-padded batches of C (MaskKV; a batch starts and ends
 together, its latency is the batch's time). A run stops admitting clients after
-``--time-limit`` seconds; requests then unfinished are cancelled and not counted.
+``--time-limit`` seconds; requests then unfinished are cancelled and not counted. On CUDA the
+engine replays its batched steps as CUDA graphs (by bucket of shapes); ``--cuda-graphs on,off``
+also runs every configuration with eager steps (path "engine-eager"), side by side.
 
     python benchmarks/bench_serving.py --preset cpu --threads 1            # committed CPU results
     python benchmarks/bench_serving.py --preset llada-8b --methods maskkv,fullcache \\
-        --concurrency 1,8,32,128 --time-limit 30                           # one GPU, bf16
+        --concurrency 1,8,32,128 --time-limit 30 --cuda-graphs on,off      # one GPU, bf16
 
 Results: ``benchmarks/results/<device>/serving_<preset>.json`` and ``.png``.
 """
@@ -82,11 +84,13 @@ def _percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def run_engine(model, method, cache, kv_budget, C, requests, time_limit, prefill_tokens):
+def run_engine(
+    model, method, cache, kv_budget, C, requests, time_limit, prefill_tokens, cuda_graphs=True
+):
     """Closed loop of C clients over ``requests``; one row of results."""
     engine = Engine(
         model, method=method, cache=cache, kv_budget=kv_budget, max_running=C,
-        max_waiting=len(requests) + 1, prefill_tokens=prefill_tokens,
+        max_waiting=len(requests) + 1, prefill_tokens=prefill_tokens, cuda_graphs=cuda_graphs,
     )  # fmt: skip
     engine.generate([requests[0][0][:64]], requests[0][1].replace(gen_length=8, block_length=8,
                     steps=2), progress=False)  # warm-up  # fmt: skip
@@ -116,6 +120,7 @@ def run_engine(model, method, cache, kv_budget, C, requests, time_limit, prefill
     end = max((r.arrival_time + r.finish_time for r in done), default=time.monotonic())
     elapsed = end - min((r.arrival_time for r in done), default=end) if done else 0.0
     tokens = sum(len(r.token_ids) for r in done)
+    graphs = engine.runner.graphs
     lat = [r.finish_time for r in done]
     ttfb = [r.first_block_time for r in done]
     return dict(
@@ -124,6 +129,7 @@ def run_engine(model, method, cache, kv_budget, C, requests, time_limit, prefill
         latency_p50_s=_percentile(lat, 50), latency_p99_s=_percentile(lat, 99),
         ttfb_p50_s=_percentile(ttfb, 50), ttfb_p99_s=_percentile(ttfb, 99),
         peak_running=peak_running, peak_kv_bytes=peak_kv, kv_budget_bytes=engine.pool.capacity_bytes,
+        graphs_captured=0 if graphs is None else graphs.captures,
     )  # fmt: skip
 
 
@@ -132,7 +138,7 @@ def run_static(model, method, cache, kv_budget, C, requests, time_limit):
     as the KV budget holds), one batch after the other."""
     probe = Engine(model, method=method, cache=cache, kv_budget=kv_budget)
     per_request = max(
-        probe.runner.footprint(len(ids), p.gen_length).rows * probe.pool.row_bytes
+        probe.runner.footprint(len(ids), p.resolved(model)).rows * probe.pool.row_bytes
         for ids, p in requests
     )
     B = max(1, min(C, probe.pool.capacity_bytes // max(per_request, 1)))
@@ -206,8 +212,10 @@ def plot(rows, path, title):
             (r for r in rows if (r["method"], r["path"]) == (method, path_kind)),
             key=lambda r: r["concurrency"],
         )
-        label = f"{method}" + (" (static batch)" if path_kind == "static" else "")
-        style = "--" if path_kind == "static" else "-"
+        label = f"{method}" + {"static": " (static batch)", "engine-eager": " (eager steps)"}.get(
+            path_kind, ""
+        )
+        style = {"static": "--", "engine-eager": ":"}.get(path_kind, "-")
         cs = [r["concurrency"] for r in series]
         for ax, key in zip(axes, ("output_tokens_per_s", "latency_p99_s", "ttfb_p99_s")):
             ax.plot(cs, [r[key] for r in series], style, marker="o", label=label)
@@ -244,11 +252,16 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per run")
     parser.add_argument("--prefill-tokens", type=int, default=8192)
     parser.add_argument("--no-static", action="store_true")
+    parser.add_argument("--cuda-graphs", default="on",
+                        help="on, off, or on,off: engine steps replayed as CUDA graphs, eager, both")  # fmt: skip
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    graph_modes = args.cuda_graphs.split(",")
+    if not graph_modes or any(m not in ("on", "off") for m in graph_modes):
+        parser.error(f"--cuda-graphs: expected on, off or on,off, got {args.cuda_graphs!r}")
     warnings.simplefilter("ignore", methods_lib.MissingProfileWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,7 +283,9 @@ def main(argv=None):
     full = methods_lib.get("fullcache")
     probe = Engine(model, method=full, cache=cache, kv_budget=1 << 20)
     longest = max(workload, key=lambda w: w[0] + w[1])
-    rows_full = probe.runner.footprint(longest[0], longest[1]).rows
+    rows_full = probe.runner.footprint(
+        longest[0], SamplingParams(gen_length=longest[1]).resolved(model)
+    ).rows
     kv_budget = int(args.kv_requests * rows_full * probe.pool.row_bytes)
     del probe
     rows = []
@@ -281,10 +296,12 @@ def main(argv=None):
         for C in concurrency:
             reqs = _requests(model, workload, max(C * args.requests_per_client, 4), 0,
                              block_length, args.tokens_per_step)  # fmt: skip
-            row = run_engine(model, method, cache, kv_budget, C, reqs, time_limit,
-                             args.prefill_tokens)  # fmt: skip
-            rows.append(dict(method=name, path="engine", concurrency=C, **row))
-            common.print_table(rows[-1:], list(rows[-1]))
+            for mode in graph_modes:
+                row = run_engine(model, method, cache, kv_budget, C, reqs, time_limit,
+                                 args.prefill_tokens, cuda_graphs=mode == "on")  # fmt: skip
+                path_kind = "engine" if mode == "on" else "engine-eager"
+                rows.append(dict(method=name, path=path_kind, concurrency=C, **row))
+                common.print_table(rows[-1:], list(rows[-1]))
             if name == "maskkv" and not args.no_static:
                 row = run_static(model, method, cache, kv_budget, C, reqs, time_limit)
                 rows.append(dict(method=name, path="static", concurrency=C, **row))
@@ -294,7 +311,7 @@ def main(argv=None):
         concurrency=concurrency, budget=budget, cache=args.cache, kv_budget_bytes=kv_budget,
         kv_requests=args.kv_requests, block_length=block_length,
         tokens_per_step=args.tokens_per_step, requests_per_client=args.requests_per_client,
-        time_limit_s=time_limit, prefill_tokens=args.prefill_tokens,
+        time_limit_s=time_limit, prefill_tokens=args.prefill_tokens, cuda_graphs=args.cuda_graphs,
         dtype=str(next(model.parameters()).dtype), saturates_at=saturation(rows),
     )  # fmt: skip
     path = common.save(f"serving_{args.preset}", device, config, rows, args.out)

@@ -395,11 +395,11 @@ class ScoredDenoiser(Denoiser):
         self.score_fn = score_fn
         self._layer = 0
 
-    def _prune(self, q, k, v, layer_budget, lse=None):
+    def select_prompt(self, q, k, v, layer_budget, lse=None):
         layer = self._layer
         self._layer = (self._layer + 1) % len(self.model.layers)
         if layer_budget is None or layer_budget >= self.Pc:
-            return super()._prune(q, k, v, layer_budget, lse)
+            return super().select_prompt(q, k, v, layer_budget, lse)
         scores, tail_mass = self.score_fn(layer, q[:, :, self.Pc :], k, self.Pc)
         scores = scores.contiguous()
         budgets = self.method.allocate_head_budgets(

@@ -41,7 +41,8 @@
 #              per-request calls vs padded SDPA, FullCache 32k x 4: ~200 s, cap 300
 #   serving    bench_serving at LLaDA-8B shape (4k/512 and 32k/256 prompts, budget 256, a KV
 #              budget of 2 FullCache 32k requests), concurrency 1-128, MaskKV vs FullCache
-#              (target >= 10x output tokens/s): ~400 s, cap 480
+#              (target >= 10x output tokens/s), each with the batched steps replayed as CUDA
+#              graphs and eager, side by side: ~400 s, cap 480
 #   llada2_*   the llada2-mini shape (block-causal MoE): step-1 attention candidates at 8k / 32k
 #              (chunked SDPA, per-block SDPA, [L, L] mask, FlexAttention), one MoE layer (loop vs
 #              grouped, shared expert fused or not), end to end at 8k / 32k, whole generation at
@@ -69,7 +70,7 @@ STAGE_LIST=(
   "racecheck|240|120|compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 python3 benchmarks/sanitize_kernels.py --tiny --quick --one-config"
   # ---- append new GPU benchmarks here: "name|cap|estimate|command" ----
   "varlen|300|200|python3 benchmarks/bench_ragged_varlen.py --preset gpu --out $RES"
-  "serving|480|400|python3 benchmarks/bench_serving.py --preset llada-8b --methods maskkv,fullcache --no-static --concurrency 1,8,32,128 --time-limit 20 --out $RES"
+  "serving|480|400|python3 benchmarks/bench_serving.py --preset llada-8b --methods maskkv,fullcache --no-static --concurrency 1,8,32,128 --time-limit 12 --cuda-graphs on,off --out $RES"
   "llada2_attention|150|90|python3 benchmarks/bench_block_causal.py --lens 8192,32768 --heads 16 --kv-heads 4 --chunks 4096,1024,256 --out $RES"
   "llada2_moe|120|60|python3 benchmarks/bench_moe.py --out $RES"
   "llada2_e2e|300|200|python3 benchmarks/bench_e2e.py --preset llada2-mini --prompt-lens 8192,32768 --methods nocache,fullcache,maskkv,snapkv --out $RES"

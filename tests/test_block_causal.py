@@ -214,8 +214,8 @@ def test_bad_arguments(models):
 
 
 def test_lm_eval_model_on_llada2(tmp_path):
-    """The lm-eval model on a LLaDA2 checkpoint: generate_until (two ragged prompts, one batch)
-    equals ``maskkv.generate`` on each prompt alone; a one-token likelihood is the exact
+    """The lm-eval model on a LLaDA2 checkpoint: generate_until (two ragged prompts, on the
+    serving engine) equals ``maskkv.generate`` on each prompt alone; a one-token likelihood is the exact
     log-probability of the block-causal forward over [context, MASK]."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
@@ -231,6 +231,7 @@ def test_lm_eval_model_on_llada2(tmp_path):
         for i, c in enumerate(contexts)
     ]
     outs = lm.generate_until(requests, disable_tqdm=True)
+    assert lm._engine_obj is not None  # served by the continuous-batching engine
     for context, text in zip(contexts, outs):
         ids = torch.tensor([lm._encode(context)])
         resp = generate(lm.model, ids, method="fullcache", gen_length=8, block_length=8,

@@ -20,7 +20,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from maskkv.eval_harness import TASKS_DIR, MaskKVLM, parse_model_args  # noqa: E402
 from maskkv.quality import tasks as task_lib  # noqa: E402
-from maskkv.quality.evaluate import DEFAULT_MODEL, evaluate_method, load_model  # noqa: E402
+from maskkv.quality.evaluate import (  # noqa: E402
+    ASSETS,
+    DEFAULT_MODEL,
+    evaluate_method,
+    load_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(DEFAULT_MODEL)
@@ -118,6 +123,33 @@ def test_generate_until_matches_unbatched_generate(lm):
     assert outs[0] == examples[0].answer and outs[1] == examples[1].answer
     assert outs[2] == examples[2].answer[:1]
     assert outs[4] == examples[4].answer[:2]
+
+
+def test_generate_until_runs_llada2_on_the_engine():
+    """The block-causal tiny-llada2-kv: generate_until runs on the serving engine (its default
+    DualCache) and gives what ``maskkv.generate`` gives each prompt alone with the same
+    defaults (LLaDA2's sampler, blocks of 32 from the first prompt token), ragged prompts and
+    lengths, model_args' block length."""
+    from maskkv.generation import generate
+
+    lm2 = MaskKVLM(pretrained=str(ASSETS / "tiny-llada2-kv"), method="maskkv", budget=16,
+                   batch_size=3, block_length=8)  # fmt: skip
+    engine = lm2._engine()
+    assert engine is not None and engine.policy.name == "dual"
+    examples = [
+        task_lib.make_example("passkey", 2 * 10**9 + i, n) for i, n in enumerate([96, 150, 120])
+    ]
+    lengths = [8, 13, 6]
+    requests = [
+        Instance("generate_until", {}, (ex.prompt, {"until": [], "max_gen_toks": g}), i)
+        for i, (ex, g) in enumerate(zip(examples, lengths))
+    ]
+    outs = lm2.generate_until(requests, disable_tqdm=True)
+    assert all(outs)  # the model answers (a code of three characters)
+    for ex, g, text in zip(examples, lengths, outs):
+        ids = torch.tensor([lm2._encode(ex.prompt)])
+        resp = generate(lm2.model, ids, method=lm2.method, gen_length=g, block_length=8)
+        assert text == lm2._decode_response(resp.responses[0].tolist(), [])
 
 
 def test_loglikelihood_one_token_is_exact(lm):

@@ -1,5 +1,6 @@
 """The serving engine (maskkv.serving): batch invariance against ``maskkv.generate`` on the
-shipped models, admission by KV bytes, exact accounting, chunked prompt passes, faults."""
+shipped models (LLaDA, Dream, block-causal LLaDA2) and a tiny LLaDA-MoE, admission by KV bytes,
+exact accounting, chunked prompt passes, faults. CUDA-graph buckets: tests/test_serving_graphs.py."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ import torch
 import maskkv
 from maskkv import methods
 from maskkv.cli_common import ASSETS
-from maskkv.generation import DualCache, Factor, PrefixCache, PromptCache, Threshold
+from maskkv.generation import DualCache, Factor, FixedSteps, PrefixCache, PromptCache, Threshold
 from maskkv.models import load_checkpoint
 from maskkv.serving import Engine, FinishReason, RequestTooLarge, SamplingParams
+from maskkv.testing import tiny_checkpoint
 
 warnings.filterwarnings("ignore", category=methods.MissingProfileWarning)
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {kind: load_checkpoint(ASSETS / f"tiny-{kind}-kv").eval() for kind in ("llada", "dream")}
+def models(tmp_path_factory):
+    out = {k: load_checkpoint(ASSETS / f"tiny-{k}-kv").eval() for k in ("llada", "dream", "llada2")}
+    path = tiny_checkpoint("lladamoe", tmp_path_factory.mktemp("lladamoe"), num_hidden_layers=2,
+                           moe_layer_freq=[0, 1])  # fmt: skip
+    out["lladamoe"] = load_checkpoint(path).eval()
+    return out
 
 
 def _workload(n: int, seed: int, rules: bool = True):
@@ -43,11 +49,34 @@ def _workload(n: int, seed: int, rules: bool = True):
     return prompts, params
 
 
+def _llada2_workload(n: int, seed: int):
+    """n LLaDA2 requests: prompts of 40-200 tokens (blocks counted from their first token),
+    generation lengths not multiples of the block, blocks of 2-8, the official threshold rule and
+    the others, greedy and sampled (top-k, top-p), the 2.1 editing loop, EOS early stop."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, params = [], []
+    shapes = [(10, 4, 4), (13, 2, 2), (7, 8, 4), (16, 4, 2), (12, 8, 8), (9, 2, 1)]
+    for i in range(n):
+        P = int(torch.randint(40, 200, (1,), generator=g))
+        prompts.append(torch.randint(0, 250, (P,), generator=g))
+        gen, block, steps = shapes[i % len(shapes)]
+        opts = dict(gen_length=gen, block_length=block, steps=steps, seed=i)
+        opts["decoding"] = [None, Threshold(0.6), Factor(1.0), FixedSteps()][i % 4]
+        if i % 3 == 1:
+            opts.update(temperature=0.8, top_k=40) if i % 2 else opts.update(temperature=0.7,
+                                                                            top_p=0.9)  # fmt: skip
+        if i % 5 == 2:
+            opts.update(editing_threshold=0.9, max_post_steps=2, decoding=Threshold(0.5))
+        if i % 7 == 3:
+            opts.update(eos_early_stop=True)
+        params.append(SamplingParams(**opts))
+    return prompts, params
+
+
 def _alone(model, method, cache, prompt, p: SamplingParams) -> list[int]:
-    out = maskkv.generate(
-        model, prompt[None], method=method, cache=cache, gen_length=p.gen_length,
-        block_length=p.block_length, steps=p.steps, decoding=p.decoding, seed=p.seed,
-    )  # fmt: skip
+    """``maskkv.generate`` on one request with the request's options."""
+    options = {name: getattr(p, name) for name in p.__dataclass_fields__ if name != "stop_at_eos"}
+    out = maskkv.generate(model, prompt[None], method=method, cache=cache, **options)
     return out.responses[0].tolist()
 
 
@@ -72,6 +101,33 @@ def test_batch_invariance_staggered_arrivals(models, kind, method_name, cache):
     _check_invariance(models[kind], method, cache, seed=sum(map(ord, kind + method_name)))
 
 
+MOE_CASES = [
+    ("llada2", "maskkv", DualCache()),
+    ("llada2", "fullcache", PromptCache()),
+    ("llada2", "snapkv", PrefixCache(refresh_prompt=True)),
+    ("llada2", "nocache", DualCache()),
+    ("lladamoe", "maskkv", DualCache()),
+    ("lladamoe", "adakv", PromptCache()),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "method_name", "cache"), MOE_CASES, ids=lambda c: getattr(c, "name", c)
+)
+def test_moe_families_batch_invariance(models, kind, method_name, cache):
+    """The same contract on the MoE families: LLaDA2 (block-causal; the shipped
+    tiny-llada2-kv) decodes block by block with its own sampler, its committed blocks' KV in the
+    pool (dual / prefix), every block recomputed (prompt), the window recomputed at each block
+    (refresh_prompt), or the window every step (NoCache); LLaDA-MoE runs LLaDA's sampler. Expert
+    rows per call depend on the batch, the tokens do not."""
+    method = methods.get(
+        method_name, **({} if method_name in ("fullcache", "nocache") else {"budget": 16})
+    )
+    workload = _llada2_workload if kind == "llada2" else _workload
+    _check_invariance(models[kind], method, cache, seed=sum(map(ord, kind + method_name)),
+                      workload=workload, n=12)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cache", [PromptCache(), DualCache()], ids=["prompt", "dual"])
@@ -83,14 +139,19 @@ def test_batch_invariance_on_cuda(models, cache, dtype):
     _check_invariance(model, methods.get("maskkv", budget=16), cache, seed=5)
 
 
-def _check_invariance(model, method, cache, seed: int) -> None:
+def _check_invariance(model, method, cache, seed: int, workload=_workload, n: int = 18,
+                      **engine_kw) -> Engine:  # fmt: skip
     device = next(model.parameters()).device
-    prompts, params = _workload(18, seed=seed)
+    prompts, params = workload(n, seed=seed)
     prompts = [p.to(device) for p in prompts]
     probe = Engine(model, method=method, cache=cache, kv_budget=1 << 26)
-    rows = [probe.runner.footprint(len(p), sp.gen_length).rows for p, sp in zip(prompts, params)]
-    budget = 6 * max(rows) * probe.pool.row_bytes  # a handful at a time: admission queues
-    engine = Engine(model, method=method, cache=cache, kv_budget=budget, prefill_tokens=300)
+    rows = [
+        probe.runner.footprint(len(p), sp.resolved(model)).rows for p, sp in zip(prompts, params)
+    ]
+    # a handful at a time: admission queues (NoCache holds no rows)
+    budget = max(6 * max(rows) * probe.pool.row_bytes, 1 << 16)
+    engine = Engine(model, method=method, cache=cache, kv_budget=budget, prefill_tokens=300,
+                    **engine_kw)  # fmt: skip
     reqs, peak, arrivals = [], 0, iter(range(len(prompts)))
     for it in range(10_000):
         for _ in range(3 if it % 2 == 0 else 0):  # three new requests every other iteration
@@ -103,10 +164,11 @@ def _check_invariance(model, method, cache, seed: int) -> None:
             break
     assert peak <= engine.pool.capacity_bytes
     assert engine.kv_bytes_in_use == 0
-    assert max(len(r.token_ids) for r in reqs) == 24
+    assert max(len(r.token_ids) for r in reqs) == max(p.gen_length for p in params)
     for req, prompt, p in zip(reqs, prompts, params):
         assert req.finish_reason is FinishReason.LENGTH
         assert req.token_ids == _alone(model, method, cache, prompt, p), req.request_id
+    return engine
 
 
 def test_generate_keeps_input_order_and_stops_at_eos(models):
@@ -137,7 +199,8 @@ def test_kv_bytes_are_exact_and_fifo_admission(models):
     model = models["dream"]
     method = methods.get("snapkv", budget=16)
     probe = Engine(model, method=method, cache="dual", kv_budget=1 << 24)
-    small, large = probe.runner.footprint(60, 8), probe.runner.footprint(200, 32)
+    small = probe.runner.footprint(60, SamplingParams(gen_length=8).resolved(model))
+    large = probe.runner.footprint(200, SamplingParams(gen_length=32).resolved(model))
     engine = Engine(
         model,
         method=method,
@@ -264,13 +327,14 @@ def test_bad_input_names_the_field(models):
         ([], dict(), "prompt: expected at least one token"),
         ("text", dict(), "prompt: text needs an engine with a tokenizer"),
         ([1.5, 2], dict(), "prompt: expected a string or a list of int"),
+        ([1, 2], dict(gen_length=8, block_length=3), "block_length: expected a divisor of"),
+        ([1, 2], dict(editing_threshold=0.9), "editing_threshold: a LLaDA2 option"),
     ]
     for prompt, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             engine.add_request(prompt, SamplingParams(**kw))
     for kw, msg in [
         (dict(gen_length=0), "gen_length: expected a positive int"),
-        (dict(gen_length=8, block_length=3), "block_length: expected a divisor of gen_length=8"),
         (dict(temperature=-1.0), "temperature"),
         (dict(seed=-1), "seed"),
         (dict(decoding="greedy"), "decoding"),
@@ -280,3 +344,31 @@ def test_bad_input_names_the_field(models):
     with pytest.raises(ValueError, match=r"prompts\[1\]: prompt: expected at least one token"):
         engine.generate([[1, 2], []], progress=False)
     assert engine.kv_bytes_in_use == 0 and not engine.has_unfinished()
+
+
+def test_moe_expert_rows_are_batch_invariant(models, monkeypatch):
+    """An MoE layer's output rows for one request's tokens do not depend on the other tokens
+    routed beside them (each expert's row count does): the loop backend's per-expert linears
+    and the grouped backend's calls (cut at ``GROUPED_ROWS_PER_EXPERT`` rows per expert, checked
+    here against one call) under ``batch_invariant``."""
+    from maskkv.generation import batch_invariant as bi
+    from maskkv.models import _moe
+
+    layer = models["llada2"].layers[1]  # layer 0 is dense
+    g = torch.Generator().manual_seed(0)
+    mine = torch.randn(1, 7, layer.mlp.gate.weight.shape[1], generator=g)
+    others = torch.randn(1, 61, mine.shape[2], generator=g)
+    monkeypatch.setattr(_moe, "MOE_BACKEND", "loop")
+    with torch.no_grad(), bi.batch_invariant():
+        alone = layer.mlp_block(mine)
+        packed = layer.mlp_block(torch.cat([others[:, :30], mine, others[:, 30:]], 1))
+    assert torch.equal(packed[:, 30:37], alone)
+    E = len(layer.mlp.experts)
+    a, w = torch.randn(50, 16, generator=g), torch.randn(E, 16, 8, generator=g)
+    offs = torch.linspace(0, 50, E + 1)[1:].round().to(torch.int32)
+    offs[E // 2] = offs[E // 2 - 1]  # an empty group
+    whole = torch._grouped_mm(a, w, offs=offs)
+    monkeypatch.setattr(bi, "GROUPED_ROWS_PER_EXPERT", 1)  # calls of E rows
+    with bi.batch_invariant():
+        cut = torch._grouped_mm(a, w, offs=offs)
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-6)

@@ -169,6 +169,45 @@ def test_openai_client_matches_generate(server):
     server.wait_idle()
 
 
+def test_llada2_server_matches_generate():
+    """The block-causal tiny-llada2-kv served (its default DualCache): completions and a stream
+    give ``maskkv.generate``'s answer alone, LLaDA2's sampler with its default steps per block,
+    the generation length ``max_tokens``; one stream chunk per committed block."""
+    s = _Server("--model", "tiny-llada2-kv", "--method", "maskkv", "--budget", "16",
+                "--kv-budget", "4MiB")  # fmt: skip
+    try:
+        engine = s.engine.engine
+        assert engine.policy.name == "dual"
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)  # fmt: skip
+        eos = engine.model.config.eos_token_id
+
+        def reference(prompt: str, max_tokens: int, block: int) -> str:
+            ids = engine.tokenizer(prompt)["input_ids"]
+            out = maskkv.generate(
+                engine.model, torch.tensor([ids]), method=engine.method, cache=engine.policy,
+                gen_length=max_tokens, block_length=block,
+            ).responses[0].tolist()  # fmt: skip
+            out = out[: out.index(eos)] if eos in out else out
+            return engine.tokenizer.decode(out, skip_special_tokens=True)
+
+        for i, prompt in enumerate(PROMPTS[:4]):
+            r = client.completions.create(
+                model="tiny-llada2-kv", prompt=prompt, max_tokens=[6, 13][i % 2],
+                extra_body={"block_length": [32, 8][i % 2]},
+            )  # fmt: skip
+            assert r.choices[0].text == reference(prompt, [6, 13][i % 2], [32, 8][i % 2])
+        stream = client.completions.create(
+            model="tiny-llada2-kv", prompt=PROMPTS[4], max_tokens=12, stream=True,
+            extra_body={"block_length": 4},
+        )  # fmt: skip
+        texts = [c.choices[0].text for c in stream if c.choices[0].text]
+        assert "".join(texts) == reference(PROMPTS[4], 12, 4)
+        s.wait_idle()
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize(
     ("body", "param", "status"),
     [

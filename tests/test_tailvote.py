@@ -109,7 +109,7 @@ def test_an_lse_of_the_response_rows_only_is_not_used_for_the_tail_vote(models):
     logits = q[:, :, P:] @ k.repeat_interleave(G, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
     lse_response = torch.logsumexp(logits.float(), -1)  # [1, Hq, R]: not the tail's R + 1 rows
     budget = den.stats.layer_budgets[1]
-    got = den._prune(q, k, v, budget, lse_response)
+    got = den.select_prompt(q, k, v, budget, lse_response)
     assert torch.equal(got.positions, den.caches[1].positions)
     assert torch.equal(got.cu_seqlens, den.caches[1].cu_seqlens)
 

@@ -380,7 +380,11 @@ class MaskKVLM(LM):
 
     def _schedule(self, gen_length: int) -> tuple[int, int]:
         """(block_length, steps) for a request of ``gen_length`` tokens: model_args' block, the
-        model_args' tokens-per-step ratio, steps a multiple of the number of blocks."""
+        model_args' tokens-per-step ratio, steps a multiple of the number of blocks. LLaDA2
+        (block-causal): model_args' block_length and steps as they are (steps per block; None:
+        the sampler's defaults)."""
+        if getattr(self.model, "dllm_kind", "llada") == "llada2":
+            return self.opts["block_length"], self.opts["steps"]
         block = min(self.opts["block_length"] or self.opts["gen_length"], gen_length)
         if gen_length % block:
             raise ValueError(
@@ -394,15 +398,13 @@ class MaskKVLM(LM):
 
     def _engine(self):
         """The serving engine (``maskkv.serving.Engine``) that runs ``generate_until``, or None
-        where it cannot (classifier-free guidance, dLLM-Cache, LLaDA2): then left-padded batches of
+        where it cannot (classifier-free guidance, dLLM-Cache): then left-padded batches of
         ``maskkv.generate`` run instead. ``batch_size`` is the most requests running at once."""
         from maskkv.generation import DLLMCache
         from maskkv.serving import Engine
 
         cache = self.opts["policy_kwargs"].get("cache")
         if float(self.opts["cfg"]) > 0 or isinstance(cache, DLLMCache):
-            return None
-        if getattr(self.model, "dllm_kind", "llada") == "llada2":  # not served yet
             return None
         if getattr(self, "_engine_obj", None) is None:
             self._engine_obj = Engine(
@@ -452,12 +454,8 @@ class MaskKVLM(LM):
             groups.setdefault((job[3], job[4]), []).append(job)
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="maskkv generate", disable=disable_tqdm or self.rank)
-        block_causal = getattr(self.model, "dllm_kind", "llada") == "llada2"
         for (gen_length, temperature), group in groups.items():
-            if block_causal:  # LLaDA2: its own block length and steps per block (default 32)
-                block, steps = self.opts["block_length"], self.opts["steps"]
-            else:
-                block, steps = self._schedule(gen_length)
+            block, steps = self._schedule(gen_length)
             for s in range(0, len(group), self.batch_size):
                 batch = group[s : s + self.batch_size]
                 P = max(len(j[1]) for j in batch)

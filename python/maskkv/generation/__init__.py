@@ -9,11 +9,12 @@ import torch
 
 from ..methods import LayerProfile, Method, get
 from .batch_invariant import batch_invariant as batch_invariant_mode
+from .block_causal import BlockLayout
 from .decoding import DecodingRule, Factor, FixedSteps, Threshold, get_rule
 from .dream import ALGORITHMS, dream_steps
 from .engine import Denoiser, FirstPassMemo, StepStats
 from .llada import LLADA_EOT_TOKEN_ID, REMASKING, llada_steps
-from .llada2 import BLOCK_MASKS, ZERO_TEMPERATURE, generate_llada2
+from .llada2 import BLOCK_MASKS, ZERO_TEMPERATURE, generate_llada2, llada2_steps
 from .policies import CachePolicy, DLLMCache, DualCache, PrefixCache, PromptCache, get_policy
 from .stepwise import run_sampler
 
@@ -154,6 +155,35 @@ def resolve_steps(
     return steps
 
 
+def check_llada2_schedule(
+    gen_length: int,
+    block_length: int | None,
+    steps: int | None,
+    decoding: DecodingRule | None,
+    minimal_topk: int,
+    editing_threshold: float | None,
+) -> tuple[int, int]:
+    """(block_length, steps) of a LLaDA2 generation (defaults 32 and 32 per block), after
+    checking them and the options that depend on them."""
+    block_length = LLADA2_DEFAULT_BLOCK_LENGTH if block_length is None else block_length
+    steps = LLADA2_DEFAULT_STEPS if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(block_length, int) or isinstance(block_length, bool) or block_length < 1:
+        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    if minimal_topk > gen_length:
+        raise ValueError(
+            f"minimal_topk: expected at most gen_length={gen_length} (steps = gen_length // "
+            f"minimal_topk), got {minimal_topk}"
+        )
+    if editing_threshold is not None and isinstance(decoding, FixedSteps):
+        raise ValueError(
+            "decoding: the LLaDA2.1 editing loop reveals by threshold (Threshold(tau), "
+            "Factor(f) or None), not FixedSteps()"
+        )
+    return block_length, steps
+
+
 def _eot(model) -> int:
     eot_id = getattr(model.config, "eot_token_id", None)
     return LLADA_EOT_TOKEN_ID if eot_id is None else eot_id
@@ -178,13 +208,31 @@ def sampler_steps(
     top_k: int | None = None,
     eps: float = 1e-3,
     confidence_dtype: torch.dtype | None = None,
+    zero_temperature: str = "greedy",
+    block_mask: str = "causal",
+    eos_early_stop: bool = False,
+    minimal_topk: int = 1,
+    editing_threshold: float | None = None,
+    max_post_steps: int = 16,
     progress=None,
     on_reveal=None,
 ):
     """The model family's sampler over ``input_ids`` [B, P] as a step-wise generator
     (``maskkv.generation.stepwise``), with checked options (``generate``'s meaning; ``steps``
-    resolved by ``resolve_steps``). ``generate`` drives it with a ``Denoiser``; the serving
-    engine drives one per request."""
+    resolved by ``resolve_steps``, LLaDA2's by ``check_llada2_schedule``). ``generate`` drives
+    it with a ``Denoiser``; the serving engine drives one per request. LLaDA2's sampler runs on
+    the block layout of ``input_ids`` (``BlockLayout.build``, no padding) in tail coordinates
+    (``llada2_steps``); ``block_mask`` is the denoiser's business."""
+    if getattr(model, "dllm_kind", "llada") == "llada2":
+        cfg = model.config
+        layout, x = BlockLayout.build(input_ids, None, gen_length, block_length, cfg.mask_token_id)
+        return llada2_steps(
+            layout, x, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, steps=steps,
+            decoding=decoding, temperature=temperature, top_k=top_k, top_p=top_p,
+            zero_temperature=zero_temperature, eos_early_stop=eos_early_stop,
+            minimal_topk=minimal_topk, editing_threshold=editing_threshold,
+            max_post_steps=max_post_steps, progress=progress, on_reveal=on_reveal,
+        )  # fmt: skip
     common = dict(
         mask_id=model.config.mask_token_id,
         gen_length=gen_length,
@@ -386,7 +434,7 @@ def generate(
             eos_early_stop=eos_early_stop, minimal_topk=minimal_topk,
             editing_threshold=editing_threshold, max_post_steps=max_post_steps, profile=profile,
             token_chunk=token_chunk, backend=backend, cuda_graphs=cuda_graphs, seed=seed,
-            progress=progress,
+            progress=progress, batch_invariant=batch_invariant,
         )  # fmt: skip
     steps = resolve_steps(
         model, gen_length, steps, block_length, logits_eos_inf, confidence_eos_eot_inf
@@ -472,27 +520,15 @@ def _seeded(seed: int | None, device: torch.device):
 
 def _generate_llada2(
     model, input_ids, attention_mask, *, method, cache, decoding, gen_length, block_length,
-    steps, cfg_scale, seed, progress, profile, **kwargs,
+    steps, cfg_scale, seed, progress, profile, batch_invariant, **kwargs,
 ) -> GenerationOutput:  # fmt: skip
     """``generate`` for a block-causal model (LLaDA2): validation, then ``generate_llada2``."""
-    block_length = LLADA2_DEFAULT_BLOCK_LENGTH if block_length is None else block_length
-    steps = LLADA2_DEFAULT_STEPS if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not isinstance(block_length, int) or isinstance(block_length, bool) or block_length < 1:
-        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    block_length, steps = check_llada2_schedule(
+        gen_length, block_length, steps, decoding, kwargs["minimal_topk"],
+        kwargs["editing_threshold"],
+    )  # fmt: skip
     if cfg_scale:
         raise ValueError("cfg_scale: expected 0 for LLaDA2 (its sampler has no guidance)")
-    if kwargs["minimal_topk"] > gen_length:
-        raise ValueError(
-            f"minimal_topk: expected at most gen_length={gen_length} (steps = gen_length // "
-            f"minimal_topk), got {kwargs['minimal_topk']}"
-        )
-    if kwargs["editing_threshold"] is not None and isinstance(decoding, FixedSteps):
-        raise ValueError(
-            "decoding: the LLaDA2.1 editing loop reveals by threshold (Threshold(tau), "
-            "Factor(f) or None), not FixedSteps()"
-        )
     if profile is None and getattr(model, "name_or_path", None):
         profile = LayerProfile.find(model.name_or_path)
     if isinstance(cache, str) or cache is None:
@@ -506,7 +542,7 @@ def _generate_llada2(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        with _seeded(seed, device):
+        with _seeded(seed, device), batch_invariant_mode(batch_invariant):
             seqs, stats = generate_llada2(
                 model, input_ids, attention_mask, method=method, cache=cache,
                 decoding=decoding, gen_length=gen_length, block_length=block_length,

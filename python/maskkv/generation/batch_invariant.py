@@ -21,6 +21,15 @@ of the models) by ``invariant_linear``:
   shape only, to be checked by ``tests/test_serving.py`` on a GPU). The cost is the padding of
   the last chunk and, for long prompt passes, one GEMM per chunk instead of one per layer.
 
+Mixture-of-experts layers run their experts on the rows routed to each, so an expert's row count
+depends on the whole batch. The loop backend calls ``F.linear`` per expert (covered above). The
+grouped backend's ``torch._grouped_mm`` picks its CUTLASS tile by the average rows per expert
+(torch 2.11: one configuration up to 128 rows per expert, another above); ``invariant_grouped_mm``
+keeps every call in the first regime by cutting the rows into calls of at most
+``GROUPED_ROWS_PER_EXPERT`` rows per expert (the row offsets stay on the device: no host sync).
+A row's dot products run in one tile whatever its neighbours, so its bits are then fixed (checked
+on a GPU by ``tests/test_serving_graphs.py``).
+
 ``maskkv.generate`` and the serving engine both run under it, so a request served among others
 gives the tokens it gives alone. Full passes (step 1's [prompt ‖ response] pass, a NoCache step, a
 block-start pass that refreshes the prompt) run one request at a time in both, so their shapes
@@ -37,10 +46,19 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CHUNK_ROWS", "MIN_ROWS", "batch_invariant", "invariant_linear", "plain_linears"]
+__all__ = [
+    "CHUNK_ROWS",
+    "GROUPED_ROWS_PER_EXPERT",
+    "MIN_ROWS",
+    "batch_invariant",
+    "invariant_grouped_mm",
+    "invariant_linear",
+    "plain_linears",
+]
 
 MIN_ROWS = 16
 CHUNK_ROWS = {"cpu": 64, "cuda": 256}
+GROUPED_ROWS_PER_EXPERT = 128
 
 _thread = threading.local()  # ``plain``: inside ``plain_linears`` (modes are per thread too)
 
@@ -80,6 +98,26 @@ def invariant_linear(
     return out.reshape(*lead, out.shape[-1])
 
 
+def invariant_grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, *, offs: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs)`` (a [S, K] rows sorted by group, b [E, K, N], offs
+    int32 [E] cumulative group ends) in calls of at most ``GROUPED_ROWS_PER_EXPERT * E`` rows,
+    so that the library's tile choice, which follows S / E, never changes with the batch.
+    Returns [S, N]."""
+    if a.dim() != 2 or b.dim() != 3 or kwargs:
+        return torch._grouped_mm(a, b, offs=offs, **kwargs)
+    S, C = a.shape[0], GROUPED_ROWS_PER_EXPERT * b.shape[0]
+    if S <= C:
+        return torch._grouped_mm(a, b, offs=offs)
+    outs = []
+    for s in range(0, S, C):
+        n = min(C, S - s)
+        local = (offs - s).clamp(0, n).to(offs.dtype)  # this call's group ends, on the device
+        outs.append(torch._grouped_mm(a[s : s + n], b, offs=local))
+    return torch.cat(outs)
+
+
 def _pad_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
     """rows [M, K] followed by n - M zero rows (rows itself when n == M)."""
     if n == rows.shape[0]:
@@ -90,7 +128,8 @@ def _pad_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class batch_invariant(TorchFunctionMode):
-    """Context manager: every ``F.linear`` inside runs as ``invariant_linear``.
+    """Context manager: every ``F.linear`` inside runs as ``invariant_linear``, every
+    ``torch._grouped_mm`` as ``invariant_grouped_mm``.
 
     ``batch_invariant(enabled=False)`` is a no-op (the plain kernels). Modes are per thread: a
     thread that runs the model enters its own.
@@ -108,6 +147,9 @@ class batch_invariant(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not getattr(_thread, "plain", False):
-            return invariant_linear(*args, **kwargs)
+        if not getattr(_thread, "plain", False):
+            if func is F.linear:
+                return invariant_linear(*args, **kwargs)
+            if func is torch._grouped_mm:
+                return invariant_grouped_mm(*args, **kwargs)
         return func(*args, **kwargs)

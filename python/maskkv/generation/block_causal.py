@@ -35,7 +35,7 @@ bidirectional response, and the committed-block cache is exact.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,17 @@ import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
 from ..models._common import block_causal_attention
-from .engine import Denoiser, _chunked, _qkv_chunked
-from .policies import CachePolicy, DLLMCache, DualCache, PromptCache
+from .engine import Denoiser
+from .passes import FullPass, KVSink, chunked, run_layers
+from .policies import CachePolicy, DLLMCache, DualCache, PromptCache, StepPlan
 
-__all__ = ["BlockCausalDenoiser", "BlockLayout", "soft_block_attention"]
+__all__ = [
+    "BlockCausalDenoiser",
+    "BlockLayout",
+    "BlockProgress",
+    "WindowPass",
+    "soft_block_attention",
+]
 
 
 @dataclass
@@ -171,8 +178,101 @@ def soft_block_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+@dataclass
+class BlockProgress:
+    """Where a block-causal generation stands between two forward passes, and what the next
+    pass computes (``plan``). ``BlockCausalDenoiser`` keeps one for ``maskkv.generate``; every
+    LLaDA2 request of the serving engine keeps its own, so both schedule the same passes.
+
+    Args:
+        block_length: positions per block.
+        caching: the method caches the prompt (NoCache: a window pass every step).
+        stored: the committed blocks' KV are kept (``DualCache`` / ``PrefixCache``).
+        refresh_prompt: each block start recomputes the window (re-selecting the prompt).
+    """
+
+    block_length: int
+    caching: bool
+    stored: bool
+    refresh_prompt: bool
+    block: int = 0  # the current generation block
+    built: bool = False  # the prompt cache exists
+    refresh: bool = False  # the next pass recomputes the window
+    commits: list[int] = field(default_factory=list)  # blocks whose final KV is still to write
+
+    def begin_block(self, nb: int) -> None:
+        """Block ``nb`` starts; blocks before it are final. With stored block KV, block nb - 1
+        is committed by the next pass (one pass over its final tokens), or the window is
+        recomputed (``refresh_prompt``)."""
+        self.block = nb
+        if nb == 0 or not self.built or not self.stored:
+            return
+        if self.refresh_prompt:
+            self.refresh = True
+        else:
+            self.commits.append(nb - 1)
+
+    def plan(self) -> StepPlan:
+        """The next pass, in tail coordinates (the tail is everything after the complete prompt
+        blocks): ``"full"`` the window [0, end of the current block) (building the prompt cache
+        for a caching method); ``"commit"`` block [lo, hi)'s final tokens, to store their KV (no
+        logits); ``"tail"`` positions [lo, hi) against the pruned prompt (stored: the current
+        block over the committed ones; PromptCache: every generation block up to the current
+        one, block j reading blocks 0..j)."""
+        bl = self.block_length
+        if not self.caching or not self.built or self.refresh:
+            return StepPlan("full", refresh=True)
+        if self.commits:
+            c = self.commits[0]
+            return StepPlan("commit", c * bl, (c + 1) * bl, refresh=True)
+        nb = self.block
+        return StepPlan("tail", nb * bl if self.stored else 0, (nb + 1) * bl)
+
+    def ran(self, plan: StepPlan) -> None:
+        """``plan``'s pass ran."""
+        if plan.kind == "full":
+            self.built, self.refresh = self.caching, False
+        elif plan.kind == "commit":
+            self.commits.pop(0)
+
+
+class WindowPass(FullPass):
+    """A block-causal model's full pass: [0, end of block ``nb``) through every layer (block-causal
+    attention, or the LLaDA2.1 file's additive mask with ``soft_mask``), the prompt cache built
+    (pruned by the method) and, with stored block KV, the committed blocks' KV [head, block nb's
+    start) handed to the sink. ``hidden`` covers positions [0, end of block nb)."""
+
+    def __init__(self, denoiser: BlockCausalDenoiser, x, nb: int, *, build_cache: bool, sink):
+        lay = denoiser.layout
+        lo, hi = lay.block(nb)
+        if build_cache:
+            # MaskKV's voters: the current block's mask queries (``select_prompt`` reads
+            # q[:, :, P:]): at step 1 the first block's masks, at a refresh the new block.
+            denoiser.P = lay.mask_start if nb == 0 else lo
+        super().__init__(denoiser, x[:, :hi], build_cache=build_cache, sink=sink, tail_end=lo)
+        valid = denoiser._key_valid
+        self.valid = None if valid is None else valid[:, :hi]
+
+    def _attend(self, layer, q, k, v):
+        den = self.den
+        if den.soft_mask:
+            attn = soft_block_attention(q, k, v, den.layout.block_length, self.valid)
+        else:
+            attn = block_causal_attention(q, k, v, den.layout.block_length, self.valid)
+        self.hidden = layer.attn_output(self.hidden, attn)
+        return None
+
+    def _mlp(self, layer) -> None:
+        self.hidden = chunked(layer.mlp_block, self.hidden, self.den.token_chunk)
+
+
 class BlockCausalDenoiser(Denoiser):
     """Logits of the current block, one call per denoising step, for a block-causal model.
+
+    The sampler (``llada2_steps``) speaks the ``Denoiser`` protocol in tail coordinates (the
+    tail is ``x[:, layout.head:]``): ``begin_block(lo, hi)`` at each block start, then
+    ``denoiser(x, need)`` -> logits of the block positions ``need`` (bool [B, T]). What each
+    call runs is ``BlockProgress.plan``'s.
 
     Args:
         model: a block-causal model (``LLaDA2MoeModelLM``: the layer protocol of ``_common``).
@@ -215,8 +315,13 @@ class BlockCausalDenoiser(Denoiser):
         self.layout = layout
         self.Pc = layout.head  # the cached region: the complete prompt blocks
         self.soft_mask = soft_mask
-        self._stored = method.caches_prompt and not isinstance(cache, PromptCache)
-        self._refresh_next = False
+        self.progress = BlockProgress(
+            layout.block_length,
+            caching=method.caches_prompt,
+            stored=method.caches_prompt and not isinstance(cache, PromptCache),
+            refresh_prompt=getattr(cache, "refresh_prompt", False),
+        )
+        self._block = (0, layout.block_length)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -230,51 +335,26 @@ class BlockCausalDenoiser(Denoiser):
     def _rotary(self, lo: int, hi: int):
         return self.model.rotary(self._positions[:, lo:hi])
 
+    def head_logits(self, h: torch.Tensor, need: torch.Tensor, offset: int) -> torch.Tensor:
+        """Logits [n, vocab] of tail positions ``need`` (bool [B, T], tail coordinates),
+        row-major, from hidden states ``h`` whose first column is absolute position ``offset``."""
+        rows, cols = need.nonzero(as_tuple=True)
+        return self.model.head(h[rows, cols + (self.Pc - offset)][None])[0]
+
     # -- passes -----------------------------------------------------------------------------------
 
-    def _window_pass(self, x: torch.Tensor, nb: int, build: bool) -> torch.Tensor:
-        """[0, end of block nb) through every layer, block-causally; with ``build`` the prompt
-        caches are (re)built (pruned by the method) and, with stored response KV, the committed
-        blocks' KV written. Returns hidden states [B, block_length, d] of block nb."""
-        model, Pc, chunk, lay = self.model, self.Pc, self.token_chunk, self.layout
-        lo, hi = lay.block(nb)
-        cos, sin = self._rotary(0, hi)
-        h = model.embed(x[:, :hi])
-        caches: list[mk.RaggedKV] = []
-        budgets = None
-        if build:
-            # MaskKV's voters: the current block's mask queries (``_prune`` reads q[:, :, P:]):
-            # at step 1 the first block's masks, at a refresh the new block (all masks).
-            self.P = lay.mask_start if nb == 0 else lo
-            self.stats.prompt_kv_bytes_full = 0
-            if self.method.evicts:
-                budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
-                self.stats.layer_budgets = list(budgets)
-        valid = None if self._key_valid is None else self._key_valid[:, :hi]
-        for i, layer in enumerate(model.layers):
-            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            if self.soft_mask:
-                attn = soft_block_attention(q, k, v, lay.block_length, valid)
-            else:
-                attn = block_causal_attention(q, k, v, lay.block_length, valid)
-            if build:
-                self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
-                caches.append(self._prune(q, k, v, None if budgets is None else budgets[i]))
-                if self._stored:
-                    self._tail_buffer(i, k)[:, :, : lo - Pc] = k[:, :, Pc:lo]
-                    self._tail_buffer(i, v, values=True)[:, :, : lo - Pc] = v[:, :, Pc:lo]
-            del q, k, v  # the layer's full KV dies before the next layer runs
-            h = layer.attn_output(h, attn)
-            del attn
-            h = _chunked(layer.mlp_block, h, chunk)
-        if build:
-            self.caches = caches
-            self._graphs.clear()  # captured steps read the old caches' addresses
-            self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
-            if self.stats.first_kept_positions is None and self.method.evicts:
-                self.stats.first_kept_positions = [c.positions.cpu() for c in caches]
-            self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
-        return h[:, lo:hi]
+    def start_window_pass(self, x: torch.Tensor, nb: int, sink: KVSink | None = None) -> WindowPass:
+        """The window pass of block ``nb`` over ``x`` [B, layout.length], not yet run: a caching
+        method builds its prompt cache (and, with stored block KV, the committed blocks' KV)
+        into ``sink`` (default: this denoiser's own). Its ``hidden`` feeds
+        ``head_logits(pass.hidden, need, 0)``."""
+        build, sink = self._pass_sink(x, sink)
+        return WindowPass(self, x, nb, build_cache=build, sink=sink)
+
+    def _store_tail(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self._tail_buffer(i, k)[:, :, :n] = k
+        self._tail_buffer(i, v, values=True)[:, :, :n] = v
 
     def _tail_buffer(self, i: int, like: torch.Tensor, values: bool = False) -> torch.Tensor:
         """Layer i's committed-block K (or V) buffer [B, Hkv, blocks * block_length, D]."""
@@ -294,18 +374,17 @@ class BlockCausalDenoiser(Denoiser):
         Returns logits [B, block_length, vocab]."""
         bl = self.layout.block_length
         lo, hi = nb * bl, (nb + 1) * bl
-        h = self.model.embed(ids)
-        for i, (layer, cache) in enumerate(zip(self.model.layers, self.caches)):
-            q, k, v = layer.qkv(h, cos, sin)
+
+        def attend(i, q, k, v):
             k_tail, v_tail = self._tail_buffer(i, k), self._tail_buffer(i, v, values=True)
             k_tail[:, :, lo:hi] = k
             v_tail[:, :, lo:hi] = v
-            attn = mk.ragged_attention(
-                q, cache, k_tail[:, :, :hi], v_tail[:, :, :hi], backend=self._backend,
+            return mk.ragged_attention(
+                q, self.caches[i], k_tail[:, :, :hi], v_tail[:, :, :hi], backend=self._backend,
                 check_inputs=False,
             )  # fmt: skip
-            h = layer.attn_output(h, attn)
-            h = layer.mlp_block(h)
+
+        h = run_layers(self.model, self.model.embed(ids), cos, sin, attend, self.token_chunk)
         return self.model.head(h)
 
     def _block_pass(self, x: torch.Tensor, nb: int) -> torch.Tensor:
@@ -338,66 +417,77 @@ class BlockCausalDenoiser(Denoiser):
     def _recompute_pass(self, x: torch.Tensor, nb: int) -> torch.Tensor:
         """PromptCache: generation blocks 0..nb recomputed against the prompt cache, block j's
         queries reading [prompt cache ‖ blocks 0..j]. Returns logits of block nb."""
-        lay, model, chunk = self.layout, self.model, self.token_chunk
+        lay = self.layout
         bl, lo = lay.block_length, lay.head
         hi = lay.block(nb)[1]
         cos, sin = self._rotary(lo, hi)
-        h = model.embed(x[:, lo:hi])
-        for layer, cache in zip(model.layers, self.caches):
-            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            attn = torch.cat(
-                [
-                    mk.ragged_attention(
-                        q[:, :, j * bl : (j + 1) * bl],
-                        cache,
-                        k[:, :, : (j + 1) * bl],
-                        v[:, :, : (j + 1) * bl],
-                        backend=self._backend,
-                        check_inputs=False,
-                    )  # fmt: skip
-                    for j in range(nb + 1)
-                ],
-                2,
-            )
-            h = layer.attn_output(h, attn)
-            h = _chunked(layer.mlp_block, h, chunk)
-        return model.head(h[:, nb * bl :])
+
+        def attend(i, q, k, v):
+            return recompute_attention(q, self.caches[i], k, v, bl, self._backend)
+
+        h = run_layers(self.model, self.model.embed(x[:, lo:hi]), cos, sin, attend,
+                       self.token_chunk)  # fmt: skip
+        return self.model.head(h[:, nb * bl :])
 
     # -- the public calls -------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def start_block(self, x: torch.Tensor, nb: int) -> None:
-        """The sampler starts generation block ``nb`` of ``x``; blocks before it are final. With
-        stored block KV, block nb - 1 is committed here (one pass over its final tokens), or
-        the next step recomputes the window (``refresh_prompt``)."""
+    def begin_block(self, lo: int, hi: int) -> None:
+        """The sampler starts the block at tail positions [lo, hi); blocks before it are final."""
+        self._block = (lo, hi)
         self._block_step = 0
-        if nb == 0 or self.caches is None or not self._stored:
-            return
-        if self.policy.refresh_prompt:
-            self._refresh_next = True
-            return
-        self._timed(lambda: self._block_pass(x, nb - 1), "tail", True, x.device)
+        self.progress.begin_block(lo // self.layout.block_length)
 
     @torch.no_grad()
-    def block_logits(self, x: torch.Tensor, nb: int) -> torch.Tensor:
-        """x: [B, layout.length] token ids; nb: the current block.
-        Returns fp32 logits [B, block_length, vocab] of block nb."""
+    def __call__(self, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """x: [B, layout.length]; need: bool [B, T] positions of the current block (tail
+        coordinates). Returns fp32 logits [n, vocab] of ``need``, row-major. Commits a finished
+        block first where one is pending."""
         if self._positions is None:
             self._setup(x)
-        caching = self.method.caches_prompt
-        if not caching or self.caches is None or self._refresh_next:
-            # NoCache every step; a caching method at step 1 and at a prompt refresh.
-            self._refresh_next = False
-            logits = self._timed(
-                lambda: self.model.head(self._window_pass(x, nb, build=caching)), "full", True,
-                x.device,
-            )  # fmt: skip
-        elif self._stored:
-            logits = self._timed(lambda: self._block_pass(x, nb), "tail", False, x.device)
+        self._commit(x)
+        plan = self.progress.plan()
+        nb = self.progress.block
+        if plan.kind == "full":
+            run = lambda: self.head_logits(self._window_hidden(x, nb), need, 0)  # noqa: E731
         else:
-            logits = self._timed(lambda: self._recompute_pass(x, nb), "tail", False, x.device)
+            lo, hi = self._block
+            pass_ = self._block_pass if self.progress.stored else self._recompute_pass
+            run = lambda: pass_(x, nb)[need[:, lo:hi]]  # noqa: E731
+        logits = self._timed(run, "full" if plan.kind == "full" else "tail", plan.kind == "full",
+                             x.device)  # fmt: skip
+        self.progress.ran(plan)
         self._block_step += 1
         return logits.float()
+
+    def _window_hidden(self, x: torch.Tensor, nb: int) -> torch.Tensor:
+        full = self.start_window_pass(x, nb)
+        full.run()
+        return full.hidden
+
+    def _commit(self, x: torch.Tensor) -> None:
+        """Run the pending commit passes (final blocks' KV into the committed buffer)."""
+        while (plan := self.progress.plan()).kind == "commit":
+            nb = plan.lo // self.layout.block_length
+            self._timed(lambda nb=nb: self._block_pass(x, nb), "tail", True, x.device)
+            self.progress.ran(plan)
+
+    @torch.no_grad()
+    def start_block(self, x: torch.Tensor, nb: int) -> None:
+        """``begin_block`` for block ``nb`` of ``x``, committing block nb - 1 at once (benchmarks
+        and tests drive the denoiser with it and ``block_logits``)."""
+        bl = self.layout.block_length
+        self.begin_block(nb * bl, (nb + 1) * bl)
+        if self._positions is None:
+            self._setup(x)
+        self._commit(x)
+
+    def block_logits(self, x: torch.Tensor, nb: int) -> torch.Tensor:
+        """x: [B, layout.length]; nb: the current block (as set by ``start_block``; block 0 when
+        never set). Returns fp32 logits [B, block_length, vocab] of block nb."""
+        bl = self.layout.block_length
+        need = torch.zeros(x.shape[0], x.shape[1] - self.Pc, dtype=torch.bool, device=x.device)
+        need[:, nb * bl : (nb + 1) * bl] = True
+        return self(x, need).view(x.shape[0], bl, -1)
 
     def _timed(self, run, kind: str, refresh: bool, device: torch.device) -> torch.Tensor:
         self._sync(device)
@@ -409,3 +499,24 @@ class BlockCausalDenoiser(Denoiser):
         self.stats.step_refresh.append(refresh)
         self.stats.response_kv_bytes = max(self.stats.response_kv_bytes, self._response_bytes())
         return out
+
+
+def recompute_attention(q, cache, k, v, block_length: int, backend: str) -> torch.Tensor:
+    """PromptCache's attention of generation blocks 0..nb computed together: q [B, Hq, n * bl, D],
+    k, v [B, Hkv, n * bl, D]; block j's queries read [cache ‖ blocks 0..j] (one
+    ``ragged_attention`` per block). Returns [B, Hq, n * bl, D]."""
+    bl = block_length
+    return torch.cat(
+        [
+            mk.ragged_attention(
+                q[:, :, j * bl : (j + 1) * bl],
+                cache,
+                k[:, :, : (j + 1) * bl],
+                v[:, :, : (j + 1) * bl],
+                backend=backend,
+                check_inputs=False,
+            )  # fmt: skip
+            for j in range(q.shape[2] // bl)
+        ],
+        2,
+    )

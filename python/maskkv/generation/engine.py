@@ -43,218 +43,28 @@ import maskkv_kernels as mk
 
 from ..methods import LayerProfile, Method
 from ..models.fused import FUSIONS, FusedLayers, resolve_fusion
-from .batch_invariant import plain_linears
+from .passes import (
+    FirstPassMemo,
+    FullPass,
+    KVSink,
+    _lse_op_usable,
+    attend_chunks,
+    chunked,
+    dense_attention,
+    position_ids_from_mask,
+    qkv_chunked,
+    run_layers,
+)
 from .policies import CachePolicy, PromptCache, StepPlan
 
 __all__ = [
     "Denoiser",
     "FirstPassMemo",
     "StepStats",
+    "attend_chunks",
     "dense_attention",
     "position_ids_from_mask",
 ]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions for left-padded rows: cumsum(mask) - 1, clamped at 0 on the padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-# Fused attention forwards that also return the fp32 natural-log LSE, by name. On an H200
-# (torch 2.11, LLaDA-8B step 1 at 32k, benchmarks/results/NVIDIA-H200) the flash one made step 1
-# slower than SDPA's own choice plus select_and_gather's LSE pass (2.80 vs 2.09 s): only a
-# forward as fast as SDPA's pick is worth taking the LSE from.
-_LSE_OPS = {
-    "cudnn": lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, False, False
-    )[:2],
-    "flash": lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, False, False
-    )[:2],
-}
-_lse_probes: dict[tuple, bool] = {}
-
-
-def _lse_op_usable(name: str, q: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
-    """Whether fused forward ``name`` applies here (CUDA, fp16/bf16, head dim <= 128, no key mask:
-    these kernels take none, padded batches fall back) and, probed once per (op, device, dtype,
-    head dim) on a small call, returns the true natural-log LSE and output in this torch build."""
-    if not (
-        q.is_cuda
-        and key_valid is None
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] <= 128
-    ):
-        return False
-    key = (name, q.device, q.dtype, q.shape[-1])
-    if key not in _lse_probes:
-        gen = torch.Generator(q.device).manual_seed(0)
-        pq, pk, pv = (
-            torch.randn(1, 2, 96, q.shape[-1], device=q.device, dtype=q.dtype, generator=gen)
-            for _ in range(3)
-        )
-        try:
-            out, lse = _LSE_OPS[name](pq, pk, pv)
-            logits = pq.float() @ pk.float().transpose(-1, -2) * q.shape[-1] ** -0.5
-            ok = torch.allclose(
-                lse.float().reshape(1, 2, 96), torch.logsumexp(logits, -1), atol=2e-3, rtol=0
-            ) and torch.allclose(
-                out.float(), torch.softmax(logits, -1) @ pv.float(), atol=2e-2, rtol=0
-            )
-        except (RuntimeError, AttributeError, TypeError):  # op missing or refused
-            ok = False
-        _lse_probes[key] = bool(ok)
-    return _lse_probes[key]
-
-
-def attend_chunks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    query_chunk: int,
-    consume,
-    lse_from: int | None = None,
-    lse_op: str = "cudnn",
-) -> torch.Tensor | None:
-    """Bidirectional attention in query chunks, each chunk's output handed to ``consume``.
-
-    q: [B, Hq, T, D], k, v: [B, Hkv, L, D], key_valid: bool [B, L] or None.
-    ``consume(s, out)`` receives out [B, Hq, n, D] of query rows [s, s + n) and must not keep
-    it: a full pass adds each chunk into the residual stream at once, so no [B, Hq, T, D]
-    attention output is ever held, and no [Hq, T, L] score matrix either (SDPA's math fallback
-    on CPU would materialise it).
-
-    Returns lse: with ``lse_from`` set and the fused forward ``lse_op`` ("cudnn" or "flash")
-    usable (``_lse_op_usable``), the fp32 natural-log log-sum-exp [B, Hq, T - lse_from] of query
-    rows ``lse_from:`` that the forward computes anyway (``select_and_gather`` then skips its own
-    pass over K); otherwise None.
-    """
-    G = q.shape[1] // k.shape[1]
-    if G > 1:  # expand once per layer; `enable_gqa` is missing from older torch releases
-        k = k.repeat_interleave(G, 1)
-        v = v.repeat_interleave(G, 1)
-    T = q.shape[2]
-    fused = lse_from is not None and _lse_op_usable(lse_op, q, key_valid)
-    lses: list[torch.Tensor] | None = [] if fused else None
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    for s in range(0, T, query_chunk):
-        q_chunk = q[:, :, s : s + query_chunk]
-        out = None
-        if lses is not None:
-            try:
-                out, lse = _LSE_OPS[lse_op](q_chunk, k, v)
-                if s + query_chunk > lse_from:
-                    lses.append(lse.reshape(q_chunk.shape[:3])[:, :, max(lse_from - s, 0) :])
-            except RuntimeError:  # a shape this build's fused kernel refuses: SDPA from here on
-                lses = None
-        if out is None:
-            out = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=mask)
-        consume(s, out)
-        del out
-    if not lses:
-        return None
-    return (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).float().contiguous()
-
-
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    query_chunk: int,
-    lse_from: int | None = None,
-    lse_op: str = "cudnn",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``attend_chunks`` with the outputs gathered: returns (out [B, Hq, T, D], lse or None)."""
-    out = q.new_empty(q.shape)
-
-    def keep(s: int, chunk: torch.Tensor) -> None:
-        out[:, :, s : s + chunk.shape[2]] = chunk
-
-    return out, attend_chunks(q, k, v, key_valid, query_chunk, keep, lse_from, lse_op)
-
-
-def _chunked(fn, h: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Apply a token-wise block (MLP) in token chunks: bounds the [T, ffn] activations."""
-    if h.shape[1] <= chunk:
-        return fn(h)
-    return torch.cat([fn(h[:, s : s + chunk]) for s in range(0, h.shape[1], chunk)], 1)
-
-
-def _chunked_inplace(fn, h: torch.Tensor, chunk: int) -> None:
-    """h[:, s:e] = fn(h[:, s:e]) chunk by chunk for a token-wise block: no second [B, T, d]."""
-    for s in range(0, h.shape[1], chunk):
-        h[:, s : s + chunk] = fn(h[:, s : s + chunk])
-
-
-def _qkv_chunked(layer, h, cos, sin, chunk):
-    """The layer's q, k, v of every token, projected chunk by chunk into one buffer each
-    (contiguous [B, H, T, D]): no second copy of q, k, v while they are assembled."""
-    T = h.shape[1]
-    if T <= chunk:
-        return layer.qkv(h, cos, sin)
-    bufs = None
-    for s in range(0, T, chunk):
-        parts = layer.qkv(h[:, s : s + chunk], cos[:, s : s + chunk], sin[:, s : s + chunk])
-        if bufs is None:
-            bufs = tuple(p.new_empty(*p.shape[:2], T, p.shape[3]) for p in parts)
-        for buf, part in zip(bufs, parts):
-            buf[:, :, s : s + part.shape[2]] = part
-        del parts
-    return bufs
-
-
-class FirstPassMemo:
-    """Step 1's full pass, computed once and replayed by later generations of the same batch.
-
-    Every method's first step runs the same forward over [prompt ‖ masks]: the methods differ
-    only in which prompt KV each layer keeps afterwards (``Denoiser._prune``), and the next
-    layer's input never depends on that choice. An evaluation of many methods and budgets on
-    one batch (``maskkv eval``) hands one memo to each ``generate`` call: the first records
-    each layer's q, k, v (and mask-row LSE) and the final hidden states, the others replay them
-    and only run their own selection. Replay is exact: the recorded tensors are the ones a fresh
-    pass would compute (same inputs, same kernels).
-
-    A pass is replayed only for the same model, token ids and attention mask (compared element
-    by element) and when it would run the same attention kernel (the fused LSE forward a mask-
-    scored method may ask for on CUDA rounds differently from SDPA); anything else recomputes
-    and records anew. Not for big models: it holds every layer's q, k, v of the batch
-    (``nbytes``).
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._lse_from: int | None = None
-        self.layers: list[tuple[torch.Tensor, ...]] = []  # per layer (q, k, v, lse or None)
-        self.hidden: torch.Tensor | None = None  # [B, L, d] after the last layer
-        self.replays = 0  # passes served from the record
-
-    def matches(self, model, x, attention_mask) -> bool:
-        """Whether the record is of this model's pass over ``x`` with ``attention_mask``."""
-        if self._key is None:
-            return False
-        k_model, k_x, k_mask = self._key
-        if (k_mask is None) != (attention_mask is None):
-            return False
-        same_mask = k_mask is None or torch.equal(k_mask, attention_mask)
-        return k_model is model and same_mask and torch.equal(k_x, x)
-
-    @property
-    def fused_lse_from(self) -> int | None:
-        """The recorded attention's ``lse_from`` when it ran the fused LSE forward, else None."""
-        return self._lse_from if self.layers and self.layers[0][3] is not None else None
-
-    def record(self, model, x, attention_mask, lse_from, layers, hidden) -> None:
-        mask = None if attention_mask is None else attention_mask.clone()
-        self._key = (model, x.clone(), mask)
-        self._lse_from = lse_from
-        self.layers, self.hidden = layers, hidden
-
-    @property
-    def nbytes(self) -> int:
-        held = [t for layer in self.layers for t in layer if t is not None]
-        return sum(t.nbytes for t in held + ([self.hidden] if self.hidden is not None else []))
 
 
 @dataclass
@@ -452,9 +262,10 @@ class Denoiser:
             self._key_valid = self.attention_mask.bool()
             self._lens_cpu = self.attention_mask[:, : self.Pc].sum(1).long().cpu()
 
-    def _head_logits(self, h: torch.Tensor, need: torch.Tensor, offset: int) -> torch.Tensor:
-        """Logits for response positions ``need`` (bool [B, R]) from hidden states ``h`` whose
-        first column is absolute position ``offset``; Dream reads position i - 1."""
+    def head_logits(self, h: torch.Tensor, need: torch.Tensor, offset: int) -> torch.Tensor:
+        """Logits [n, vocab] for response positions ``need`` (bool [B, R]), row-major, from
+        hidden states ``h`` [B, T, d] whose first column is absolute position ``offset``; Dream
+        reads position i - 1."""
         B, R = need.shape
         rows, cols = need.nonzero(as_tuple=True)
         src = cols + (self.P - self.shift - offset)
@@ -486,76 +297,49 @@ class Denoiser:
 
     # -- the three kinds of pass ------------------------------------------------------------------
 
-    @plain_linears()
-    def _full_pass(self, x: torch.Tensor, build_cache: bool) -> torch.Tensor:
-        """All L tokens through every layer; optionally (re)build the per-layer prompt caches
-        (re-selecting the prompt for an eviction method) and store the tail's KV/features.
-        Plain linear kernels: a full pass runs one request alone in the serving engine too."""
-        model, Pc, chunk = self.model, self.Pc, self.token_chunk
-        keep_kv = build_cache and self.policy.keeps_response_kv
-        keep_feat = build_cache and self.policy.keeps_response_features
-        cos, sin = model.rotary(self._positions)
-        h = model.embed(x)
-        caches: list[mk.RaggedKV] = []
-        budgets = None
-        if build_cache:
-            self.stats.prompt_kv_bytes_full = 0
-            if self.method.evicts:
-                budgets = self.method.layer_budgets(len(model.layers), Pc, self.profile)
-                self.stats.layer_budgets = list(budgets)
-        # MaskKV scores with the mask rows' LSE, which the step-1 attention returns for free.
-        mask_lse = build_cache and self.step1_lse and self._mask_scored()
-        lse_from = self._first_voter() if mask_lse else None
-        # A memo serves step 1 only, and not a policy that keeps the tail's block outputs
-        # (they are not recorded).
-        memo = self.first_pass if not self.stats.step_times and not keep_feat else None
-        mask = self.attention_mask
-        replay = memo is not None and self._can_replay(memo, x, lse_from)
-        recorded = [] if memo is not None and not replay else None
-        for i, layer in enumerate(model.layers):
-            if replay:
-                q, k, v, lse = memo.layers[i]
-            else:
-                q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-                if keep_feat:
-                    h_in = h[:, Pc:].clone()
+    def start_full_pass(self, x: torch.Tensor, sink: KVSink | None = None) -> FullPass:
+        """A full pass over ``x`` [B, P + R], not yet run (``FullPass.run`` runs its layers):
+        every token through every layer; a caching method (re)builds the per-layer prompt caches
+        (re-selecting the prompt for an eviction method) and, per the policy, stores the tail's
+        KV / features. ``sink``: where they go (default: this denoiser's own ``caches``,
+        ``tail_k`` ...; the serving engine passes its KV pool's). Its hidden states feed
+        ``head_logits(pass.hidden, need, 0)``."""
+        build, sink = self._pass_sink(x, sink)
+        return FullPass(self, x, build_cache=build, sink=sink)
 
-                def add_attention(s, out, layer=layer):  # residual add, in place, per chunk
-                    h[:, s : s + out.shape[2]] = layer.attn_output(h[:, s : s + out.shape[2]], out)
+    def _pass_sink(self, x: torch.Tensor, sink: KVSink | None) -> tuple[bool, KVSink | None]:
+        """(build_cache, sink) of a full pass over ``x``: a caching method builds its caches,
+        into ``sink`` or, by default, this denoiser's own. Sets the denoiser up on first use."""
+        if self._positions is None:
+            self._setup(x)
+        build = self.method.caches_prompt
+        if build and sink is None:
+            sink = self._own_kv()
+        return build, sink
 
-                lse = attend_chunks(
-                    q, k, v, self._key_valid, chunk, add_attention, lse_from,
-                    lse_op="flash" if self.step1_lse == "flash" else "cudnn",
-                )  # fmt: skip
-                if recorded is not None:
-                    recorded.append((q, k, v, lse))
-            if build_cache:
-                self.stats.prompt_kv_bytes_full += 2 * k[:, :, :Pc].numel() * k.element_size()
-                budget = None if budgets is None else budgets[i]
-                caches.append(self._prune(q, k, v, budget, lse))
-            if keep_kv:  # copies, so that the layer's full KV can die
-                self._keep_tail(i, k[:, :, Pc:].clone(), v[:, :, Pc:].clone())
-            del q, k, v  # the layer's full KV dies here, before the next layer (without a memo)
-            if replay:
-                continue
-            if keep_feat:
-                h_attn = h[:, Pc:].clone()
-            _chunked_inplace(layer.mlp_block, h, chunk)
-            if keep_feat:
-                self._keep_features(i, h_attn - h_in, h[:, Pc:] - h_attn)
-        if replay:
-            h = memo.hidden
-            memo.replays += 1
-        elif recorded is not None:
-            memo.record(model, x, mask, lse_from, recorded, h)
-        if build_cache:
-            self.caches = caches
-            self._graphs.clear()  # captured later steps read the old caches' addresses
-            self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
-            if self.stats.first_kept_positions is None and self.method.evicts:
-                self.stats.first_kept_positions = [c.positions.cpu() for c in caches]
-            self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
-        return h
+    def _own_kv(self) -> KVSink:
+        """The sink that keeps a full pass's caches in this denoiser (``caches``, ``tail_k`` ...)."""
+        return _OwnKV(self)
+
+    def _full_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """``start_full_pass`` run to the end; returns the hidden states [B, L, d]."""
+        full = self.start_full_pass(x)
+        full.run()
+        return full.hidden
+
+    def _store_tail(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A full pass's tail K/V of layer i (views into the layer's K/V): copies, so that the
+        layer's full KV can die."""
+        self._keep_tail(i, k.clone(), v.clone())
+
+    def _adopt_caches(self, caches: list[mk.RaggedKV]) -> None:
+        """The prompt caches a full pass built become the ones later steps read."""
+        self.caches = caches
+        self._graphs.clear()  # captured later steps read the old caches' addresses
+        self.stats.kept_lengths = torch.stack([c.lengths().cpu() for c in caches])
+        if self.stats.first_kept_positions is None and self.method.evicts:
+            self.stats.first_kept_positions = [c.positions.cpu() for c in caches]
+        self.stats.prompt_kv_bytes_kept = sum(c.k.nbytes + c.v.nbytes for c in caches)
 
     def _can_replay(self, memo: FirstPassMemo, x: torch.Tensor, lse_from: int | None) -> bool:
         """Whether ``memo`` holds exactly this pass: same inputs, and the same attention kernel
@@ -575,7 +359,11 @@ class Denoiser:
         whole tail for a method with ``tail_votes`` (Dream's last prompt position too)."""
         return self.Pc if self.method.tail_votes else self.P
 
-    def _prune(self, q, k, v, layer_budget: int | None, lse=None) -> mk.RaggedKV:
+    def select_prompt(self, q, k, v, layer_budget: int | None, lse=None) -> mk.RaggedKV:
+        """One layer's prompt cache from its q [B, Hq, L, D], k, v [B, Hkv, L, D] (after RoPE):
+        the first ``Pc`` positions whole (``layer_budget`` None or >= Pc), else the method's
+        selection at ``layer_budget`` (mask queries or the window vote; ``lse``: the mask rows'
+        LSE [B, Hq, M] from the attention, or None)."""
         Pc, lens = self.Pc, self._lens_cpu
         if layer_budget is None or layer_budget >= Pc:
             return self._keep_all(k, v)  # FullCache, or a budget that covers the prompt
@@ -634,16 +422,10 @@ class Denoiser:
         prompt and to themselves (no stored response KV).
 
         The kernels run unchecked: every input is built here (validated once, at step 1)."""
-        model, chunk = self.model, self.token_chunk
-        h = model.embed(ids)
-        if self._fused is not None:
-            return self._fused(h, cos, sin, self._attend_tail(None))
-        for layer, cache in zip(model.layers, self.caches):
-            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
-            attn = mk.ragged_attention(q, cache, k, v, backend=self._backend, check_inputs=False)
-            h = layer.attn_output(h, attn)
-            h = _chunked(layer.mlp_block, h, chunk)
-        return h
+        h = self.model.embed(ids)
+        return run_layers(
+            self.model, h, cos, sin, self._attend_tail(None), self.token_chunk, self._fused
+        )
 
     def _tail_pass(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Tail positions [lo, hi) run against the pruned prompt.
@@ -663,15 +445,14 @@ class Denoiser:
         cos, sin = model.rotary(self._positions[:, Pc + lo : Pc + hi])
         h = model.embed(x[:, Pc + lo : Pc + hi])
         attend = self._attend_tail((lo, hi, whole) if stored else None)
-        if self._fused is not None and not keep_feat:
-            return self._fused(h, cos, sin, attend)
-        for i, layer in enumerate(model.layers):
-            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+        if not keep_feat:
+            return run_layers(model, h, cos, sin, attend, chunk, self._fused)
+        for i, layer in enumerate(model.layers):  # dLLM-Cache: each layer's block outputs too
+            q, k, v = qkv_chunked(layer, h, cos, sin, chunk)
             attn = attend(i, q, k, v)
             h_attn = layer.attn_output(h, attn)
-            h_mlp = _chunked(layer.mlp_block, h_attn, chunk)
-            if keep_feat:
-                self._keep_features(i, h_attn - h, h_mlp - h_attn)
+            h_mlp = chunked(layer.mlp_block, h_attn, chunk)
+            self._keep_features(i, h_attn - h, h_mlp - h_attn)
             h = h_mlp
         return h
 
@@ -718,7 +499,7 @@ class Denoiser:
                 h = h + self.tail_mlp[i]
                 continue
             # The layer protocol projects q, k, v together; only v is needed for every token.
-            q, k, v = _qkv_chunked(layer, h, cos, sin, chunk)
+            q, k, v = qkv_chunked(layer, h, cos, sin, chunk)
             new_v = v.transpose(1, 2).reshape(B, T, -1)
             old_v = self.tail_v[i].transpose(1, 2).reshape(B, T, -1)
             drift = F.cosine_similarity(new_v.float(), old_v.float(), dim=-1)  # [B, T]
@@ -804,7 +585,7 @@ class Denoiser:
             self._setup(x)
         plan = self.plan(x)
         if plan.kind == "full":
-            h, offset = self._full_pass(x, build_cache=self.method.caches_prompt), 0
+            h, offset = self._full_pass(x), 0
         elif plan.kind == "tail":
             T = x.shape[1] - self.Pc
             hi = T if plan.hi is None else plan.hi
@@ -813,7 +594,7 @@ class Denoiser:
             h, offset = self._partial_pass(x), self.Pc
         else:
             raise ValueError(f"plan.kind: expected 'full', 'tail' or 'partial', got {plan.kind!r}")
-        logits = self._head_logits(h, need, offset)
+        logits = self.head_logits(h, need, offset)
         self._sync(x.device)
         self.stats.step_times.append(time.perf_counter() - t0)
         self.stats.step_kinds.append(plan.kind)
@@ -821,3 +602,24 @@ class Denoiser:
         self.stats.response_kv_bytes = max(self.stats.response_kv_bytes, self._response_bytes())
         self._block_step += 1
         return logits
+
+
+class _OwnKV(KVSink):
+    """A ``Denoiser``'s own storage of a full pass's caches (``caches``, ``tail_k`` / ``tail_v``,
+    dLLM-Cache's features)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.den = denoiser
+        self.caches: list[mk.RaggedKV] = []
+
+    def prompt(self, i, q, k, v, budget, lse) -> None:
+        self.caches.append(self.den.select_prompt(q, k, v, budget, lse))
+
+    def tail(self, i, k, v) -> None:
+        self.den._store_tail(i, k, v)
+
+    def features(self, i, attn_out, mlp_out) -> None:
+        self.den._keep_features(i, attn_out, mlp_out)
+
+    def finish(self) -> None:
+        self.den._adopt_caches(self.caches)

@@ -40,12 +40,14 @@ from .block_causal import BlockCausalDenoiser, BlockLayout
 from .decoding import DecodingRule, Factor, Threshold
 from .engine import StepStats
 from .policies import CachePolicy
+from .stepwise import BlockStart, NeedLogits, SamplerSteps, run_sampler
 
 __all__ = [
     "BLOCK_MASKS",
     "ZERO_TEMPERATURE",
     "finish_responses",
     "generate_llada2",
+    "llada2_steps",
     "sample_candidates",
     "sample_llada2",
     "transfer_schedule",
@@ -115,8 +117,14 @@ def _reveal_count(
     return torch.where(high >= quota, high, torch.full_like(high, quota))
 
 
-def sample_llada2(
-    denoiser,
+def sample_llada2(denoiser, layout: BlockLayout, x: torch.Tensor, **options) -> torch.Tensor:
+    """Refine ``x`` [B, layout.length] (``BlockLayout.build``) block by block with ``denoiser``
+    (``BlockCausalDenoiser``: ``begin_block(lo, hi)`` and ``denoiser(x, need)``); returns it.
+    ``options``: ``llada2_steps``'s."""
+    return run_sampler(llada2_steps(layout, x, **options), denoiser)
+
+
+def llada2_steps(
     layout: BlockLayout,
     x: torch.Tensor,
     *,
@@ -134,15 +142,19 @@ def sample_llada2(
     max_post_steps: int = 16,
     progress: Callable[[], None] | None = None,
     on_reveal: Callable[[float], None] | None = None,
-) -> torch.Tensor:
-    """Refine ``x`` [B, layout.length] (``BlockLayout.build``) block by block; returns it.
+) -> SamplerSteps:
+    """LLaDA2's loop as a step-wise generator (``maskkv.generation.stepwise``) refining ``x``
+    [B, layout.length] (``BlockLayout.build``) block by block; returns it.
 
-    ``denoiser`` has ``start_block(x, nb)`` and ``block_logits(x, nb)`` -> fp32 logits
-    [B, block_length, V] (``BlockCausalDenoiser``). ``decoding``: None or ``Threshold(tau)``
-    (reveal above tau, at least the step's quota; None means the official 0.95),
-    ``FixedSteps()`` (the quota only) or ``Factor(f)`` (Fast-dLLM's factor rule, at least one
-    token). Random draws come from the global generator in the official order (one multinomial
-    over the [B * block_length, V] probabilities per step when sampling).
+    Coordinates are the tail's, ``x[:, layout.head:]`` (the complete prompt blocks are the
+    cached region): it yields ``BlockStart(lo, hi)`` at each block and ``NeedLogits(x, need)``
+    with ``need`` (bool [B, T]) the block's positions, and is resumed with their fp32 logits
+    [B * block_length, V], row-major (``BlockCausalDenoiser``, or a request of the serving
+    engine). ``decoding``: None or ``Threshold(tau)`` (reveal above tau, at least the step's
+    quota; None means the official 0.95), ``FixedSteps()`` (the quota only) or ``Factor(f)``
+    (Fast-dLLM's factor rule, at least one token). Random draws come from the global generator
+    in the official order (one multinomial over the [B * block_length, V] probabilities per step
+    when sampling).
     """
     rule = decoding if decoding is not None else Threshold(0.95)
     threshold = rule.tau if isinstance(rule, Threshold) else None
@@ -158,7 +170,9 @@ def sample_llada2(
         if bool(stopped.all()):
             break
         lo, hi = layout.block(nb)
-        denoiser.start_block(x, nb)
+        yield BlockStart(lo - layout.head, hi - layout.head)
+        need = torch.zeros(B, x.shape[1] - layout.head, dtype=torch.bool, device=device)
+        need[:, lo - layout.head : hi - layout.head] = True
         # Prompt positions inside the block (the first one holds the prompt's tail).
         in_prompt = torch.zeros(B, bl, dtype=torch.bool, device=device)
         for b in range(B):
@@ -177,10 +191,8 @@ def sample_llada2(
                 break
             if bool(block_done.all()):
                 break
-            logits = denoiser.block_logits(x, nb)  # [B, bl, V] fp32
-            cand, prob = sample_candidates(
-                logits.reshape(B * bl, -1), temperature, top_k, top_p, zero_temperature
-            )
+            logits = yield NeedLogits(x, need)  # [B * bl, V] fp32
+            cand, prob = sample_candidates(logits, temperature, top_k, top_p, zero_temperature)
             cand, prob = cand.view(B, bl), prob.view(B, bl)
             conf = torch.where(masked, prob, torch.full_like(prob, -torch.inf))
             quota = 1 if editing else schedule[step]

@@ -67,8 +67,18 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--budget", type=positive, default=256, help="prompt KV pairs per layer and head"
     )
-    p.add_argument("--cache", default="prompt", choices=["prompt", "prefix", "dual"])
+    p.add_argument(
+        "--cache",
+        default=None,
+        choices=["prompt", "prefix", "dual"],
+        help="cache policy (default: prompt; dual for block-causal LLaDA2)",
+    )
     p.add_argument("--refresh-prompt", action="store_true", help="prefix/dual: Fast-dLLM refresh")
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run the batched steps eagerly (default on CUDA: one CUDA graph per bucket of shapes)",
+    )
     p.add_argument(
         "--kv-budget",
         type=_byte_size,
@@ -134,15 +144,18 @@ def build_server(args: argparse.Namespace):
     except (ValueError, RuntimeError) as err:
         raise UsageError("--model", str(err).splitlines()[0]) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cache = {"prompt": PromptCache(), "prefix": PrefixCache, "dual": DualCache}[args.cache]
-    if args.cache != "prompt":
+    cache_name = args.cache
+    if cache_name is None:
+        cache_name = "dual" if getattr(model, "dllm_kind", "") == "llada2" else "prompt"
+    cache = {"prompt": PromptCache(), "prefix": PrefixCache, "dual": DualCache}[cache_name]
+    if cache_name != "prompt":
         cache = cache(refresh_prompt=args.refresh_prompt)
     try:
         engine = Engine(
             model, method=method, cache=cache, kv_budget=args.kv_budget, tokenizer=tokenizer,
             max_running=args.max_running, max_waiting=args.max_waiting,
             prefill_tokens=args.prefill_tokens, max_gen_length=args.max_gen_length,
-            backend=args.backend,
+            backend=args.backend, cuda_graphs=not args.no_cuda_graphs,
         )  # fmt: skip
     except ValueError as err:
         if "kv_budget" in str(err):

@@ -14,11 +14,14 @@ Thread model: ``add_request`` and ``abort`` may be called from any thread (they 
 queues); ``step`` / ``generate`` run the model in one thread at a time (``AsyncEngine`` keeps a
 thread for it).
 
-Supported: LLaDA and Dream (any model of the layer protocol), every eviction method, FullCache
-and NoCache; cache policies ``PromptCache``, ``PrefixCache``, ``DualCache`` (with or without
-``refresh_prompt``); decoding rules ``FixedSteps``, ``Threshold``, ``Factor``. Not supported
-(refused with a ``ValueError``): ``DLLMCache`` (its partial steps keep per-request feature
-caches outside the pool), classifier-free guidance (two rows per request).
+Supported: LLaDA, Dream, LLaDA-MoE and block-causal LLaDA2 (any model of the layer protocol;
+LLaDA2 requests decode block by block with LLaDA2's own sampler, their committed blocks' exact
+KV appended in the pool), every eviction method, FullCache and NoCache; cache policies
+``PromptCache``, ``PrefixCache``, ``DualCache`` (with or without ``refresh_prompt``); decoding
+rules ``FixedSteps``, ``Threshold``, ``Factor``. On CUDA the batched steps replay CUDA graphs by
+bucket of shapes (``graphs``). Not supported (refused with a ``ValueError``): ``DLLMCache`` (its
+partial steps keep per-request feature caches outside the pool), classifier-free guidance (two
+rows per request).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import torch
 from .. import methods as methods_lib
 from ..generation import sampler_steps
 from ..generation.batch_invariant import batch_invariant
-from ..generation.policies import CachePolicy, DLLMCache, get_policy
+from ..generation.block_causal import BlockProgress
+from ..generation.policies import CachePolicy, DLLMCache, DualCache, get_policy
 from ..methods import LayerProfile, Method
 from .kv_memory import KVPool, RequestTooLarge, default_kv_budget
 from .metrics import EngineStats
@@ -61,7 +65,8 @@ class Engine:
     """Continuous-batching dLLM engine with a KV memory budget.
 
     Args:
-        model: a loaded ``LLaDAModelLM`` / ``DreamModelLM`` (eval mode, on its device).
+        model: a loaded ``LLaDAModelLM`` / ``DreamModelLM`` / ``LLaDAMoEModelLM`` /
+            ``LLaDA2MoeModelLM`` (eval mode, on its device).
         method: a ``maskkv.methods.Method`` or its name (``"maskkv"`` = MaskKV(budget=256)).
         cache: the cache policy (object or name: prompt, prefix, dual); default PromptCache.
         kv_budget: bytes of the KV pool (pruned prompt caches and stored response KV of every
@@ -71,8 +76,10 @@ class Engine:
         tokenizer: optional; lets ``add_request`` / ``generate`` take strings.
         max_running, max_waiting, prefill_tokens: ``Scheduler``'s limits.
         max_gen_length: the longest ``gen_length`` accepted (default: the context length).
-        backend, token_chunk, step1_lse: as ``maskkv.generate``.
+        backend, token_chunk, step1_lse, fusion: as ``maskkv.generate``.
         attention: ``ModelRunner``'s attention mode ("auto", "varlen", "per_request").
+        cuda_graphs: on CUDA, replay the batched steps as CUDA graphs, one per bucket of shapes
+            (``ModelRunner``; False: eager; "padded": the padded steps eagerly, any device).
         batch_invariant: run linears batch-invariantly (must match ``maskkv.generate``'s
             ``batch_invariant`` for its outputs to be reproduced exactly).
     """
@@ -93,18 +100,18 @@ class Engine:
         backend: str = "auto",
         token_chunk: int = 4096,
         step1_lse: bool | str = True,
+        fusion: str = "auto",
         attention: str = "auto",
+        cuda_graphs: bool | str = True,
         batch_invariant: bool = True,
     ) -> None:
         if isinstance(method, str):
             method = methods_lib.get(method)
         if not isinstance(method, Method):
             raise ValueError(f"method: expected a maskkv Method or its name, got {method!r}")
-        if getattr(model, "dllm_kind", "llada") == "llada2":
-            raise ValueError(
-                "model: block-causal LLaDA2 models are not supported by the serving engine yet "
-                "(they decode block by block with their own sampler); use maskkv.generate"
-            )
+        self.block_causal = getattr(model, "dllm_kind", "llada") == "llada2"
+        if cache is None and self.block_causal:
+            cache = DualCache()  # maskkv.generate's default for these models
         policy = get_policy(cache)
         if isinstance(policy, DLLMCache):
             raise ValueError(
@@ -132,7 +139,8 @@ class Engine:
         )
         self.runner = ModelRunner(
             model, method, policy, self.pool, profile=profile, backend=backend,
-            token_chunk=token_chunk, step1_lse=step1_lse, attention=attention,
+            token_chunk=token_chunk, step1_lse=step1_lse, fusion=fusion, attention=attention,
+            cuda_graphs=cuda_graphs,
         )  # fmt: skip
         self.scheduler = Scheduler(self.pool, max_running, max_waiting, prefill_tokens)
         self.batch_invariant = batch_invariant
@@ -176,7 +184,12 @@ class Engine:
                 f"prompt: {P} tokens + gen_length {G} exceed the model's context of "
                 f"{self.context_length} tokens"
             )
-        footprint = self.runner.footprint(P, G)
+        if params.block_mask != "causal" and self.method.caches_prompt:
+            raise ValueError(
+                "block_mask: 'additive' (the LLaDA2.1 file's attention) reads later blocks, so "
+                "no cache is exact with it; serve it with method='nocache'"
+            )
+        footprint = self.runner.footprint(P, params)
         need = footprint.rows * self.pool.row_bytes
         if not self.pool.fits_ever(footprint.rows):
             raise RequestTooLarge(
@@ -184,6 +197,7 @@ class Engine:
                 f"KV cache with {self.method.name} and {self.policy.name} caching, more than "
                 f"the engine's whole KV budget ({self.pool.capacity_bytes} bytes); it can never run"
             )
+        Pc, T = self.runner.layout(P, params)
         if self.scheduler.max_waiting <= len(self.scheduler.waiting) + self._inbox.qsize():
             raise EngineOverloaded(
                 f"the waiting queue is full ({self.scheduler.max_waiting} requests); retry later"
@@ -193,10 +207,13 @@ class Engine:
             prompt=ids.to(self.device)[None],
             params=params,
             footprint=footprint,
-            cached_prompt_len=max(P - self.runner.shift, 0),
+            cached_prompt_len=Pc,
+            tail_len=T,
             on_block=on_block,
             on_finish=on_finish,
             eos_id=self.model.config.eos_token_id,
+            response_shift=P - Pc if self.block_causal else 0,
+            eos_fill=self.block_causal,
         )
         with self._count_lock:
             self._unfinished += 1
@@ -276,7 +293,14 @@ class Engine:
         params = req.params
         steps = sampler_steps(self.model, req.prompt, **params.sampler_options())
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
-        req.start(steps, seed, self.method.caches_prompt, self.policy)
+        progress = None
+        if self.block_causal:
+            progress = BlockProgress(
+                params.block_length, caching=self.method.caches_prompt,
+                stored=self.runner.stored,
+                refresh_prompt=getattr(self.policy, "refresh_prompt", False),
+            )  # fmt: skip
+        req.start(steps, seed, self.method.caches_prompt, self.policy, progress)
 
     def _guard(self, req: Request, fn, *args):
         """Run ``fn(*args)`` for one request; an exception fails that request only."""
@@ -379,7 +403,7 @@ class Engine:
             p = SamplingParams() if p is None else p
             try:
                 ids = self._prompt_ids(prompt)
-                footprint = self.runner.footprint(ids.numel(), p.resolved(self.model).gen_length)
+                footprint = self.runner.footprint(ids.numel(), p.resolved(self.model))
                 if not self.pool.fits_ever(footprint.rows):
                     raise RequestTooLarge(
                         f"prompt: needs {footprint.rows * self.pool.row_bytes} bytes of KV, "

@@ -27,8 +27,10 @@ written once from the layer's projection into the request's rows (no intermediat
 Every range starts at a multiple of ``Hkv`` rows (all sizes above are multiples of it).
 
 The pool is one ``torch.empty`` of the budget (on the CPU the operating system commits pages
-only when they are written; on CUDA the memory is taken at once, as vLLM does). When the free
-rows are enough but split, the allocator compacts the live ranges (a device copy, rare).
+only when they are written; on CUDA the memory is taken at once, as vLLM does), plus one scratch
+token (``Hkv`` rows past the capacity, never allocated) where a padded batched step (CUDA-graph
+buckets) writes the K/V of its padding rows. When the free rows are enough but split, the
+allocator compacts the live ranges (a device copy, rare).
 """
 
 from __future__ import annotations
@@ -120,9 +122,12 @@ class KVPool:
         self.row_bytes = 2 * head_dim * itemsize + 4
         self.capacity = budget_bytes // self.row_bytes // num_kv_heads * num_kv_heads
         self.budget_bytes = budget_bytes
-        self.k = torch.empty(self.capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(self.capacity, head_dim, dtype=dtype, device=device)
-        self.positions = torch.empty(self.capacity, dtype=torch.int32, device=device)
+        rows = self.capacity + num_kv_heads  # + the scratch token
+        self.k = torch.empty(rows, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(rows, head_dim, dtype=dtype, device=device)
+        self.positions = torch.empty(rows, dtype=torch.int32, device=device)
+        #: index of the scratch token in the pool read as tokens ([rows / Hkv, Hkv, D])
+        self.scratch_token = self.capacity // num_kv_heads
         self._live: list[PoolRange] = []  # sorted by start
         self.rows_in_use = 0
         self.compactions = 0

@@ -10,11 +10,18 @@
                                                |   pruned prompt, batched with the others
     any state --cancel / error--> FINISHED (finish_reason "abort" / "error")
 
-The sampler is the family's own (``llada_steps`` / ``dream_steps``), suspended between forward
-passes as a generator; what each pass computes is the engine's cache policy's ``plan``, asked
-exactly as ``maskkv.generate``'s ``Denoiser`` asks it. The request's random stream (Dream's
-``origin`` draws, sampling at temperature > 0) is its own: swapped in around every sampler
-step, so it is the stream ``maskkv.generate(seed=...)`` would use alone.
+The sampler is the family's own (``llada_steps`` / ``dream_steps`` / ``llada2_steps``), suspended
+between forward passes as a generator; what each pass computes is the engine's cache policy's
+``plan``, asked exactly as ``maskkv.generate``'s ``Denoiser`` asks it (block-causal LLaDA2: its
+``BlockProgress``, which also schedules the pass that commits a finished block's KV). The
+request's random stream (Dream's ``origin`` draws, sampling at temperature > 0) is its own:
+swapped in around every sampler step, so it is the stream ``maskkv.generate(seed=...)`` would
+use alone.
+
+Coordinates: the *tail* is the sequence after the cached prompt region, ``x[:, Pc:]``; plans,
+block starts and ``need`` are tail positions. For LLaDA and Dream tail position j gives the
+logits of response token j; for LLaDA2 the tail starts at the complete prompt blocks' end, so
+response token j is tail position ``j + response_shift`` (the prompt's last partial block).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.block_causal import BlockProgress
 from ..generation.policies import CachePolicy, StepPlan
 from ..generation.stepwise import BlockStart, NeedLogits, SamplerSteps
 from .kv_memory import KVFootprint, PoolRange
@@ -80,20 +88,27 @@ class Request:
     prompt: torch.Tensor  # int64 [1, P] on the model's device
     params: SamplingParams  # resolved (block_length, steps filled in)
     footprint: KVFootprint
-    cached_prompt_len: int  # Pc: P, less Dream's last position (recomputed with the tail)
+    cached_prompt_len: int  # Pc: P, less Dream's last position (LLaDA2: complete prompt blocks)
+    tail_len: int  # T: positions after the cached region (LLaDA2: whole generation blocks)
     on_block: Callable[[Request, list[int]], None] | None = None  # committed tokens, in order
     on_finish: Callable[[Request], None] | None = None
     eos_id: int | None = None  # for params.stop_at_eos
+    response_shift: int = 0  # tail position of response token 0 (LLaDA2: the prompt's tail)
+    eos_fill: bool = False  # LLaDA2: every token after the first EOS is EOS
     arrival_time: float = field(default_factory=time.monotonic)
 
     state: RequestState = RequestState.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
     pool_range: PoolRange | None = None
-    # per layer, after the prompt pass: int32 [Hkv + 1] segment offsets, longest segment
+    # per layer, after the prompt pass: int32 [Hkv + 1] segment offsets (on the device) and
+    # kept tokens per KV head (host), longest segment
     cu_seqlens: list[torch.Tensor] = field(default_factory=list)
+    seg_lens: list[list[int]] = field(default_factory=list)
     max_seqlen: list[int] = field(default_factory=list)
-    full_pass: object | None = None  # the runner's state of a prompt pass in progress
+    denoiser: object | None = None  # the one-row Denoiser whose full passes the runner runs
+    full_pass: object | None = None  # a full pass in progress (``FullPass``)
+    progress: BlockProgress | None = None  # LLaDA2: block-causal pass schedule
 
     sampler: SamplerSteps | None = None
     event: NeedLogits | None = None  # what the sampler waits for
@@ -113,19 +128,22 @@ class Request:
         return self.prompt.shape[1]
 
     @property
-    def tail_len(self) -> int:
-        """T: positions after the cached prompt (the response, plus Dream's last prompt one)."""
-        return self.prompt_len + self.params.gen_length - self.cached_prompt_len
-
-    @property
     def finished(self) -> bool:
         return self.state is RequestState.FINISHED
 
     # -- the sampler ----------------------------------------------------------------------
 
-    def start(self, sampler: SamplerSteps, seed: int, caches_prompt: bool, policy: CachePolicy):
-        """Admit: the sampler runs up to its first forward pass."""
-        self.sampler = sampler
+    def start(
+        self,
+        sampler: SamplerSteps,
+        seed: int,
+        caches_prompt: bool,
+        policy: CachePolicy,
+        progress: BlockProgress | None = None,
+    ) -> None:
+        """Admit: the sampler runs up to its first forward pass. ``progress``: a block-causal
+        model's pass schedule (its plans replace the policy's)."""
+        self.sampler, self.progress = sampler, progress
         device = self.prompt.device
         cpu = torch.Generator().manual_seed(seed).get_state()
         cuda = None
@@ -137,8 +155,14 @@ class Request:
         self._resume(None, first=True)
 
     def advance(self, logits: torch.Tensor) -> None:
-        """Hand the sampler the logits of its pending ``NeedLogits``; run it to its next."""
+        """The planned pass ran: hand the sampler the logits of its pending ``NeedLogits`` and
+        run it to its next (a ``"commit"`` pass answers nothing: the next plan follows)."""
         self.passes += 1
+        if self.progress is not None:
+            self.progress.ran(self.plan)
+            if self.plan.kind == "commit":
+                self.plan = self._plan()
+                return
         self.block_step += 1
         self._resume(logits)
 
@@ -172,6 +196,8 @@ class Request:
 
     def _plan(self) -> StepPlan:
         """The cache policy's plan for the pending pass (``Denoiser.plan`` for one row)."""
+        if self.progress is not None:
+            return self.progress.plan()
         if not self._caches_prompt:
             return StepPlan("full", refresh=True)
         T = self.tail_len
@@ -179,13 +205,21 @@ class Request:
         return self._policy.plan(self.passes, self.block_step, lo, hi, T)
 
     def _begin_block(self, lo: int, hi: int) -> None:
-        """Blocks before ``lo`` are final: hand them on (the first block's start commits none)."""
+        """Tail positions before ``lo`` are final: hand them on (the first block's start commits
+        none)."""
         self.block, self.block_step = (lo, hi), 0
-        if lo > self.committed and self.x is not None:
-            self._commit(lo)
+        if self.progress is not None:
+            self.progress.begin_block(lo // self.params.block_length)
+        upto = min(max(lo - self.response_shift, 0), self.params.gen_length)
+        if upto > self.committed and self.x is not None:
+            self._commit(upto)
 
     def _commit(self, upto: int) -> None:
         new = self.x[0, self.prompt_len + self.committed : self.prompt_len + upto].tolist()
+        if self.eos_fill and self.eos_id is not None:  # ``finish_responses``, block by block
+            seen = self.eos_id in self.token_ids
+            first = 0 if seen else (new.index(self.eos_id) if self.eos_id in new else len(new))
+            new[first:] = [self.eos_id] * (len(new) - first)
         self.committed = upto
         self.token_ids.extend(new)
         if self.first_block_time is None:

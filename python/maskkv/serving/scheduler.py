@@ -72,8 +72,9 @@ class Scheduler:
         return admitted
 
     def tail_batch(self) -> list[Request]:
-        """Running requests whose next pass is a tail pass (batched together)."""
-        return [r for r in self.running if r.plan is not None and r.plan.kind == "tail"]
+        """Running requests whose next pass is a tail pass, or a block commit (batched
+        together)."""
+        return [r for r in self.running if r.plan is not None and r.plan.kind in ("tail", "commit")]
 
     def full_passes(self) -> list[Request]:
         """Running requests whose next pass is a full pass, oldest first."""

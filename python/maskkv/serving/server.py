@@ -13,7 +13,9 @@ to the pool at once.
 
 ``max_tokens`` becomes the generation length rounded up to a whole number of blocks
 (``block_length``, default ``ServerConfig.block_length``); the text returned stops at
-``max_tokens`` tokens, at EOS or at a ``stop`` string, whichever comes first.
+``max_tokens`` tokens, at EOS or at a ``stop`` string, whichever comes first. A block-causal
+LLaDA2 model counts its blocks from the first prompt token: its generation length is
+``max_tokens`` and ``steps`` are per block (LLaDA2's default, 32).
 """
 
 from __future__ import annotations
@@ -144,9 +146,16 @@ def build_app(async_engine: AsyncEngine, tokenizer, config: ServerConfig) -> Fas
         """(engine params, max_tokens): the generation length is max_tokens rounded up to
         whole blocks."""
         max_tokens = body.max_tokens or config.default_max_tokens
-        block = body.block_length or min(config.block_length, max_tokens)
-        gen_length = -(-max_tokens // block) * block
-        steps = body.steps or max(gen_length // config.tokens_per_step, gen_length // block)
+        if getattr(engine.model, "dllm_kind", "llada") == "llada2":
+            block, gen_length, steps = (
+                body.block_length or config.block_length,
+                max_tokens,
+                body.steps,
+            )
+        else:
+            block = body.block_length or min(config.block_length, max_tokens)
+            gen_length = -(-max_tokens // block) * block
+            steps = body.steps or max(gen_length // config.tokens_per_step, gen_length // block)
         decoding = None
         if body.threshold is not None and body.factor is not None:
             raise _ApiError(400, "threshold, factor: give one decoding rule", "threshold")
