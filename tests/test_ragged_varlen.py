@@ -640,6 +640,26 @@ def test_cuda_triton_batch_invariant(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_cuda_triton_nonfinite_follows_reference(num_splits):
+    """NaN / inf on the GPU (whose ``tl.max`` drops NaN, unlike the interpreter's): a NaN key,
+    a +inf query component, an inf value, each in its own request, give the reference's NaN /
+    inf positions, the other values within tolerance."""
+    q, cache, kt, vt, kw = _cuda_case(torch.float32, seed=4)
+    cu, Hkv = cache.cu_seqlens.tolist(), cache.num_kv_heads
+    cache.k[cu[2 * Hkv] + 3, 5] = math.nan  # request 2, KV head 0
+    q[kw["cu_seqlens_q"][4], 1, 0] = math.inf  # request 4, one query of head 1
+    cache.v[cu[5 * Hkv + 7] + 1, 2] = -math.inf  # request 5, KV head 7
+    want = run("reference", q.cpu(), cache.to("cpu"), kt.cpu(), vt.cpu(),
+               {a: x.cpu() if isinstance(x, torch.Tensor) else x for a, x in kw.items()})  # fmt: skip
+    got = triton_varlen(q, cache, kt, vt, kw, num_splits)
+    for a, b in zip(got, want):
+        assert a.isnan().any() and a.isinf().any()  # (out: -inf from the value, lse: +inf)
+        torch.testing.assert_close(a.cpu().float(), b.float(), atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_no_host_sync_and_graph_replay():
     """The Triton varlen path never synchronises and replays from a CUDA graph with new values
     (other lengths, same shapes: a bucketed serving step)."""

@@ -34,10 +34,11 @@ other requests, and a row's arithmetic does not depend on its place in the row t
 request gets the same output in the dense form alone as in any varlen batch. (The "grid" planner
 and the tests' ``num_splits`` derive the chunk from the batch's longest segment: not invariant.)
 
-Non-finite inputs follow the reference (a softmax of IEEE logits): the running maximum keeps NaN
-(``tl.max`` would drop it) and nothing is subtracted while it is not finite, so a NaN or +inf
-logit makes the row NaN (LSE NaN / +inf), logits all -inf give NaN (LSE -inf), and an inf value
-reaches the output through 0 * inf = NaN; a row without any key is 0 (LSE -inf).
+Non-finite inputs follow the reference (a softmax of IEEE logits): nothing is subtracted while
+the running maximum is not finite, a NaN logit's probability keeps the running sum NaN, and the
+split-K merge keeps a NaN LSE, so a NaN or +inf logit makes the row NaN (LSE NaN / +inf), logits
+all -inf give NaN (LSE -inf), and an inf value reaches the output through 0 * inf = NaN; a row
+without any key is 0 (LSE -inf).
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def _attend_tile(
 ):
     """One online-softmax update of ``BLOCK_M`` rows with one tile of ``BLOCK_N`` keys.
 
-    The maximum keeps NaN (``tl.max`` drops it). While it is not finite (no logit above -inf
-    yet, or a NaN / +inf one: an undefined row, replaced at the end) 0 is subtracted instead,
-    so that ``exp2`` never sees ``-inf - -inf``; the probabilities of -inf logits are then 0 and
-    still multiply their values (0 * inf = NaN, as in the reference).
+    While the maximum is not finite (no logit above -inf yet, or a +inf one; NaN under the
+    interpreter, whose ``tl.max`` keeps it: an undefined row, replaced at the end) 0 is
+    subtracted instead, so that ``exp2`` never sees ``-inf - -inf``; the probabilities of -inf
+    logits are then 0 and still multiply their values (0 * inf = NaN, as in the reference). A
+    NaN logit (which the GPU's ``tl.max`` drops) makes its probability and so ``l_i`` NaN for
+    good: ``l_i`` carries it to the end. (A NaN-keeping maximum here cost the 128-row tiles
+    register spills.)
     """
     kv_mask = key_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -90,7 +94,7 @@ def _attend_tile(
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain, fp32
     qk = tl.where(key_mask[None, :], qk, float("-inf"))
-    m_new = _max_keep_nan(m_i, tl.reduce(qk, 1, _max_keep_nan))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_sub = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)  # NaN compares false: 0
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(qk - m_sub[:, None])
@@ -103,18 +107,20 @@ def _attend_tile(
 def _finish_rows(acc, m_i, l_i, has_key, kept_max):
     """Normalised output and log2-sum-exp of rows whose online state is (acc, m_i, l_i).
 
-    A finite maximum: acc / l (l >= 1, the maximum's own term) and m + log2(l). Otherwise the
-    LSE is the maximum (NaN, +inf, or -inf: every logit -inf) and the output NaN, except where
-    the maximum equals ``kept_max``: -inf for a partial output of split-K, which then stays acc
-    (0, or NaN from 0 * inf) and gets weight 0 in the combine; NaN (equal to nothing) for a
-    final output. ``has_key`` False (no key at all): 0 and -inf.
+    A finite maximum: acc / l (l >= 1, the maximum's own term, or NaN after a NaN logit) and
+    m + log2(l). Otherwise the LSE is NaN after a NaN logit (l NaN), else the maximum (+inf, or
+    -inf: every logit -inf), and the output NaN, except where the maximum equals ``kept_max``:
+    -inf for a partial output of split-K, which then stays acc (0, or NaN from 0 * inf) and gets
+    weight 0 in the combine (unless its LSE is NaN); NaN (equal to nothing) for a final output.
+    ``has_key`` False (no key at all): 0 and -inf.
     """
     finite = tl.abs(m_i) < float("inf")
     o = acc / tl.where(finite, l_i, 1.0)[:, None]
     keep = finite | (m_i == kept_max)
     o = tl.where(keep[:, None], o, float("nan"))
     o = tl.where(has_key, o, 0.0)
-    lse2 = tl.where(finite, m_i + tl.log2(tl.where(finite, l_i, 1.0)), m_i)
+    lse2 = tl.where(finite, m_i + tl.log2(tl.where(finite, l_i, 1.0)),
+                    tl.where(l_i == l_i, m_i, l_i))
     return o, lse2
 
 
