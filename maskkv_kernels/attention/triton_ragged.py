@@ -104,7 +104,7 @@ def _attend_tile(
 
 
 @triton.jit
-def _finish_rows(acc, m_i, l_i, has_key, kept_max):
+def _finish_rows(acc, m_i, l_i, no_key, kept_max):
     """Normalised output and log2-sum-exp of rows whose online state is (acc, m_i, l_i).
 
     A finite maximum: acc / l (l >= 1, the maximum's own term, or NaN after a NaN logit) and
@@ -112,13 +112,13 @@ def _finish_rows(acc, m_i, l_i, has_key, kept_max):
     -inf: every logit -inf), and the output NaN, except where the maximum equals ``kept_max``:
     -inf for a partial output of split-K, which then stays acc (0, or NaN from 0 * inf) and gets
     weight 0 in the combine (unless its LSE is NaN); NaN (equal to nothing) for a final output.
-    ``has_key`` False (no key at all): 0 and -inf.
+    ``no_key`` rows (no key at all: m -inf, l and acc 0): 0 and -inf. (One select over the
+    tile: a second one spilled the 128-row tiles.)
     """
     finite = tl.abs(m_i) < float("inf")
     o = acc / tl.where(finite, l_i, 1.0)[:, None]
-    keep = finite | (m_i == kept_max)
+    keep = finite | (m_i == kept_max) | no_key
     o = tl.where(keep[:, None], o, float("nan"))
-    o = tl.where(has_key, o, 0.0)
     lse2 = tl.where(finite, m_i + tl.log2(tl.where(finite, l_i, 1.0)),
                     tl.where(l_i == l_i, m_i, l_i))
     return o, lse2
@@ -238,7 +238,7 @@ def _ragged_attn_fwd(
 
     # The row's keys: [lo, hi) (its work item's, under split-K). Comparisons against a scalar
     # threshold, not `mask & scalar_bool` (the interpreter turns that into int32).
-    has_key = (rows < tl.where(lo < hi, BLOCK_M * ROW_TILES, 0))[:, None]
+    no_key = rows >= tl.where(lo < hi, BLOCK_M * ROW_TILES, 0)
     out_rows = b * o_sb + head * o_sh + q_row * o_sm
     io_mask = row_mask[:, None] & d_mask[None, :]
     if WORKLIST:
@@ -247,7 +247,7 @@ def _ragged_attn_fwd(
         direct = rows < tl.where(n_items == 1, live_rows, 0)
         partial = rows < tl.where(n_items == 1, 0, live_rows)
         o, lse2 = _finish_rows(
-            acc, m_i, l_i, has_key, tl.where(n_items > 1, float("-inf"), float("nan"))
+            acc, m_i, l_i, no_key, tl.where(n_items > 1, float("-inf"), float("nan"))
         )
         tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
                  mask=direct[:, None] & d_mask[None, :])
@@ -258,14 +258,14 @@ def _ragged_attn_fwd(
                  mask=partial[:, None] & d_mask[None, :])
         tl.store(LsePart + part, lse2, mask=partial)
     elif SPLIT:
-        o, lse2 = _finish_rows(acc, m_i, l_i, has_key, float("-inf"))
+        o, lse2 = _finish_rows(acc, m_i, l_i, no_key, float("-inf"))
         part = split.to(tl.int64) * R_TOTAL + out_rows
         # An empty chunk stores nothing (the combine kernel never reads it).
         live = rows < tl.where(lo < n_tot, ROWS, 0)
         tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=live[:, None] & d_mask[None, :])
         tl.store(LsePart + part, lse2, mask=live)
     else:
-        o, lse2 = _finish_rows(acc, m_i, l_i, has_key, float("nan"))
+        o, lse2 = _finish_rows(acc, m_i, l_i, no_key, float("nan"))
         tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
                  mask=io_mask)
         if STORE_LSE:
