@@ -83,8 +83,7 @@ def _attend_tile(
     subtracted instead, so that ``exp2`` never sees ``-inf - -inf``; the probabilities of -inf
     logits are then 0 and still multiply their values (0 * inf = NaN, as in the reference). A
     NaN logit (which the GPU's ``tl.max`` drops) makes its probability and so ``l_i`` NaN for
-    good: ``l_i`` carries it to the end. (A NaN-keeping maximum here cost the 128-row tiles
-    register spills.)
+    good: ``l_i`` carries it to the end (no NaN-keeping maximum needed).
     """
     kv_mask = key_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -112,8 +111,7 @@ def _finish_rows(acc, m_i, l_i, no_key, kept_max):
     -inf: every logit -inf), and the output NaN, except where the maximum equals ``kept_max``:
     -inf for a partial output of split-K, which then stays acc (0, or NaN from 0 * inf) and gets
     weight 0 in the combine (unless its LSE is NaN); NaN (equal to nothing) for a final output.
-    ``no_key`` rows (no key at all: m -inf, l and acc 0): 0 and -inf. (One select over the
-    tile: a second one spilled the 128-row tiles.)
+    ``no_key`` rows (no key at all: m -inf, l and acc 0): 0 and -inf.
     """
     finite = tl.abs(m_i) < float("inf")
     o = acc / tl.where(finite, l_i, 1.0)[:, None]
