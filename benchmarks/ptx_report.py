@@ -168,7 +168,6 @@ def _as_if_on_gpu(capability: int):
     saved = (
         triton_scores._sm_count,
         triton_topk._sm_count if hasattr(triton_topk, "_sm_count") else None,
-        triton_ragged._num_sms,
         triton_ragged._plans_splits,
         triton_scores._num_splits,
         triton_topk._chunk_size,
@@ -180,7 +179,6 @@ def _as_if_on_gpu(capability: int):
     triton_scores._sm_count = lambda index: SM_COUNT
     if saved[1] is not None:
         triton_topk._sm_count = lambda index: SM_COUNT
-    triton_ragged._num_sms = lambda index: SM_COUNT
     triton_ragged._plans_splits = lambda t: True
     triton_scores._num_splits = lambda bh, gm, key_end, device: num_splits(bh, gm, key_end, gpu)
     triton_topk._chunk_size = lambda P, rows, device: chunk_size(P, rows, gpu)
@@ -192,7 +190,6 @@ def _as_if_on_gpu(capability: int):
         (
             triton_scores._sm_count,
             sm_topk,
-            triton_ragged._num_sms,
             triton_ragged._plans_splits,
             triton_scores._num_splits,
             triton_topk._chunk_size,

@@ -3,79 +3,147 @@
 // softmax, flash style: tiles of up to kRowTile rows x kKeyBlock keys, the segment's keys first,
 // then the tail's, never concatenated. fp32 accumulation whatever the input dtype.
 //
+// Both products of a tile (q . k and p . v) go through the kernels of tile_products_cpu.h, not
+// BLAS, and the softmax runs in the rows' vector lanes: every query row goes through the same
+// instructions wherever it sits in its tile and whatever the tile's shape. A row's bits thus
+// depend only on its own inputs, its segment's and tail's lengths (the key blocks) and the
+// scale: a request's rows are the same alone or in any batch, in the dense or the varlen layout
+// (batch invariance, what the serving engine needs to run one call for the whole batch).
+//
+// Non-finite inputs follow the reference (a softmax of IEEE logits): a NaN logit makes the row's
+// output and LSE NaN; a +inf logit (and no NaN) gives output NaN, LSE +inf; a row whose logits
+// are all -inf gives output NaN, LSE -inf; an inf or NaN value row reaches the output through
+// 0 * inf = NaN even where its probability is 0. A row with no key at all is 0 with LSE -inf.
+//
 // Two layouts share the tile loop (attend_rows):
 // - dense: q [B, Hq, Lq, D], tails [B, Hkv, Lt, D]; packed row r = h * Lq + i;
 // - varlen: q [Nq, Hq, D] packed by request (cu_seqlens_q), tails [Nt, Hkv, D] packed by request
 //   (cu_seqlens_tail, optionally placed by tail_starts); packed row r = i * G + h.
 // In both, segment s = b * Hkv + g holds rows seg_starts[s] .. + len of k / v (seg_starts
 // defaults to cu_seqlens[:-1], the packed layout). Only a segment's own rows are ever read.
-#include "maskkv_cpu.h"
+#include "tile_products_cpu.h"
+
+#include <vector>
 
 namespace maskkv_cpu {
 
 namespace {
 constexpr int64_t kRowTile = 256;
-constexpr int64_t kKeyBlock = 512;
+constexpr int64_t kKeyBlock = 256;
 
-// Scratch buffers of one parallel task (fp32, sized for the largest tile).
+// Scratch buffers of one parallel task (fp32, sized for the largest tile): tq_max rows of head
+// dim D, Dp = D rounded up to a whole vector.
 struct Scratch {
-  Tensor qbuf, kbuf, vbuf, sbuf, acc;
-  std::vector<float> row_m, row_l, row_lse;
+  int64_t ld_max, Dp;
+  Tensor qbuf, kbuf, vbuf, acc;
+  std::vector<float> qt, st, row_m, row_l, alpha, row_lse;
   Scratch(int64_t tq_max, int64_t D, const at::TensorOptions& f32)
-      : qbuf(at::empty({tq_max * D}, f32)),
+      : ld_max(round_to_vec(tq_max)),
+        Dp(round_to_vec(D)),
+        qbuf(at::empty({tq_max * D}, f32)),
         kbuf(at::empty({kKeyBlock * D}, f32)),
-        vbuf(at::empty({kKeyBlock * D}, f32)),
-        sbuf(at::empty({tq_max * kKeyBlock}, f32)),
-        acc(at::empty({tq_max, D}, f32)),
-        row_m(tq_max),
-        row_l(tq_max),
+        vbuf(at::zeros({kKeyBlock * Dp}, f32)),  // padding columns stay 0
+        acc(at::empty({tq_max, Dp}, f32)),
+        qt(D * ld_max),
+        st(kKeyBlock * ld_max),
+        row_m(ld_max),
+        row_l(ld_max),
+        alpha(ld_max),
         row_lse(tq_max) {}
 };
 
-// The tq fp32 query rows `qf` [tq, D] attend to the keys of `n_src` sources, in order (each
-// [n, D] with unit stride along D): one online softmax. Returns the normalised output, a view
-// of sc.acc [tq, D] (0 for a row with no key), and writes each row's natural-log LSE (-inf for
-// no key) to lse[i] when lse is not null.
-Tensor attend_rows(const Tensor& qf, int64_t tq, const Tensor* keys, const Tensor* vals,
-                   int64_t n_src, float scale, Scratch& sc, float* lse) {
-  const int64_t D = qf.size(1);
-  Tensor acc = sc.acc.narrow(0, 0, tq);
-  acc.zero_();
-  float* acc_p = acc.data_ptr<float>();
-  std::fill(sc.row_m.begin(), sc.row_m.begin() + tq, kNegInf);
-  std::fill(sc.row_l.begin(), sc.row_l.begin() + tq, 0.0f);
+// Rows [j0, j0 + n) of values [len, D] as fp32 rows of Dp columns: the rows themselves when they
+// already are (fp32, unit stride, D == Dp), else a copy into buf (whose padding columns are 0).
+// Returns (first row, row stride).
+std::pair<const float*, int64_t> value_rows(const Tensor& src, int64_t j0, int64_t n, int64_t Dp,
+                                            Tensor& buf) {
+  const int64_t D = src.size(1);
+  Tensor rows = src.narrow(0, j0, n);
+  if (D == Dp && rows.scalar_type() == at::kFloat && (D <= 1 || rows.stride(1) == 1))
+    return {rows.data_ptr<float>(), rows.stride(0)};
+  buf.narrow(0, 0, n * Dp).view({n, Dp}).narrow(1, 0, D).copy_(rows);
+  return {buf.data_ptr<float>(), Dp};
+}
+
+// One block of the online softmax, vectorised over the tile's rows: x is the key-major block of
+// unscaled logits [bk, ld] (rows r < tq; the lanes past tq are padding rows, never read back).
+// Per row: m_new = max(m, max_j x_j * scale) (NaN sticks); p_j = exp(x_j * scale - m_sub) written
+// over x, where m_sub = m_new, or 0 while the maximum is not finite (no key above -inf yet: every
+// p is then 0; a NaN or +inf maximum: the row is undefined and its output replaced at the end);
+// alpha = exp(m - m_sub) rescales what the row summed so far; l = l * alpha + sum_j p_j. The
+// arguments of exp are <= 0 or -inf wherever the result is used, so exp_u20's clamping of NaN
+// and overflow never shows.
+void softmax_block(float* x, int64_t bk, int64_t tq, int64_t ld, float scale, float* row_m,
+                   float* row_l, float* alpha) {
+  const Vec vs(scale), zero(0.0f);
+  for (int64_t r = 0; r < tq; r += Vec::size()) {
+    Vec bm(kNegInf);
+    for (int64_t j = 0; j < bk; ++j) {
+      const Vec s = Vec::loadu(x + j * ld + r) * vs;
+      s.store(x + j * ld + r);
+      bm = at::vec::maximum(bm, s);
+    }
+    const Vec m_old = Vec::loadu(row_m + r);
+    const Vec m_new = at::vec::maximum(m_old, bm);
+    const Vec m_sub = Vec::blendv(m_new, zero, (m_new - m_new) != zero);  // not finite: 0
+    Vec sum(0.0f);
+    for (int64_t j = 0; j < bk; ++j) {
+      const Vec p = (Vec::loadu(x + j * ld + r) - m_sub).exp_u20();
+      p.store(x + j * ld + r);
+      sum = sum + p;
+    }
+    const Vec a = (m_old - m_sub).exp_u20();
+    (Vec::loadu(row_l + r) * a + sum).store(row_l + r);
+    m_new.store(row_m + r);
+    a.store(alpha + r);
+  }
+}
+
+// The tq fp32 query rows q [tq, D] (row stride q_stride) attend to the keys of `n_src` sources,
+// in order (each [n, D] with unit stride along D): one online softmax. Returns the output, a view
+// of sc.acc [tq, Dp] (columns past D are padding), and writes each row's natural-log LSE to
+// lse[i] when lse is not null.
+Tensor attend_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, const Tensor* keys,
+                   const Tensor* vals, int64_t n_src, float scale, Scratch& sc, float* lse) {
+  const int64_t Dp = sc.Dp, ld = round_to_vec(tq);
+  float* acc = sc.acc.data_ptr<float>();
+  std::fill(acc, acc + tq * Dp, 0.0f);
+  std::fill(sc.row_m.begin(), sc.row_m.begin() + ld, kNegInf);
+  std::fill(sc.row_l.begin(), sc.row_l.begin() + ld, 0.0f);
+  pack_rows(q, q_stride, tq, D, ld, sc.qt.data());
+  int64_t n_keys = 0;
   for (int64_t src = 0; src < n_src; ++src) {
     const int64_t len = keys[src].size(0);
+    n_keys += len;
     for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
       const int64_t bk = std::min(kKeyBlock, len - j0);
       const Tensor kf = rows_as_float(keys[src], j0, bk, sc.kbuf);
-      const Tensor vf = rows_as_float(vals[src], j0, bk, sc.vbuf);
-      Tensor st = sc.sbuf.narrow(0, 0, tq * bk).view({tq, bk});
-      at::mm_out(st, qf, kf.t());
-      float* sp = st.data_ptr<float>();
-      for (int64_t i = 0; i < tq; ++i) {
-        float* x = sp + i * bk;
-        const float bm = scale_and_max(x, bk, scale);
-        const float m_new = std::max(sc.row_m[i], bm);
-        if (m_new == kNegInf) {  // no finite logit yet: contributes nothing
-          std::fill(x, x + bk, 0.0f);
-          continue;
-        }
-        const float alpha = std::exp(sc.row_m[i] - m_new);
-        sc.row_l[i] = sc.row_l[i] * alpha + exp_sub_sum(x, bk, m_new);
-        sc.row_m[i] = m_new;
-        if (alpha != 1.0f) scale_inplace(acc_p + i * D, D, alpha);
-      }
-      acc.addmm_(st, vf);  // acc += P . V
+      float* st = sc.st.data();
+      key_major_logits(kf.data_ptr<float>(), kf.stride(0), bk, sc.qt.data(), D, ld, st);
+      softmax_block(st, bk, tq, ld, scale, sc.row_m.data(), sc.row_l.data(), sc.alpha.data());
+      for (int64_t i = 0; i < tq; ++i)
+        if (sc.alpha[i] != 1.0f) scale_inplace(acc + i * Dp, Dp, sc.alpha[i]);
+      const auto vf = value_rows(vals[src], j0, bk, Dp, sc.vbuf);
+      accumulate_pv(st, ld, bk, tq, vf.first, vf.second, Dp, acc, Dp);
     }
   }
-  // Normalise; a row with no key at all is 0 (lse -inf).
   for (int64_t i = 0; i < tq; ++i) {
-    const float l = sc.row_l[i];
-    scale_inplace(acc_p + i * D, D, l > 0.0f ? 1.0f / l : 0.0f);
-    if (lse) lse[i] = l > 0.0f ? sc.row_m[i] + std::log(l) : kNegInf;
+    const float m = sc.row_m[i], l = sc.row_l[i];
+    float* a = acc + i * Dp;
+    float row_lse;
+    if (n_keys == 0) {  // no key at all: 0, LSE -inf
+      std::fill(a, a + Dp, 0.0f);
+      row_lse = kNegInf;
+    } else if (std::isfinite(m)) {  // then l >= 1: the maximum's own term is exp(0)
+      scale_inplace(a, Dp, 1.0f / l);
+      row_lse = m + std::log(l);
+    } else {  // NaN or +inf logit, or every logit -inf: undefined softmax, LSE as the maximum
+      std::fill(a, a + Dp, std::numeric_limits<float>::quiet_NaN());
+      row_lse = m;
+    }
+    if (lse) lse[i] = row_lse;
   }
-  return acc;
+  return sc.acc.narrow(0, 0, tq);
 }
 
 // cu int32 [n + 1] on the CPU: 0 first, non-decreasing, last == limit (exact) or <= limit (else;
@@ -196,8 +264,9 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
         const Tensor qf = rows_as_float(rows, r0, tq, sc.qbuf);
         // row r = h * Lq + t of head g * G + h: lse index (b * Hq + g * G) * Lq + r
         float* lse_rows = lse_p ? lse_p + (b * Hq + g * G) * Lq + r0 : nullptr;
-        const Tensor acc = attend_rows(qf, tq, keys, vals, has_kt ? 2 : 1, scale, sc, lse_rows);
-        out_rows[s].narrow(0, r0, tq).copy_(acc);
+        const Tensor acc = attend_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, keys, vals,
+                                       has_kt ? 2 : 1, scale, sc, lse_rows);
+        out_rows[s].narrow(0, r0, tq).copy_(acc.narrow(1, 0, D));
       }
     }
   });
@@ -279,9 +348,9 @@ std::tuple<Tensor, Tensor> ragged_attention_varlen(
         Tensor qf = sc.qbuf.narrow(0, 0, tq * D).view({ti, G, D});
         qf.copy_(q_heads.narrow(0, i0, ti));
         float* lse_rows = lse_p ? lse_p + (q0 + i0) * Hq + g * G : nullptr;
-        const Tensor acc = attend_rows(qf.view({tq, D}), tq, keys, vals, has_kt ? 2 : 1, scale,
-                                       sc, lse_rows ? sc.row_lse.data() : nullptr);
-        o_heads.narrow(0, i0, ti).copy_(acc.view({ti, G, D}));
+        const Tensor acc = attend_rows(qf.data_ptr<float>(), D, tq, D, keys, vals, has_kt ? 2 : 1,
+                                       scale, sc, lse_rows ? sc.row_lse.data() : nullptr);
+        o_heads.narrow(0, i0, ti).copy_(acc.view({ti, G, sc.Dp}).narrow(2, 0, D));
         if (lse_rows) {  // row i * G + h -> lse[(q0 + i0 + i) * Hq + g * G + h]
           for (int64_t i = 0; i < ti; ++i)
             for (int64_t h = 0; h < G; ++h) lse_rows[i * Hq + h] = sc.row_lse[i * G + h];

@@ -5,10 +5,10 @@
 // each row's log-sum-exp (skipped when the attention forward's LSE is given), pass 2 recomputes
 // each tile and adds exp(s - lse) into one vector of column sums.
 //
-// Tiles are key-major, [keys, rows], and computed by the small product kernel below rather than
-// by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same instructions
-// whatever the key's position in its block and whatever the tile's shape, and every per-key
-// reduction below runs over the contiguous rows with the same instructions for every key.
+// Tiles are key-major, [keys, rows], and computed by the product kernel of tile_products_cpu.h
+// rather than by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same
+// instructions whatever the key's position in its block and whatever the tile's shape, and every
+// per-key reduction below runs over the contiguous rows with the same instructions for every key.
 // Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
 // position as the ranking rule says. (BLAS rounds by position: in a query-major product the keys
 // sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes
@@ -21,7 +21,7 @@
 // topk_gather: per (b, g), std::nth_element under the ranking rule of DESIGN.md (higher score
 // first, NaN below -inf, ties to the lower position), the kept positions sorted ascending, rows
 // copied bit for bit.
-#include "maskkv_cpu.h"
+#include "tile_products_cpu.h"
 
 #include <algorithm>
 #include <cstring>
@@ -60,81 +60,6 @@ inline float all_ones() {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-// Key-major logits of one block: st[j, r] = sum_d k[j, d] * q[r, d] for bk keys (row j at
-// k + j * k_stride) and the tile's rows, packed by pack_rows into panels; st is [bk, ld] with
-// ld = rows rounded up to a whole vector. Register tiles of NK keys x NV vectors of rows; every
-// accumulator lane runs the same fmadd chain over d = 0..D-1, so a key's logits do not depend on
-// which tile, slot or lane computes them (nor on the tile shapes chosen).
-template <int64_t NK, int64_t NV>
-inline void logits_tile(const float* k, int64_t k_stride, const float* panel, int64_t D,
-                        int64_t ld, float* st) {
-  constexpr int64_t W = Vec::size();
-  Vec acc[NK][NV];
-  for (int64_t i = 0; i < NK; ++i)
-    for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec(0.0f);
-  for (int64_t d = 0; d < D; ++d) {
-    Vec qv[NV];
-    for (int64_t v = 0; v < NV; ++v) qv[v] = Vec::loadu(panel + (d * NV + v) * W);
-    for (int64_t i = 0; i < NK; ++i) {
-      const Vec kb(k[i * k_stride + d]);
-      for (int64_t v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(kb, qv[v], acc[i][v]);
-    }
-  }
-  for (int64_t i = 0; i < NK; ++i)
-    for (int64_t v = 0; v < NV; ++v) acc[i][v].store(st + i * ld + v * W);
-}
-
-// All bk keys against one panel of NV vectors of rows: NK keys at a time.
-template <int64_t NK, int64_t NV>
-void logits_panel(const float* k, int64_t k_stride, int64_t bk, const float* panel, int64_t D,
-                  int64_t ld, float* st) {
-  int64_t j = 0;
-  for (; j + NK <= bk; j += NK)
-    logits_tile<NK, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
-  for (; j < bk; ++j) logits_tile<1, NV>(k + j * k_stride, k_stride, panel, D, ld, st + j * ld);
-}
-
-// Register budget: AVX-512 has 32 vector registers (16 accumulators), AVX2 16 (8).
-constexpr int64_t kPanelVecs = Vec::size() >= 16 ? 4 : 2;  // widest panel, in vectors
-constexpr int64_t kTileKeys = 4;
-constexpr int64_t kPanelKeys = Vec::size() >= 16 ? 6 : 4;  // 24 (AVX-512) or 8 (AVX2) accumulators
-
-// Panel widths (in vectors) covering ld rows: full panels, then one narrower for the rest.
-template <typename F>
-void for_each_panel(int64_t ld, F&& f) {
-  constexpr int64_t W = Vec::size();
-  int64_t r = 0;
-  for (; r + kPanelVecs * W <= ld; r += kPanelVecs * W) f(r, kPanelVecs);
-  for (; r + 2 * W <= ld; r += 2 * W) f(r, 2);
-  for (; r < ld; r += W) f(r, 1);
-}
-
-// The tile's rows [tq, D] (row stride q_stride) transposed into panels: panel p of width w
-// vectors holds rows [r, r + w*W) as [D, w*W], contiguous (its D rows stay in L1 while the keys
-// stream past), at qp + r*D; rows past tq are zero.
-void pack_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, int64_t ld, float* qp) {
-  for_each_panel(ld, [&](int64_t r, int64_t w) {
-    const int64_t width = w * Vec::size();
-    float* panel = qp + r * D;
-    std::fill(panel, panel + D * width, 0.0f);
-    for (int64_t i = r; i < std::min(tq, r + width); ++i)
-      for (int64_t d = 0; d < D; ++d) panel[d * width + (i - r)] = q[i * q_stride + d];
-  });
-}
-
-void key_major_logits(const float* k, int64_t k_stride, int64_t bk, const float* qp, int64_t D,
-                      int64_t ld, float* st) {
-  for_each_panel(ld, [&](int64_t r, int64_t w) {
-    if (w == kPanelVecs) {
-      logits_panel<kPanelKeys, kPanelVecs>(k, k_stride, bk, qp + r * D, D, ld, st + r);
-    } else if (w == 2) {
-      logits_panel<kTileKeys, 2>(k, k_stride, bk, qp + r * D, D, ld, st + r);
-    } else {
-      logits_panel<2 * kTileKeys, 1>(k, k_stride, bk, qp + r * D, D, ld, st + r);
-    }
-  });
 }
 
 // Online log-sum-exp state of a tile's rows, updated with one key-major block of unscaled logits

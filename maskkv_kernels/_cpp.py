@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 _SOURCES = ("select_cpu.cpp", "ragged_attention_cpu.cpp", "register_cpu.cpp")
-_HEADERS = ("maskkv_cpu.h",)
+_HEADERS = ("maskkv_cpu.h", "tile_products_cpu.h")
 
 
 def _find_csrc() -> Path:

@@ -61,6 +61,7 @@ N_TORCH = (200, 4000)
 N_TRITON = (25, 300)
 N_META = (120, 1000)
 N_META_ATTENTION = (120, 3000)
+N_INVARIANCE = (150, 3000)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2 + 2**-7}
@@ -637,10 +638,11 @@ def run_attention(case, backend):
 
 
 def assert_attention_close(got, want, dtype):
+    """Outputs and LSEs within tolerance, NaN and inf at the same places."""
     tol = OUT_TOL[dtype]
-    torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol, equal_nan=True)
     assert got[1].dtype == torch.float32
-    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5, equal_nan=True)
 
 
 @fuzz(*N_TORCH)
@@ -756,22 +758,26 @@ def test_attention_row_alone_noncontiguous_and_reruns(case, data):
     )
     tail = (None, None) if kt is None else (kt[b : b + 1], vt[b : b + 1])
     alone = run_attention((q[b : b + 1], row_cache, *tail, scale), backend)
-    # Bucketing (torch) and split-K (Triton) depend on the other segments' lengths: allow the
-    # rounding of a different summation order, nothing more.
-    assert_attention_close((alone[0], alone[1]), (want[0][b : b + 1], want[1][b : b + 1]), q.dtype)
+    if backend == "torch":  # its buckets mix batch rows: the rounding of another order at most
+        assert_attention_close(
+            (alone[0], alone[1]), (want[0][b : b + 1], want[1][b : b + 1]), q.dtype
+        )
+    else:  # C++ and Triton round a query row the same in any batch
+        assert torch.equal(bits(alone[0]), bits(want[0][b : b + 1]))
+        assert torch.equal(bits(alone[1]), bits(want[1][b : b + 1]))
 
 
 # ----------------------------------------------------------------------------- varlen attention
 
 
 @st.composite
-def varlen_cases(draw, max_len: int = 8):
+def varlen_cases(draw, max_len: int = 8, dims=(1, 4, 8, 16)):
     """One varlen ``ragged_attention`` call: (q, cache, k_tail, v_tail, varlen kwargs, scale).
 
     Requests with no query, empty segments and tails, a request's queries padded past
-    cu_seqlens_q[-1], loose host bounds, GQA, dtypes."""
+    cu_seqlens_q[-1], loose host bounds, GQA (G = 1 is MHA), head dims ``dims``, dtypes."""
     B, Hkv, G = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    D = draw(st.sampled_from([1, 4, 8, 16]))
+    D = draw(st.sampled_from(dims))
     dtype = draw(st.sampled_from(DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     seg_lens = torch.randint(0, max_len + 1, (B * Hkv,), generator=g)
@@ -863,7 +869,7 @@ def test_varlen_cpp_matches_reference_and_torch(case):
 def test_varlen_pool_view_poison_and_requests_alone(case, data):
     """A pool view (segments and tails relocated, NaN / inf garbage between them) is bitwise the
     packed call; NaN / inf in one request's keys, values, tail or queries leaves every other
-    request bitwise unchanged; every request alone (the dense 4-D call) equals its rows."""
+    request bitwise unchanged; every request alone (the dense 4-D call) is bitwise its rows."""
     import test_ragged_varlen as tv
 
     backend = data.draw(st.sampled_from(_backends()))
@@ -898,10 +904,130 @@ def test_varlen_pool_view_poison_and_requests_alone(case, data):
     assert torch.equal(bits(got[0][other]), bits(want[0][other]))
     assert torch.equal(bits(got[1][other]), bits(want[1][other]))
 
-    for b in range(B):
+    assert_requests_alone_bitwise(case, want, backend)
+
+
+def assert_requests_alone_bitwise(case, got, backend, **launch):
+    """Every request's rows of the varlen result ``got`` are bitwise the dense 4-D call on that
+    request alone (its segments packed, its tail contiguous). ``launch``: Triton launcher
+    keywords (then the launchers are called directly, the same for both forms)."""
+    import test_ragged_varlen as tv
+
+    q, cache, kt, vt, kw, scale = case
+    cu_q = kw["cu_seqlens_q"].tolist()
+    for b in range(cache.batch_size):
         q4, one, kt4, vt4 = tv.request_alone(b, q, cache, kt, vt, kw)
-        alone = run_attention((q4, one, kt4, vt4, scale), backend)
+        if launch:
+            from maskkv_kernels.attention.triton_ragged import ragged_attention_triton
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                alone = ragged_attention_triton(
+                    q4, one.k, one.v, one.cu_seqlens, one.max_seqlen, one.num_kv_heads,
+                    None if kt4 is None or not kt4.shape[2] else kt4, vt4,
+                    scale or q.shape[-1] ** -0.5, True, **launch,
+                )  # fmt: skip
+        else:
+            alone = run_attention((q4, one, kt4, vt4, scale), backend)
         rows = slice(cu_q[b], cu_q[b + 1])
-        assert_attention_close(
-            (alone[0][0].transpose(0, 1), alone[1][0].T), (want[0][rows], want[1][rows]), q.dtype
+        assert torch.equal(bits(alone[0][0].transpose(0, 1)), bits(got[0][rows])), (backend, b)
+        assert torch.equal(bits(alone[1][0].T), bits(got[1][rows])), (backend, b)
+
+
+# Batch invariance over head dims that are and are not whole vectors (the C++ kernels' lanes).
+INVARIANCE_DIMS = (1, 5, 8, 16, 24, 40, 64)
+
+
+@fuzz(*N_INVARIANCE)
+@given(case=varlen_cases(max_len=40, dims=INVARIANCE_DIMS), data=st.data())
+def test_varlen_batch_invariant(case, data):
+    """Batch invariance, what lets the serving engine run one varlen call per layer for all its
+    requests: in a varlen call over pool views (segments and tails relocated, NaN / inf garbage
+    between them), every request's output and LSE are bitwise those of the dense 4-D call on
+    that request alone, on the torch, C++ and reference backends (Triton: the next property)."""
+    import test_ragged_varlen as tv
+
+    backend = data.draw(st.sampled_from(["torch", "reference"] + (["cpp"] * 2 if HAS_CPP else [])))
+    q, cache, kt, vt, kw, scale = case
+    garbage = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 0.0]))
+    pool = tv.to_pool(cache, gap=data.draw(st.integers(0, 3)), garbage=garbage)
+    extra = {}
+    if kt is not None:
+        kt_pool, vt_pool, extra["tail_starts"] = tv.tails_to_pool(
+            kt, vt, kw["cu_seqlens_tail"], garbage=garbage
         )
+    else:
+        kt_pool = vt_pool = None
+    got = run_varlen((q, pool, kt_pool, vt_pool, kw, scale), backend, **extra)
+    assert_requests_alone_bitwise(case, got, backend)
+
+
+@needs_triton
+@fuzz(*N_TRITON)
+@given(
+    case=varlen_cases(max_len=12, dims=(4, 16, 24)),
+    split_chunk=st.sampled_from([None, 16, 32]),
+)
+def test_varlen_triton_batch_invariant(case, split_chunk):
+    """The same for Triton, also with split-K work items of a fixed size (``split_chunk``):
+    a segment's items come from its own length, so a request whose segments fit one item runs
+    the unsplit arithmetic alone and in a batch that splits other requests' segments."""
+    from maskkv_kernels.attention.triton_ragged import ragged_attention_varlen_triton
+
+    q, cache, kt, vt, kw, scale = case
+    if split_chunk is None:
+        assert_requests_alone_bitwise(case, run_varlen(case, "triton"), "triton")
+        return
+    max_t = kw.get("max_seqlen_tail") or (0 if kt is None else kt.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = ragged_attention_varlen_triton(
+            q, cache.k, cache.v, cache.cu_seqlens, None, cache.max_seqlen, cache.num_kv_heads,
+            kw["cu_seqlens_q"], kw["max_seqlen_q"], kt, vt, kw.get("cu_seqlens_tail"), None,
+            max_t, scale or q.shape[-1] ** -0.5, True, split_chunk=split_chunk,
+        )  # fmt: skip
+    assert_attention_close(got, run_varlen(case, "reference"), q.dtype)
+    assert_requests_alone_bitwise(case, got, "triton", split_chunk=split_chunk)
+
+
+@fuzz(*N_META)
+@given(case=varlen_cases(max_len=12, dims=(1, 4, 16, 24)), data=st.data())
+def test_varlen_nonfinite_follows_reference(case, data):
+    """NaN / +-inf in one request's queries, kept keys or values, or tail (single components or
+    whole rows): every backend gives the reference's output and LSE (the softmax of IEEE logits:
+    the same NaN and inf positions, the finite values close), in the varlen call and in the
+    request's dense call."""
+    import test_ragged_varlen as tv
+
+    backend = data.draw(st.sampled_from(_every_backend()))
+    q, cache, kt, vt, kw, _ = case
+    # Small logits: no probability underflows to 0 (where 0 * inf = NaN would depend on exp).
+    q = (q.float() * 0.3).to(q.dtype)
+    k, v = cache.k.clone(), cache.v.clone()
+    kt, vt = (None, None) if kt is None else (kt.clone(), vt.clone())
+    B, Hkv = cache.batch_size, cache.num_kv_heads
+    b = data.draw(st.integers(0, B - 1))
+    cu, cu_q = cache.cu_seqlens.tolist(), kw["cu_seqlens_q"].tolist()
+    targets = [("q", q, cu_q[b], cu_q[b + 1]), ("k", k, cu[b * Hkv], cu[(b + 1) * Hkv])]
+    targets.append(("v", v, cu[b * Hkv], cu[(b + 1) * Hkv]))
+    if kt is not None:
+        cu_t = kw["cu_seqlens_tail"].tolist()
+        targets += [("kt", kt, cu_t[b], cu_t[b + 1]), ("vt", vt, cu_t[b], cu_t[b + 1])]
+    targets = [t for t in targets if t[3] > t[2]]
+    assume(targets)
+    for _ in range(data.draw(st.integers(1, 4))):
+        _, x, lo, hi = data.draw(st.sampled_from(targets))
+        row = x[data.draw(st.integers(lo, hi - 1))]  # [D] or [H, D]
+        special = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if data.draw(st.booleans()):
+            row[...] = special
+        else:
+            row[..., data.draw(st.integers(0, x.shape[-1] - 1))] = special
+    poisoned = mk.RaggedKV(k, v, cache.cu_seqlens, cache.positions, cache.max_seqlen, Hkv)
+    case = (q, poisoned, kt, vt, kw, None)
+    assert_attention_close(run_varlen(case, backend), run_varlen(case, "reference"), q.dtype)
+    q4, one, kt4, vt4 = tv.request_alone(b, q, poisoned, kt, vt, kw)
+    dense = (q4, one, kt4, vt4, None)
+    assert_attention_close(
+        run_attention(dense, backend), run_attention(dense, "reference"), q.dtype
+    )

@@ -222,20 +222,63 @@ def test_triton_worklist_planning(lengths, Lt):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_split_k_heuristic():
-    from maskkv_kernels.attention.triton_ragged import split_chunk
+def test_split_chunk_is_fixed(monkeypatch):
+    """Split-K work items have a fixed size on a GPU, whatever the batch (batch invariance);
+    ``num_splits`` derives it from the longest segment, ``split_chunk`` forces it."""
+    from maskkv_kernels.attention import triton_ragged as tr
 
-    n_sm = 132  # H100
-    # (row tiles per KV head, keys over all segments, max_seqlen + Lt) -> split or not
-    full_32k = split_chunk(2, 32 * (32768 + 256), 32768 + 256, n_sm)  # LLaDA, no eviction
-    skew_8x = split_chunk(2, 32 * (256 + 256), 2048 + 256, n_sm)  # LLaDA, budget 256, 8x skew
-    one_row = split_chunk(1, 32 * (256 + 1), 2048 + 1, n_sm)  # Lq = 1
-    for chunk, max_keys in ((full_32k, 33024), (skew_8x, 2304), (one_row, 2049)):
-        assert chunk is not None and chunk % 128 == 0 and 256 <= chunk < max_keys
-        assert -(-max_keys // chunk) <= 64
-    assert split_chunk(8, 32 * (32768 + 1024), 32768 + 1024, n_sm) is None  # 256 programs
-    assert split_chunk(56, 16 * (256 + 1024), 2048 + 1024, n_sm) is None  # Dream, Lq 1024
-    assert split_chunk(1, 4 * 300, 300, n_sm) is None  # too short to be worth it
+    q = torch.empty(1, 1, 1, 16)
+    monkeypatch.setattr(tr, "_plans_splits", lambda t: True)
+    C = tr.SPLIT_CHUNK
+    assert C % 128 == 0  # every autotuned BLOCK_N divides it: items start on a tile boundary
+    for max_keys in (C + 1, 4 * C, 32768 + 256):
+        assert tr._split_chunk(None, None, q, max_keys) == C
+    assert tr._split_chunk(None, None, q, C) is None  # no segment can exceed one item
+    assert tr._split_chunk(3, None, q, 300) == 100
+    assert tr._split_chunk(1, None, q, 300) is None
+    assert tr._split_chunk(None, 64, q, 300) == 64
+    assert tr._split_chunk(None, 64, q, 64) is None
+    monkeypatch.setattr(tr, "_plans_splits", lambda t: False)  # the interpreter: one program
+    assert tr._split_chunk(None, None, q, 4 * C) is None  # at a time, splitting gains nothing
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_every_variant_launches_the_first_tuned_config(monkeypatch):
+    """The autotuner keys its cache on every tensor argument's dtype, which differs between the
+    kernel variants; ``_launch_fwd`` keeps one config per (row tile, head dim, dtype), so a
+    request alone (dense, no LSE) and in a batch (varlen, split-K, LSE) tile its keys alike."""
+    import triton
+
+    from maskkv_kernels.attention import triton_ragged as tr
+
+    launches = []
+
+    class Tuner:  # stands in for the autotuner: another choice at every tuning launch
+        def __init__(self):
+            self.tunings = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                self.tunings += 1
+                self.best_config = triton.Config({"BLOCK_N": 16 * self.tunings}, num_warps=4)
+                launches.append(("tuned", self.best_config.kwargs["BLOCK_N"]))
+
+            return launch
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(("fixed", meta["BLOCK_N"]))
+
+    monkeypatch.setattr(tr, "_CHOSEN", {})
+    monkeypatch.setattr(tr, "_ragged_attn_fwd", Kernel())
+    tuner, gpu = Tuner(), torch.device("cuda", 0)
+    meta = dict(BLOCK_M=64, BLOCK_D=128, UPCAST=False, PRECISION="tf32")
+    dense = dict(SPLIT=False, WORKLIST=False, STORE_LSE=False, VARLEN=False)
+    batch = dict(SPLIT=True, WORKLIST=True, STORE_LSE=True, VARLEN=True)
+    tr._launch_fwd(tuner, (1,), (), {**meta, **dense}, gpu)
+    tr._launch_fwd(tuner, (1,), (), {**meta, **batch}, gpu)
+    tr._launch_fwd(tuner, (1,), (), {**meta, **batch, "BLOCK_D": 64}, gpu)  # another head dim
+    assert launches == [("tuned", 16), ("fixed", 16), ("tuned", 32)]
 
 
 @needs_triton

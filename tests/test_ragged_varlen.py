@@ -92,7 +92,8 @@ def assert_close(got, want, dtype):
 def assert_bitwise(got, want):
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert torch.equal(a.cpu().view(-1).view(torch.uint8), b.cpu().view(-1).view(torch.uint8))
+        a, b = (t.cpu().contiguous().view(-1).view(torch.uint8) for t in (a, b))
+        assert torch.equal(a, b)
 
 
 def to_pool(cache: mk.RaggedKV, *, gap=2, garbage=math.nan, seed=0) -> mk.RaggedKV:
@@ -201,14 +202,25 @@ def test_one_request_equals_dense_call(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_requests_equal_per_request_dense_calls(backend, dtype):
+    """Batch invariance: every request's rows bitwise its dense call's (the torch backend on a
+    GPU pads all requests into one bucket: there only within tolerance)."""
     q, cache, kt, vt, kw = make_case(*CASES["mixed"], 2, 16, dtype, seed=3)
     out, lse = run(backend, q, cache, kt, vt, kw)
+    for rows, alone in per_request_dense_calls(backend, q, cache, kt, vt, kw):
+        if backend == "torch" and HAS_CUDA:
+            assert_close((out[rows], lse[rows]), alone, dtype)
+        else:
+            assert_bitwise((out[rows], lse[rows]), alone)
+
+
+def per_request_dense_calls(backend, q, cache, kt, vt, kw):
+    """(its rows of the varlen output, (out, lse) of its dense call laid out as those rows) for
+    every request."""
     cu_q = kw["cu_seqlens_q"].cpu().tolist()
     for b in range(len(cu_q) - 1):
         q4, one, kt4, vt4 = request_alone(b, q, cache, kt, vt, kw)
         o4, l4 = mk.ragged_attention(q4, one, kt4, vt4, return_lse=True, backend=backend)
-        rows = slice(cu_q[b], cu_q[b + 1])
-        assert_close((out[rows], lse[rows]), (o4[0].transpose(0, 1), l4[0].T), dtype)
+        yield slice(cu_q[b], cu_q[b + 1]), (o4[0].transpose(0, 1), l4[0].T)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -608,6 +620,42 @@ def test_cuda_forced_splits(num_splits):
                {a: x.cpu() if isinstance(x, torch.Tensor) else x for a, x in kw.items()},
                scale=0.25)  # fmt: skip
     assert_close(triton_varlen(q, cache, kt, vt, kw, num_splits), want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_triton_batch_invariant(dtype):
+    """Autotuned Triton on the GPU: every request's rows bitwise its dense call's, including the
+    requests whose segments split-K cuts into work items (4096 and 2048 + 256 keys) and the
+    launches without LSE (another kernel variant, the same config)."""
+    q, cache, kt, vt, kw = _cuda_case(dtype, seed=3)
+    kp, vp, starts = tails_to_pool(kt, vt, kw["cu_seqlens_tail"])
+    out, lse = run("triton", q, to_pool(cache), kp, vp, kw, tail_starts=starts)
+    no_lse = mk.ragged_attention(q, cache, kt, vt, **kw, backend="triton")
+    assert_bitwise((no_lse,), (out,))
+    for rows, alone in per_request_dense_calls("triton", q, cache, kt, vt, kw):
+        assert_bitwise((out[rows], lse[rows]), alone)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_cuda_triton_nonfinite_follows_reference(num_splits):
+    """NaN / inf on the GPU (whose ``tl.max`` drops NaN, unlike the interpreter's): a NaN key,
+    a +inf query component, an inf value, each in its own request, give the reference's NaN /
+    inf positions, the other values within tolerance."""
+    q, cache, kt, vt, kw = _cuda_case(torch.float32, seed=4)
+    cu, Hkv = cache.cu_seqlens.tolist(), cache.num_kv_heads
+    cache.k[cu[2 * Hkv] + 3, 5] = math.nan  # request 2, KV head 0
+    q[kw["cu_seqlens_q"][4], 1, 0] = math.inf  # request 4, one query of head 1
+    cache.v[cu[5 * Hkv + 7] + 1, 2] = -math.inf  # request 5, KV head 7
+    want = run("reference", q.cpu(), cache.to("cpu"), kt.cpu(), vt.cpu(),
+               {a: x.cpu() if isinstance(x, torch.Tensor) else x for a, x in kw.items()})  # fmt: skip
+    got = triton_varlen(q, cache, kt, vt, kw, num_splits)
+    for a, b in zip(got, want):
+        assert a.isnan().any() and a.isinf().any()  # (out: -inf from the value, lse: +inf)
+        torch.testing.assert_close(a.cpu().float(), b.float(), atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
 @pytest.mark.gpu

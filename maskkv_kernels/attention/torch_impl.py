@@ -123,18 +123,33 @@ def _attend(
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q [n, r, D], k/v [n, w, D], valid bool [n, w] or None -> out [n, r, D], lse [n, r] fp32."""
+    """q [n, r, D], k/v [n, w, D], valid bool [n, w] or None -> out [n, r, D], lse [n, r] fp32.
+
+    Non-finite inputs as in the reference: the softmax of IEEE logits (a NaN or +inf logit, or
+    logits all -inf, make the row's output NaN) and ``softmax @ v`` (an inf or NaN value reaches
+    the output through 0 * inf = NaN). SDPA's fused kernel does the same except for a row whose
+    logits are all -inf, which it sets to 0: on the CPU a chunk with an all-zero output row
+    (that, or a true zero, e.g. from zero values) is computed again by the matmul-softmax path
+    (on other devices SDPA keeps that one difference: checking would synchronise with the host).
+    """
     if k.shape[1] == 0:
         lse = q.new_full(q.shape[:2], -math.inf, dtype=torch.float32) if return_lse else None
         return torch.zeros_like(q), lse
+    no_key = None if valid is None else ~valid.any(1)[:, None, None]  # [n, 1, 1]
     if not return_lse:
         mask = None if valid is None else valid[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale
         )[:, 0]
-        if valid is not None:  # a segment with no key at all: 0, not SDPA's NaN
-            out = out.masked_fill(~valid.any(1)[:, None, None], 0.0)
-        return out, None
+        if no_key is not None:  # a segment with no key at all: 0, not SDPA's NaN
+            out = out.masked_fill(no_key, 0.0)
+        if q.device.type != "cpu":
+            return out, None
+        zero_rows = (out == 0).all(-1)  # [n, r]
+        if no_key is not None:
+            zero_rows &= ~no_key[:, :, 0]
+        if not bool(zero_rows.any()):
+            return out, None
     logits = torch.baddbmm(
         q.new_empty((), dtype=torch.float32),
         q.float(),
@@ -145,8 +160,12 @@ def _attend(
     if valid is not None:
         logits.masked_fill_(~valid[:, None, :], -math.inf)
     lse = torch.logsumexp(logits, -1)
-    p = logits.sub_(torch.where(torch.isinf(lse), 0.0, lse)[..., None]).exp_()  # -inf -> 0
-    return torch.bmm(p, v.float()).to(q.dtype), lse
+    # exp(logit - lse): the softmax wherever lse is finite; NaN wherever it is not (NaN, +inf,
+    # or -inf: every logit -inf), as torch.softmax gives. Masked keys: exp(-inf) = 0.
+    out = torch.bmm(logits.sub_(lse[..., None]).exp_(), v.float()).to(q.dtype)
+    if no_key is not None:  # a segment with no key at all: 0 (its lse is -inf)
+        out = out.masked_fill(no_key, 0.0)
+    return out, (lse if return_lse else None)
 
 
 class _DenseForm:
@@ -196,10 +215,12 @@ class _DenseForm:
 
 
 class _VarlenForm:
-    """The varlen form: q [Nq, Hq, D] packed by request (``cu_q``), tails [Nt, Hkv, D] packed by
-    request (``cu_t``, from ``tail_starts``). Packed row r = i * G + h of segment b * Hkv + g is
-    query row cu_q[b] + i of head g * G + h. Outputs go to a buffer with one spare row that
-    takes every padding row's result (no data-dependent shapes, so no device sync)."""
+    """The varlen form off the CPU (no host lengths, so no per-request plan): q [Nq, Hq, D]
+    packed by request (``cu_q``), tails [Nt, Hkv, D] packed by request (``cu_t``, from
+    ``tail_starts``), every segment in one bucket padded to the host bounds. Packed row
+    r = i * G + h of segment b * Hkv + g is query row cu_q[b] + i of head g * G + h. Outputs go
+    to a buffer with one spare row that takes every padding row's result (no data-dependent
+    shapes, so no device sync)."""
 
     def __init__(self, q, k_tail, v_tail, cu_q, max_q, cu_t, tail_starts, max_t, G, Hkv, ret):
         Nq, Hq, D = q.shape
@@ -217,22 +238,6 @@ class _VarlenForm:
         self.out = q.new_zeros((Nq + 1, Hq, D))  # row Nq: the spare row
         self.lse = q.new_full((Nq + 1, Hq), -math.inf, dtype=torch.float32) if ret else None
         self.arange = torch.arange(max(max_q, self.max_t, G), device=q.device)
-
-    def host_sizes(self, S: int) -> tuple[list[int], list[int]]:
-        q_lens = self.q_lens.repeat_interleave(self.Hkv).tolist()
-        self._seg_tails = [0] * S
-        if self.kt is not None:
-            self._seg_tails = self.t_lens.repeat_interleave(self.Hkv).tolist()
-        return self._seg_tails, [self.G * n for n in q_lens]
-
-    def _padded_tails(self, sel, T: int) -> bool:
-        """Whether a tail of the segments ``sel`` is shorter than T (always, without the host
-        lengths: on a GPU)."""
-        tails = getattr(self, "_seg_tails", None)
-        if tails is None:
-            return True
-        segs = range(len(tails))[sel] if isinstance(sel, slice) else sel.tolist()
-        return any(tails[s] < T for s in segs)
 
     def bounds(self) -> tuple[int, int]:
         return self.max_t, self.G * self.max_q
@@ -262,8 +267,6 @@ class _VarlenForm:
         flat = (rows * self.Hkv + g[:, None]).view(-1)
         kt = _rows(self.kt, flat).view(ids.numel(), T, -1)
         vt = _rows(self.vt, flat).view(ids.numel(), T, -1)
-        if not self._padded_tails(sel, T):
-            return kt, vt, None
         valid = j < self.t_lens[b][:, None]
         return _zero_outside(kt, valid), _zero_outside(vt, valid), valid
 
@@ -287,7 +290,7 @@ def _attend_buckets(form, k, v, cu_seqlens, seg_starts, max_seqlen, S, D, scale,
     N = k.shape[0]
     starts = cu_seqlens[:-1].long() if seg_starts is None else seg_starts
     lens = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-    if device.type == "cpu":
+    if device.type == "cpu":  # the dense form (the varlen form runs per request there)
         key_lens = lens.tolist()
         tail_lens, rows = form.host_sizes(S)
         plan = plan_buckets_varlen(key_lens, tail_lens, rows, D)
@@ -392,9 +395,21 @@ def ragged_attention_varlen_torch(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Varlen form: q [Nq, Hq, D], tails [Nt, Hkv, D] -> out [Nq, Hq, D] in q's dtype (rows of
-    no request 0), lse [Nq, Hq] fp32 or None. Same packing and chunking as the dense form."""
+    no request 0), lse [Nq, Hq] fp32 or None.
+
+    On the CPU, one dense call (:func:`ragged_attention_torch`) per request on views of its rows:
+    every request gets exactly the bits of the dense call on it alone (batch invariance; BLAS and
+    SDPA round a row by the shape of its batched product, so one product over several requests
+    could not). Elsewhere the lengths are not read (that would sync): one bucket padded to the
+    host bounds, as the dense form does there.
+    """
     Nq, Hq, D = q.shape
     Hkv = num_kv_heads
+    if q.device.type == "cpu":
+        return _varlen_per_request(
+            q, k, v, cu_seqlens, seg_starts, max_seqlen, Hkv, cu_seqlens_q, k_tail, v_tail,
+            cu_seqlens_tail, tail_starts, scale, return_lse,
+        )  # fmt: skip
     S = (cu_seqlens_q.numel() - 1) * Hkv
     form = _VarlenForm(
         q, k_tail, v_tail, cu_seqlens_q, max_seqlen_q, cu_seqlens_tail, tail_starts,
@@ -403,3 +418,38 @@ def ragged_attention_varlen_torch(
     if Nq == 0 or max_seqlen_q == 0:
         return form.result()
     return _attend_buckets(form, k, v, cu_seqlens, seg_starts, max_seqlen, S, D, scale, return_lse)
+
+
+def _varlen_per_request(
+    q, k, v, cu_seqlens, seg_starts, max_seqlen, Hkv, cu_q, k_tail, v_tail, cu_t, tail_starts,
+    scale, return_lse,
+):  # fmt: skip
+    """The varlen form on the CPU as dense calls, one per request with queries: request b's
+    queries [1, Hq, n_q, D], its Hkv segments as a pool view of k / v, its tail rows."""
+    Nq, Hq, D = q.shape
+    out = q.new_zeros((Nq, Hq, D))
+    lse = q.new_full((Nq, Hq), -math.inf, dtype=torch.float32) if return_lse else None
+    q_offsets = cu_q.tolist()
+    starts = cu_seqlens[:-1].long() if seg_starts is None else seg_starts
+    if k_tail is not None:
+        t_offsets = cu_t.tolist()
+        t_first = t_offsets[:-1] if tail_starts is None else tail_starts.tolist()
+    for b in range(len(q_offsets) - 1):
+        q0, q1 = q_offsets[b], q_offsets[b + 1]
+        if q1 == q0:
+            continue
+        segs = slice(b * Hkv, (b + 1) * Hkv)
+        cu_b = cu_seqlens[b * Hkv : (b + 1) * Hkv + 1]
+        kt_b = vt_b = None
+        n_tail = 0 if k_tail is None else t_offsets[b + 1] - t_offsets[b]
+        if n_tail:  # an empty tail is no tail, as the dense op's dispatch passes it
+            rows = slice(t_first[b], t_first[b] + n_tail)
+            kt_b, vt_b = (t[rows].transpose(0, 1)[None] for t in (k_tail, v_tail))
+        out_b, lse_b = ragged_attention_torch(
+            q[q0:q1].transpose(0, 1)[None], k, v, cu_b - cu_b[0], max_seqlen, Hkv, kt_b, vt_b,
+            scale, return_lse, seg_starts=starts[segs],
+        )  # fmt: skip
+        out[q0:q1] = out_b[0].transpose(0, 1)
+        if lse is not None:
+            lse[q0:q1] = lse_b[0].T
+    return out, lse

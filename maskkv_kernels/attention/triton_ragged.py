@@ -24,11 +24,25 @@ nothing and store nothing. A one-item segment writes its output directly; the it
 one write normalised partial outputs and their log2-sum-exp, which a small combine kernel merges.
 The first planner ("grid", kept selectable through ``PLANNER`` for benchmarks) put the splits on
 a second grid axis sized from ``max_seqlen``: with a loose bound most of its programs were empty.
+
+Batch invariance (what lets a serving engine run one varlen call for all its requests): a query
+row's bits depend only on its own request. Every launch of a dtype and head dim uses the same
+row tile (``_block_m``, never the number of rows), the same autotuned config (the tuning key
+leaves out the form, split-K and LSE flags) and the same CHUNK (``SPLIT_CHUNK``, a constant):
+a segment's keys are walked in the same tiles and cut into the same work items whatever the
+other requests, and a row's arithmetic does not depend on its place in the row tile. So a
+request gets the same output in the dense form alone as in any varlen batch. (The "grid" planner
+and the tests' ``num_splits`` derive the chunk from the batch's longest segment: not invariant.)
+
+Non-finite inputs follow the reference (a softmax of IEEE logits): nothing is subtracted while
+the running maximum is not finite, a NaN logit's probability keeps the running sum NaN, and the
+split-K merge keeps a NaN LSE, so a NaN or +inf logit makes the row NaN (LSE NaN / +inf), logits
+all -inf give NaN (LSE -inf), and an inf value reaches the output through 0 * inf = NaN; a row
+without any key is 0 (LSE -inf).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -39,15 +53,23 @@ from .._dispatch import interpreting
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-# Every autotuned BLOCK_N divides this, so split chunks start on a tile boundary.
-_CHUNK_QUANTUM = 128
-_MIN_CHUNK = 256  # below this the partial-output traffic outweighs the parallelism gained
-_MAX_SPLITS = 64
 _MAX_HEAD_DIM = 256
+# Keys per split-K work item on a GPU: a segment (kept keys + tail) longer than this is cut into
+# work items of this many keys, whatever the batch (batch invariance: see above). A multiple of
+# every autotuned BLOCK_N, so items start on a tile boundary. Each item of a split segment costs
+# a partial output (block_m fp32 rows, written once, read once by the combine): about 128 / C of
+# the item's bf16 K/V traffic, 6% at 2048, against up to C / n more programs for the short grids
+# of a few long requests. Not yet swept on a GPU (benchmarks/bench_ragged_attention.py).
+SPLIT_CHUNK = 2048
 
 
 # Kernels are laid out by hand, tutorial style (arguments grouped by meaning).
 # fmt: off
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, k_ptrs, v_ptrs, key_mask, d_mask, qk_scale,
@@ -55,8 +77,12 @@ def _attend_tile(
 ):
     """One online-softmax update of ``BLOCK_M`` rows with one tile of ``BLOCK_N`` keys.
 
-    Every tile the callers pass has at least one valid key, so ``m_new`` is finite and
-    ``exp2(m_i - m_new)`` never sees ``-inf - -inf``.
+    While the maximum is not finite (no logit above -inf yet, or a +inf one; NaN under the
+    interpreter, whose ``tl.max`` keeps it: an undefined row, replaced at the end) 0 is
+    subtracted instead, so that ``exp2`` never sees ``-inf - -inf``; the probabilities of -inf
+    logits are then 0 and still multiply their values (0 * inf = NaN, as in the reference). A
+    NaN logit (which the GPU's ``tl.max`` drops) makes its probability and so ``l_i`` NaN for
+    good: ``l_i`` carries it to the end (no NaN-keeping maximum needed).
     """
     kv_mask = key_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -67,11 +93,32 @@ def _attend_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain, fp32
     qk = tl.where(key_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    m_sub = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)  # NaN compares false: 0
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(qk - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _finish_rows(acc, m_i, l_i, no_key, kept_max):
+    """Normalised output and log2-sum-exp of rows whose online state is (acc, m_i, l_i).
+
+    A finite maximum: acc / l (l >= 1, the maximum's own term, or NaN after a NaN logit) and
+    m + log2(l). Otherwise the LSE is NaN after a NaN logit (l NaN), else the maximum (+inf, or
+    -inf: every logit -inf), and the output NaN, except where the maximum equals ``kept_max``:
+    -inf for a partial output of split-K, which then stays acc (0, or NaN from 0 * inf) and gets
+    weight 0 in the combine (unless its LSE is NaN); NaN (equal to nothing) for a final output.
+    ``no_key`` rows (no key at all: m -inf, l and acc 0): 0 and -inf.
+    """
+    finite = tl.abs(m_i) < float("inf")
+    o = acc / tl.where(finite, l_i, 1.0)[:, None]
+    keep = finite | (m_i == kept_max) | no_key
+    o = tl.where(keep[:, None], o, float("nan"))
+    lse2 = tl.where(finite, m_i + tl.log2(tl.where(finite, l_i, 1.0)),
+                    tl.where(l_i == l_i, m_i, l_i))
+    return o, lse2
 
 
 @triton.jit
@@ -186,18 +233,19 @@ def _ragged_attn_fwd(
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < t_hi, d_mask,
                                      qk_scale, UPCAST, PRECISION)
 
-    # A row with no key keeps l = 0: output 0, lse -inf.
-    has_key = l_i > 0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse2 = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    # The row's keys: [lo, hi) (its work item's, under split-K). Comparisons against a scalar
+    # threshold, not `mask & scalar_bool` (the interpreter turns that into int32).
+    no_key = rows >= tl.where(lo < hi, BLOCK_M * ROW_TILES, 0)
     out_rows = b * o_sb + head * o_sh + q_row * o_sm
     io_mask = row_mask[:, None] & d_mask[None, :]
     if WORKLIST:
         # A segment with one item writes its output directly; others write partials (row
-        # r of item w at w * ROWS + r) for the combine kernel. Comparisons against a scalar
-        # threshold, not `mask & scalar_bool` (the interpreter turns that into int32).
+        # r of item w at w * ROWS + r) for the combine kernel.
         direct = rows < tl.where(n_items == 1, live_rows, 0)
         partial = rows < tl.where(n_items == 1, 0, live_rows)
+        o, lse2 = _finish_rows(
+            acc, m_i, l_i, no_key, tl.where(n_items > 1, float("-inf"), float("nan"))
+        )
         tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
                  mask=direct[:, None] & d_mask[None, :])
         if STORE_LSE:
@@ -207,13 +255,14 @@ def _ragged_attn_fwd(
                  mask=partial[:, None] & d_mask[None, :])
         tl.store(LsePart + part, lse2, mask=partial)
     elif SPLIT:
+        o, lse2 = _finish_rows(acc, m_i, l_i, no_key, float("-inf"))
         part = split.to(tl.int64) * R_TOTAL + out_rows
-        # An empty chunk stores nothing (the combine kernel never reads it). One compare, not
-        # `row_mask & (lo < n_tot)`: the interpreter turns a block & scalar-bool into int32.
+        # An empty chunk stores nothing (the combine kernel never reads it).
         live = rows < tl.where(lo < n_tot, ROWS, 0)
         tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=live[:, None] & d_mask[None, :])
         tl.store(LsePart + part, lse2, mask=live)
     else:
+        o, lse2 = _finish_rows(acc, m_i, l_i, no_key, float("nan"))
         tl.store(Out + out_rows[:, None] * D + offs_d[None, :], o.to(Out.dtype.element_ty),
                  mask=io_mask)
         if STORE_LSE:
@@ -224,13 +273,15 @@ def _ragged_attn_fwd(
 def _merge_partials(OPart, LsePart, base, stride, count, offs_d, d_mask, D,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Log-sum-exp merge of ``count`` partial outputs per row: partial j of a row sits at
-    ``base + j * stride``. Returns (out [BLOCK_R, BLOCK_D] fp32, natural-log lse, -inf where
-    the row has no key)."""
+    ``base + j * stride``. Returns (out [BLOCK_R, BLOCK_D] fp32, natural-log lse): 0 and -inf
+    where the row has no partial (no key); where the partials' largest LSE is not finite (a NaN
+    or +inf logit, or every logit -inf) NaN and that LSE, as the unsplit kernel gives."""
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for j in range(0, tl.max(count, 0)):
         lse_j = tl.load(LsePart + base + j * stride, mask=j < count, other=float("-inf"))
-        m = tl.maximum(m, lse_j)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+        m = _max_keep_nan(m, lse_j)
+    finite = tl.abs(m) < float("inf")
+    m_safe = tl.where(finite, m, 0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     for j in range(0, tl.max(count, 0)):
@@ -239,12 +290,14 @@ def _merge_partials(OPart, LsePart, base, stride, count, offs_d, d_mask, D,
         w = tl.exp2(tl.load(LsePart + part, mask=live, other=float("-inf")) - m_safe)
         o_j = tl.load(OPart + part[:, None] * D + offs_d[None, :],
                       mask=live[:, None] & d_mask[None, :], other=0.0)
-        acc += w[:, None] * o_j
+        acc += w[:, None] * o_j  # a partial of LSE -inf: weight 0 (its NaN from 0 * inf stays)
         l += w
-    has_key = l > 0
-    l_safe = tl.where(has_key, l, 1.0)
-    lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    return acc / l_safe[:, None], lse
+    has_key = count > 0
+    l_safe = tl.where(finite, l, 1.0)
+    out = tl.where(finite[:, None], acc / l_safe[:, None], float("nan"))
+    out = tl.where(has_key[:, None], out, 0.0)
+    lse = tl.where(finite, m_safe + tl.log2(l_safe), m) * 0.6931471805599453
+    return out, lse
 
 
 @triton.jit
@@ -315,7 +368,7 @@ def _ragged_attn_combine_items(
 # fmt: on
 
 
-# Autotuned on GPU (BLOCK_M is a host heuristic because the split-K decision depends on it);
+# Autotuned on GPU over BLOCK_N, warps and stages (BLOCK_M is ``_block_m``'s, a host choice);
 # the interpreter runs one fixed config. Every config compiles without register spills at the
 # row tiles `_block_m` picks (benchmarks/ptx_report.py; (128 keys, 4 warps) spilled up to 244 B
 # at BLOCK_M 64 and D 128, so it is gone).
@@ -323,9 +376,12 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 4)]
 ]
-_TUNE_KEY = [
-    "BLOCK_M", "BLOCK_D", "SPLIT", "WORKLIST", "STORE_LSE", "VARLEN", "UPCAST", "PRECISION"
-]  # fmt: skip
+# Batch invariance needs one config per (row tile, head dim, dtype) for every variant (dense or
+# varlen, split-K or not, LSE or not): BLOCK_N sets the key tiles of the online softmax and
+# num_warps the reduction trees. The autotuner's cache key adds the dtype of every tensor
+# argument, which differs between variants (an LSE buffer or its stand-in, int32 or int64 first
+# rows), so it would tune each variant on its own: ``_launch_fwd`` keeps the config tuned first.
+_TUNE_KEY = ["BLOCK_M", "BLOCK_D", "UPCAST", "PRECISION"]
 
 
 def _capability() -> tuple[int, int]:
@@ -359,10 +415,11 @@ _fwd_tuned_wide = triton.autotune(_WIDE_CONFIGS, key=_TUNE_KEY, prune_configs_by
     _ragged_attn_fwd
 )
 # Row tile of the forward: None = ``_block_m``'s choice (64 rows at D = 128); 128 forces the wide
-# tile for fp16 / bf16 at D <= 128 where the packed rows fill it (G * Lq >= 128), on sm_90 and
-# later (before, ``_block_m``'s tile: see ``_Launch.run``). Not measured on
-# a GPU yet: benchmarks/bench_ragged_attention.py times both ("ragged_m128"), aimed at
-# full-length GQA (G = 7, 32k keys), whose 64-row tiles reach 49% of dense flash on an H200.
+# tile for fp16 / bf16 at D <= 128, whatever the number of packed rows (batch invariance), on
+# sm_90 and later with the work-list planner (otherwise ``_block_m``'s tile: see
+# ``_Launch.run``). Not measured on a GPU yet: benchmarks/bench_ragged_attention.py times both
+# ("ragged_m128"), aimed at full-length GQA (G = 7, 32k keys), whose 64-row tiles reach 49% of
+# dense flash on an H200.
 ROW_TILE: int | None = None
 # How split-K is planned: "worklist" (default) cuts every segment into CHUNK-key work items from
 # the real lengths on the device; "grid" is the first version (a [num_splits] grid axis sized
@@ -370,10 +427,25 @@ ROW_TILE: int | None = None
 PLANNER = "worklist"
 _INTERPRET_BLOCK_N = 16
 
+# (device, wide, BLOCK_M, BLOCK_D, UPCAST, PRECISION) -> the config every variant launches with.
+_CHOSEN: dict[tuple, triton.Config] = {}
 
-@functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+def _launch_fwd(tuned, grid, args, meta, device: torch.device) -> None:
+    """Launch the forward with the config ``tuned`` chose for the first launch of this row tile,
+    head dim and dtype on ``device``, whatever the variant (batch invariance, see ``_TUNE_KEY``).
+    """
+    key = (device.index, tuned is _fwd_tuned_wide) + tuple(
+        meta[name] for name in ("BLOCK_M", "BLOCK_D", "UPCAST", "PRECISION")
+    )
+    config = _CHOSEN.get(key)
+    if config is None:
+        tuned[grid](*args, **meta)
+        chosen = getattr(tuned, "best_config", None)  # (none when a launch recorder stands in)
+        if chosen is not None:
+            _CHOSEN[key] = chosen
+        return
+    _ragged_attn_fwd[grid](*args, **meta, **config.all_kwargs())  # as the autotuner launches
 
 
 def _plans_splits(q: torch.Tensor) -> bool:
@@ -382,45 +454,33 @@ def _plans_splits(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and not interpreting()
 
 
-def _block_m(rows: int, block_d: int, dtype: torch.dtype) -> int:
-    """Row tile: as small as the packed rows allow (Lq=1 decode-like steps), else the largest
-    tile that compiles without register spills on sm_90 (``benchmarks/ptx_report.py``): 128 rows
-    only for head dims <= 64, 64 for D = 128 (fp16/bf16), and 32 in fp32, whose ieee dots keep
-    the whole tile in registers."""
+def _block_m(block_d: int, dtype: torch.dtype) -> int:
+    """Row tile: the largest that compiles without register spills on sm_90
+    (``benchmarks/ptx_report.py``): 128 rows only for head dims <= 64, 64 for D = 128
+    (fp16/bf16), and 32 in fp32, whose ieee dots keep the whole tile in registers. Never from the
+    number of rows: in the varlen form that is the batch's longest request, and a row must round
+    the same in every batch (a few packed rows, e.g. one query of one head, waste most of the
+    tile; the kernel reads K/V, not FLOPs, at such sizes)."""
     if dtype == torch.float32:
-        cap = 32
-    else:
-        cap = 128 if block_d <= 64 else 64
-    return min(cap, max(16, triton.next_power_of_2(rows)))
+        return 32
+    return 128 if block_d <= 64 else 64
 
 
-def split_chunk(
-    row_tiles: int, n_keys: int, max_keys: int, n_sm: int, rows: int = 0, block_m: int = 0
-) -> int | None:
-    """Keys per split-K chunk, or None to run without split-K. Host ints only (no sync).
+def _split_chunk(num_splits: int | None, split_chunk: int | None, q: torch.Tensor, max_keys: int):
+    """Keys per split-K work item, or None without split-K. Host ints only (no sync).
 
-    Args: ``row_tiles`` per KV head, ``n_keys`` = keys summed over all segments (N + B*Hkv*Lt,
-    from shapes), ``max_keys`` = max_seqlen + Lt (an upper bound), ``n_sm`` = streaming
-    multiprocessors, ``rows`` = G * Lq packed query rows per KV head, ``block_m`` = row tile.
-
-    Time model in keys per SM: without split it is at least the longest program (``max_keys``)
-    and at least the even share ``per_sm = row_tiles * n_keys / n_sm``; with chunks of C keys it
-    is about ``max(C, per_sm)``, plus ~10% for the combine and the partial outputs: a chunk
-    writes and the combine reads ``block_m`` fp32 rows of D per row tile, as many bytes as
-    ``2 * block_m`` keys of bf16 K and V. C is a quarter of the even share (about four waves),
-    at least ``_MIN_CHUNK`` keys and at least ``4 * rows`` (so the partials of all row tiles of a
-    chunk cost at most half its key traffic), and at most ``_MAX_SPLITS`` chunks of max_keys.
+    ``num_splits`` (tests, ptx_report): chunks of ceil(max_keys / num_splits) keys, 1 = off;
+    ``split_chunk`` (tests under the interpreter): that many keys; default: ``SPLIT_CHUNK`` on
+    a GPU, nothing under the interpreter (one program at a time). Only the first depends on the
+    batch. Split-K is off when no segment can exceed a chunk (``max_keys``, a host bound).
     """
-    per_sm = row_tiles * n_keys / max(n_sm, 1)
-    quantum = _CHUNK_QUANTUM
-    chunk = max(_MIN_CHUNK, 4 * rows, math.ceil(per_sm / 4 / quantum) * quantum)
-    chunk = math.ceil(chunk / quantum) * quantum
-    chunk = max(chunk, math.ceil(max_keys / _MAX_SPLITS / quantum) * quantum)
-    if chunk >= max_keys:
-        return None
-    t_plain = max(max_keys, per_sm)
-    t_split = (1.1 + 2 * block_m / chunk) * max(chunk, per_sm)
-    return chunk if t_plain > 1.2 * t_split else None
+    if num_splits is not None:
+        chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
+    elif split_chunk is not None:
+        chunk = split_chunk
+    else:
+        chunk = SPLIT_CHUNK if _plans_splits(q) else None
+    return chunk if chunk is not None and max_keys > chunk else None
 
 
 def ragged_attention_triton(
@@ -438,6 +498,7 @@ def ragged_attention_triton(
     *,
     num_splits: int | None = None,
     planner: str | None = None,
+    split_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the ragged attention kernel, dense form (inputs already validated by the public op).
 
@@ -447,8 +508,10 @@ def ragged_attention_triton(
         k_tail, v_tail: [B, Hkv, Lt, D] or None; scale: softmax scale;
         seg_starts: int64 [B * Hkv] first row of every segment (a pool view) or None.
         num_splits: force split-K with chunks of ceil((max_seqlen + Lt) / num_splits) keys
-            (tests); None = heuristic, 1 = off.
+            (tests); None = ``split_chunk``, 1 = off.
         planner: "worklist" or "grid" (see ``PLANNER``, the default).
+        split_chunk: keys per split-K work item (default ``SPLIT_CHUNK`` on a GPU, none under
+            the interpreter).
     Returns:
         out [B, Hq, Lq, D] contiguous in q's dtype, lse fp32 [B, Hq, Lq] or None.
     """
@@ -466,7 +529,8 @@ def ragged_attention_triton(
         q, q.stride(), out, lse, (Hq * Lq, Lq, 1), B, Hkv, Hq // Hkv, Lq,
         keys=keys + S * Lt, max_keys=max_seqlen + Lt, tail=tail, Lt=Lt,
     )  # fmt: skip
-    launch.run(k, v, cu_seqlens, seg_starts, scale, num_splits, planner or PLANNER)
+    chunk = _split_chunk(num_splits, split_chunk, q, max_seqlen + Lt)
+    launch.run(k, v, cu_seqlens, seg_starts, scale, chunk, planner or PLANNER)
     return out, lse
 
 
@@ -489,6 +553,7 @@ def ragged_attention_varlen_triton(
     return_lse: bool,
     *,
     num_splits: int | None = None,
+    split_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the ragged attention kernel, varlen form (inputs validated by the public op).
 
@@ -496,7 +561,8 @@ def ragged_attention_varlen_triton(
     ``cu_seqlens`` / ``seg_starts`` as in :func:`ragged_attention_triton`; k_tail, v_tail
     [Nt, Hkv, D] packed by ``cu_seqlens_tail`` (placed by ``tail_starts`` int64 [B]) or None;
     ``max_seqlen``, ``max_seqlen_q``, ``max_seqlen_tail``: host bounds (grid and split-K sizes,
-    never a sync). Split-K always uses the work-list planner here.
+    never a sync). Split-K (``num_splits``, ``split_chunk``: as in
+    :func:`ragged_attention_triton`) always uses the work-list planner here.
 
     Returns out [Nq, Hq, D] in q's dtype (rows past ``cu_seqlens_q[B]`` 0), lse fp32 [Nq, Hq]
     (-inf there) or None.
@@ -526,7 +592,8 @@ def ragged_attention_varlen_triton(
         max_seqlen_q, keys=keys + tail_keys, max_keys=max_seqlen + max_tail, tail=tail,
         cu_q=cu_seqlens_q,
     )  # fmt: skip
-    launch.run(k, v, cu_seqlens, seg_starts, scale, num_splits, "worklist")
+    chunk = _split_chunk(num_splits, split_chunk, q, max_seqlen + max_tail)
+    launch.run(k, v, cu_seqlens, seg_starts, scale, chunk, "worklist")
     return out, lse
 
 
@@ -536,10 +603,11 @@ class _Launch:
 
     Args: q and its (b, head, row, d) strides; out / lse and the (b, head, row) strides of their
     output rows; B, Hkv, G; ``max_q``: query rows per head (Lq, or the host bound max_seqlen_q);
-    ``keys``: host bound on the keys summed over all segments (split-K heuristic, work-list
-    size); ``max_keys``: host bound on one segment's keys (kept + tail); ``tail``: dense
-    (k_tail, v_tail, k strides, v strides) or varlen (..., cu_seqlens_tail, first tail rows), or
-    None; ``Lt``: the dense tail length; ``cu_q``: the varlen query offsets (None: dense).
+    ``keys``: host bound on the keys summed over all segments (sizes the split-K work list);
+    ``max_keys``: host bound on one segment's keys (kept + tail; the grid planner's splits);
+    ``tail``: dense (k_tail, v_tail, k strides, v strides) or varlen (..., cu_seqlens_tail,
+    first tail rows), or None; ``Lt``: the dense tail length; ``cu_q``: the varlen query offsets
+    (None: dense).
     """
 
     def __init__(
@@ -556,7 +624,8 @@ class _Launch:
         self.B, self.Hkv, self.G, self.max_q = B, Hkv, G, max_q
         self.keys, self.max_keys, self.tail, self.Lt, self.cu_q = keys, max_keys, tail, Lt, cu_q
 
-    def run(self, k, v, cu_seqlens, seg_starts, scale, num_splits, planner) -> None:
+    def run(self, k, v, cu_seqlens, seg_starts, scale, chunk, planner) -> None:
+        """One launch; ``chunk``: keys per split-K work item, or None (no split-K)."""
         q, out, lse = self.q, self.out, self.lse
         D = q.shape[-1]
         Hkv, G = self.Hkv, self.G
@@ -582,24 +651,19 @@ class _Launch:
 
         interp = interpreting()
         block_d = max(16, triton.next_power_of_2(D))
-        block_m = _block_m(rows, block_d, q.dtype)
-        wide = ROW_TILE == 128 and q.dtype != torch.float32 and block_d <= 128 and rows >= 128
+        block_m = _block_m(block_d, q.dtype)
+        # (Not from the number of rows either: batch invariance.)
+        wide = ROW_TILE == 128 and q.dtype != torch.float32 and block_d <= 128
         # The 128-row tile is a Hopper design (two wgmma warpgroups share each K/V tile). Before
         # sm_90 (mma.sync) its 64-key configs spill at D = 128 (benchmarks/ptx_report.py: up to
         # 84 bytes on sm_80); 32-key ones do not but are unmeasured: there _block_m's tile stays.
-        wide = wide and (interp or _capability()[0] >= 9)
+        # The "grid" planner (benchmarks only) keeps it too: its split variant spills 4 bytes on
+        # sm_90a with the wide tile at the Dream-7B shape.
+        wide = wide and (interp or _capability()[0] >= 9) and planner != "grid"
         if wide:
             block_m = 128
         row_tiles = triton.cdiv(rows, block_m)
-        max_keys = self.max_keys
-        if num_splits is not None:
-            chunk = None if num_splits <= 1 else max(1, math.ceil(max_keys / num_splits))
-        elif _plans_splits(q):
-            n_sm = _num_sms(q.device.index or 0)
-            chunk = split_chunk(row_tiles, self.keys, max_keys, n_sm, rows, block_m)
-        else:
-            chunk = None
-        splits = 1 if chunk is None else max(1, math.ceil(max_keys / chunk))
+        splits = 1 if chunk is None else max(1, math.ceil(self.max_keys / chunk))
         split = splits > 1
         worklist = split and (planner == "worklist" or varlen)
 
@@ -654,10 +718,9 @@ class _Launch:
         )
         if interp:
             _ragged_attn_fwd[grid](*args, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
-        elif wide and block_d > 64:
-            _fwd_tuned_wide[grid](*args, **meta)
         else:
-            _fwd_tuned[grid](*args, **meta)
+            tuned = _fwd_tuned_wide if wide and block_d > 64 else _fwd_tuned
+            _launch_fwd(tuned, grid, args, meta, q.device)
 
         block_r = 16
         if worklist:
