@@ -30,6 +30,14 @@ keeps every call in the first regime by cutting the rows into calls of at most
 A row's dot products run in one tile whatever its neighbours, so its bits are then fixed (checked
 on a GPU by ``tests/test_serving_graphs.py``).
 
+Elementwise functions are row-invariant on a GPU, not always on the CPU: PyTorch's vectorized
+loop runs a contiguous tensor in blocks of two SIMD vectors and its last ``numel % 32`` elements
+(AVX-512, fp32) through the scalar function, which rounds differently. Where rows are narrower than
+a block, a row's place in the tensor decides which path computes it: LLaDA2's sigmoid router over
+8 experts (the tiny model) gave an expert weight another last bit when padding rows were added.
+``invariant_sigmoid`` computes every row in the vectorized path: rows padded to a multiple of 64
+columns, in fixed chunks of 256 rows (one thread's work, below PyTorch's parallel grain).
+
 ``maskkv.generate`` and the serving engine both run under it, so a request served among others
 gives the tokens it gives alone. Full passes (step 1's [prompt ‖ response] pass, a NoCache step, a
 block-start pass that refreshes the prompt) run one request at a time in both, so their shapes
@@ -53,6 +61,7 @@ __all__ = [
     "batch_invariant",
     "invariant_grouped_mm",
     "invariant_linear",
+    "invariant_sigmoid",
     "plain_linears",
 ]
 
@@ -118,6 +127,23 @@ def invariant_grouped_mm(
     return torch.cat(outs)
 
 
+def invariant_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sigmoid(x)`` whose rows (along the last dim) do not depend on the other rows, on
+    the CPU (elsewhere the plain function). x: [..., W]; returns [..., W]."""
+    if x.device.type != "cpu" or x.dim() == 0 or x.numel() == 0 or not x.is_floating_point():
+        return torch.sigmoid(x)
+    W = x.shape[-1]
+    rows = x.reshape(-1, W)
+    M, Wp, C = rows.shape[0], -(-W // 64) * 64, 256
+    out = torch.empty_like(rows)
+    block = rows.new_zeros(C, Wp)
+    for s in range(0, M, C):
+        n = min(C, M - s)
+        block[:n, :W] = rows[s : s + n]
+        out[s : s + n] = torch.sigmoid(block)[:n, :W]
+    return out.reshape(x.shape)
+
+
 def _pad_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
     """rows [M, K] followed by n - M zero rows (rows itself when n == M)."""
     if n == rows.shape[0]:
@@ -129,7 +155,7 @@ def _pad_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 class batch_invariant(TorchFunctionMode):
     """Context manager: every ``F.linear`` inside runs as ``invariant_linear``, every
-    ``torch._grouped_mm`` as ``invariant_grouped_mm``.
+    ``torch._grouped_mm`` as ``invariant_grouped_mm``, every sigmoid as ``invariant_sigmoid``.
 
     ``batch_invariant(enabled=False)`` is a no-op (the plain kernels). Modes are per thread: a
     thread that runs the model enters its own.
@@ -152,4 +178,6 @@ class batch_invariant(TorchFunctionMode):
                 return invariant_linear(*args, **kwargs)
             if func is torch._grouped_mm:
                 return invariant_grouped_mm(*args, **kwargs)
+            if func in (torch.sigmoid, torch.Tensor.sigmoid) and not kwargs:
+                return invariant_sigmoid(*args)
         return func(*args, **kwargs)
