@@ -6,7 +6,7 @@
 // each tile and adds exp(s - lse) into one vector of column sums.
 //
 // Tiles are key-major, [keys, rows], and computed by the product kernel of tile_products_cpu.h
-// rather than by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same
+// (bf16 inputs on a CPU with AMX: amx_tiles_cpu.h, the same guarantees) rather than by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same
 // instructions whatever the key's position in its block and whatever the tile's shape, and every
 // per-key reduction below runs over the contiguous rows with the same instructions for every key.
 // Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
