@@ -5,10 +5,10 @@
 //
 // Both products of a tile (q . k and p . v) go through the kernels of tile_products_cpu.h, or for
 // bf16 inputs on a CPU with AMX through amx_tiles_cpu.h (p rounded to bf16 for p . v, as flash
-// attention does), not BLAS, and the softmax runs in the rows' vector lanes: every query row goes through the same
-// instructions wherever it sits in its tile and whatever the tile's shape. A row's bits thus
-// depend only on its own inputs, its segment's and tail's lengths (the key blocks) and the
-// scale: a request's rows are the same alone or in any batch, in the dense or the varlen layout
+// attention does), not BLAS, and the softmax runs in the rows' vector lanes: every query row goes
+// through the same instructions wherever it sits in its tile and whatever the tile's shape. A row's
+// bits thus depend only on its own inputs, its segment's and tail's lengths (the key blocks) and
+// the scale: a request's rows are the same alone or in any batch, in the dense or the varlen layout
 // (batch invariance, what the serving engine needs to run one call for the whole batch).
 //
 // Non-finite inputs follow the reference (a softmax of IEEE logits): a NaN logit makes the row's

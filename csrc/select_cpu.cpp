@@ -6,13 +6,14 @@
 // each tile and adds exp(s - lse) into one vector of column sums.
 //
 // Tiles are key-major, [keys, rows], and computed by the product kernel of tile_products_cpu.h
-// (bf16 inputs on a CPU with AMX: amx_tiles_cpu.h, the same guarantees) rather than by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same
-// instructions whatever the key's position in its block and whatever the tile's shape, and every
-// per-key reduction below runs over the contiguous rows with the same instructions for every key.
-// Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
+// (bf16 inputs on a CPU with AMX: amx_tiles_cpu.h, the same guarantees) rather than by BLAS: every
+// logit is one fused multiply-add chain over d = 0..D-1 (on AMX: one TDPBF16PS sequence over d),
+// the same instructions whatever the key's position in its block and whatever the tile's shape, and
+// every per-key reduction below runs over the contiguous rows with the same instructions for every
+// key. Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
 // position as the ranking rule says. (BLAS rounds by position: in a query-major product the keys
-// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes
-// other kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
+// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes other
+// kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
 //
 // A row whose softmax is undefined (a NaN or +inf logit) carries no mass, like a row without any
 // valid key, as in the reference: its log-sum-exp is NaN. Scores are then finite (at most G*M)
