@@ -1,10 +1,10 @@
 // Shared helpers of the C++ CPU kernels (maskkv_kernels' "cpp" backend).
 //
-// Everything is computed in fp32 whatever the input dtype (fp32, bf16, fp16). Matrix products of
-// one block go through at::mm_out (MKL / oneDNN on x86; select_cpu.cpp's scores through a product
-// kernel of its own, for position-independent rounding), the element-wise softmax work through
-// at::vec. The kernels are parallel over (batch row, KV head) with at::parallel_for; inside one
-// task everything is single-threaded.
+// Everything is accumulated in fp32 whatever the input dtype (fp32, bf16, fp16). Matrix products
+// of one tile go through product kernels of our own, for position-independent rounding: the fp32
+// register tiles of tile_products_cpu.h, or AMX for bf16 inputs where the CPU has it
+// (amx_tiles_cpu.h); the element-wise softmax work through at::vec. The kernels are parallel
+// over (batch row, KV head) with at::parallel_for; inside one task everything is single-threaded.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -3,11 +3,12 @@
 // softmax, flash style: tiles of up to kRowTile rows x kKeyBlock keys, the segment's keys first,
 // then the tail's, never concatenated. fp32 accumulation whatever the input dtype.
 //
-// Both products of a tile (q . k and p . v) go through the kernels of tile_products_cpu.h, not
-// BLAS, and the softmax runs in the rows' vector lanes: every query row goes through the same
-// instructions wherever it sits in its tile and whatever the tile's shape. A row's bits thus
-// depend only on its own inputs, its segment's and tail's lengths (the key blocks) and the
-// scale: a request's rows are the same alone or in any batch, in the dense or the varlen layout
+// Both products of a tile (q . k and p . v) go through the kernels of tile_products_cpu.h, or for
+// bf16 inputs on a CPU with AMX through amx_tiles_cpu.h (p rounded to bf16 for p . v, as flash
+// attention does), not BLAS, and the softmax runs in the rows' vector lanes: every query row goes
+// through the same instructions wherever it sits in its tile and whatever the tile's shape. A row's
+// bits thus depend only on its own inputs, its segment's and tail's lengths (the key blocks) and
+// the scale: a request's rows are the same alone or in any batch, in the dense or the varlen layout
 // (batch invariance, what the serving engine needs to run one call for the whole batch).
 //
 // Non-finite inputs follow the reference (a softmax of IEEE logits): a NaN logit makes the row's
@@ -21,6 +22,7 @@
 //   (cu_seqlens_tail, optionally placed by tail_starts); packed row r = i * G + h.
 // In both, segment s = b * Hkv + g holds rows seg_starts[s] .. + len of k / v (seg_starts
 // defaults to cu_seqlens[:-1], the packed layout). Only a segment's own rows are ever read.
+#include "amx_tiles_cpu.h"
 #include "tile_products_cpu.h"
 
 #include <vector>
@@ -31,26 +33,53 @@ namespace {
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kKeyBlock = 256;
 
-// Scratch buffers of one parallel task (fp32, sized for the largest tile): tq_max rows of head
-// dim D, Dp = D rounded up to a whole vector.
+// Whether the tile products of this call run on AMX (amx_tiles_cpu.h): bf16 inputs on a CPU
+// that has it. The choice depends on the dtype alone, never on a shape, so a request's rows take
+// the same path alone or in any batch.
+bool use_amx(const Tensor& q) {
+#ifdef MASKKV_HAVE_AMX
+  return q.scalar_type() == at::kBFloat16 && amx::available();
+#else
+  (void)q;
+  return false;
+#endif
+}
+
+// Scratch buffers of one parallel task (sized for the largest tile): tq_max rows of head dim D,
+// Dp = D rounded up to a whole vector. fp32, except qbuf (the input dtype on the AMX path) and
+// the AMX path's bf16 buffers (empty otherwise): Kp = D rounded up to 32.
 struct Scratch {
-  int64_t ld_max, Dp;
+  int64_t ld_max, Dp, Kp;
+  bool amx;
   Tensor qbuf, kbuf, vbuf, acc;
-  std::vector<float> qt, st, row_m, row_l, alpha, row_lse;
-  Scratch(int64_t tq_max, int64_t D, const at::TensorOptions& f32)
+  std::vector<float> qt, st, row_m, row_l, alpha, row_lse, acc_t;
+  std::vector<uint16_t> q_vnni, k_pad, v_t;
+  std::vector<uint32_t> p_vnni;
+  Scratch(int64_t tq_max, int64_t D, const at::TensorOptions& in, bool amx_path)
       : ld_max(round_to_vec(tq_max)),
         Dp(round_to_vec(D)),
-        qbuf(at::empty({tq_max * D}, f32)),
-        kbuf(at::empty({kKeyBlock * D}, f32)),
-        vbuf(at::zeros({kKeyBlock * Dp}, f32)),  // padding columns stay 0
-        acc(at::empty({tq_max, Dp}, f32)),
-        qt(D * ld_max),
+        Kp((D + 31) / 32 * 32),
+        amx(amx_path),
+        qbuf(at::empty({tq_max * D}, amx_path ? in : in.dtype(at::kFloat))),
+        kbuf(at::empty({amx_path ? 0 : kKeyBlock * D}, in.dtype(at::kFloat))),
+        vbuf(at::zeros({amx_path ? 0 : kKeyBlock * Dp}, in.dtype(at::kFloat))),  // padding 0
+        acc(at::empty({tq_max, Dp}, in.dtype(at::kFloat))),
+        qt(amx_path ? 0 : D * ld_max),
         st(kKeyBlock * ld_max),
         row_m(ld_max),
         row_l(ld_max),
         alpha(ld_max),
-        row_lse(tq_max) {}
+        row_lse(tq_max),
+        acc_t(amx_path ? Kp * ld_max : 0),
+        q_vnni(amx_path ? Kp * ld_max : 0),
+        k_pad(amx_path ? kKeyBlock * Kp : 0),
+        v_t(amx_path ? Kp * kKeyBlock : 0),
+        p_vnni(amx_path ? kKeyBlock / 2 * ld_max : 0) {}
 };
+
+inline const uint16_t* bf16_rows(const Tensor& t) {
+  return static_cast<const uint16_t*>(t.data_ptr());
+}
 
 // Rows [j0, j0 + n) of values [len, D] as fp32 rows of Dp columns: the rows themselves when they
 // already are (fp32, unit stride, D == Dp), else a copy into buf (whose padding columns are 0).
@@ -99,24 +128,62 @@ void softmax_block(float* x, int64_t bk, int64_t tq, int64_t ld, float scale, fl
   }
 }
 
-// The tq fp32 query rows q [tq, D] (row stride q_stride) attend to the keys of `n_src` sources,
-// in order (each [n, D] with unit stride along D): one online softmax. Returns the output, a view
-// of sc.acc [tq, Dp] (columns past D are padding), and writes each row's natural-log LSE to
-// lse[i] when lse is not null.
-Tensor attend_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, const Tensor* keys,
+#ifdef MASKKV_HAVE_AMX
+// The AMX products of one key block (bk keys k [bk, D], values v [bk, D], bf16, row strides
+// k_stride / v_stride) against the packed rows sc.q_vnni: logits into sc.st, the online softmax,
+// then acc_t [Kp, ld] (transposed: column c of the output in row c, rows in lanes) += V^T . P
+// with P in bf16, as flash attention does.
+void amx_block(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
+               int64_t bk, int64_t tq, int64_t D, int64_t ld, float scale, Scratch& sc) {
+  const int64_t Kp = sc.Kp, bkp = (bk + 31) / 32 * 32;
+  float* st = sc.st.data();
+  int64_t a_stride;
+  const uint16_t* a = amx::padded_rows(k, k_stride, bk, D, sc.k_pad.data(), a_stride);
+  amx::matmul(a, a_stride, (bk + 15) / 16 * 16, sc.q_vnni.data(), ld, Kp, st, ld, false);
+  softmax_block(st, bk, tq, ld, scale, sc.row_m.data(), sc.row_l.data(), sc.alpha.data());
+  float* acc_t = sc.acc_t.data();
+  for (int64_t c = 0; c < Kp; ++c)  // x * 1 is x: rescaling every row is exact where alpha is 1
+    for (int64_t r = 0; r < ld; r += Vec::size())
+      (Vec::loadu(acc_t + c * ld + r) * Vec::loadu(sc.alpha.data() + r)).store(acc_t + c * ld + r);
+  amx::pack_vnni_probs(st, bk, ld, sc.p_vnni.data());
+  amx::transpose_values(v, v_stride, bk, D, sc.v_t.data());
+  amx::matmul(sc.v_t.data(), bkp, Kp, reinterpret_cast<const uint16_t*>(sc.p_vnni.data()), ld,
+              bkp, acc_t, ld, true);
+}
+#endif
+
+// The tq query rows q [tq, D] (row stride q_stride, unit stride along D; fp32, or bf16 on the
+// AMX path, sc.amx) attend to the keys of `n_src` sources, in order (each [n, D] with unit stride
+// along D): one online softmax. Returns the output, a view of sc.acc [tq, Dp] (columns past D
+// are padding), and writes each row's natural-log LSE to lse[i] when lse is not null.
+Tensor attend_rows(const void* q, int64_t q_stride, int64_t tq, int64_t D, const Tensor* keys,
                    const Tensor* vals, int64_t n_src, float scale, Scratch& sc, float* lse) {
   const int64_t Dp = sc.Dp, ld = round_to_vec(tq);
   float* acc = sc.acc.data_ptr<float>();
   std::fill(acc, acc + tq * Dp, 0.0f);
   std::fill(sc.row_m.begin(), sc.row_m.begin() + ld, kNegInf);
   std::fill(sc.row_l.begin(), sc.row_l.begin() + ld, 0.0f);
-  pack_rows(q, q_stride, tq, D, ld, sc.qt.data());
+#ifdef MASKKV_HAVE_AMX
+  if (sc.amx) {
+    amx::pack_vnni_rows(static_cast<const uint16_t*>(q), q_stride, tq, D, ld, sc.q_vnni.data());
+    std::fill(sc.acc_t.begin(), sc.acc_t.begin() + sc.Kp * ld, 0.0f);
+  }
+#endif
+  if (!sc.amx) pack_rows(static_cast<const float*>(q), q_stride, tq, D, ld, sc.qt.data());
   int64_t n_keys = 0;
   for (int64_t src = 0; src < n_src; ++src) {
     const int64_t len = keys[src].size(0);
     n_keys += len;
     for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
       const int64_t bk = std::min(kKeyBlock, len - j0);
+#ifdef MASKKV_HAVE_AMX
+      if (sc.amx) {
+        amx_block(bf16_rows(keys[src]) + j0 * keys[src].stride(0), keys[src].stride(0),
+                  bf16_rows(vals[src]) + j0 * vals[src].stride(0), vals[src].stride(0), bk, tq,
+                  D, ld, scale, sc);
+        continue;
+      }
+#endif
       const Tensor kf = rows_as_float(keys[src], j0, bk, sc.kbuf);
       float* st = sc.st.data();
       key_major_logits(kf.data_ptr<float>(), kf.stride(0), bk, sc.qt.data(), D, ld, st);
@@ -127,6 +194,9 @@ Tensor attend_rows(const float* q, int64_t q_stride, int64_t tq, int64_t D, cons
       accumulate_pv(st, ld, bk, tq, vf.first, vf.second, Dp, acc, Dp);
     }
   }
+#ifdef MASKKV_HAVE_AMX
+  if (sc.amx) amx::untranspose_acc(sc.acc_t.data(), ld, tq, Dp, acc);  // [Kp, ld] to rows
+#endif
   for (int64_t i = 0; i < tq; ++i) {
     const float m = sc.row_m[i], l = sc.row_l[i];
     float* a = acc + i * Dp;
@@ -251,7 +321,7 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
   Tensor out_rows = out.view({S, rows_per_seg, D});  // segment s owns rows of heads g*G..g*G+G-1
 
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(std::min(rows_per_seg, kRowTile), D, q.options().dtype(at::kFloat));
+    Scratch sc(std::min(rows_per_seg, kRowTile), D, q.options(), use_amx(q));
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv;
       const Tensor rows = q[b].narrow(0, g * G, G).reshape({rows_per_seg, D});
@@ -261,10 +331,12 @@ std::tuple<Tensor, Tensor> ragged_attention(const Tensor& q, const Tensor& k, co
       const Tensor vals[2] = {v.narrow(0, first, len), has_kt ? (*v_tail)[b][g] : Tensor()};
       for (int64_t r0 = 0; r0 < rows_per_seg; r0 += kRowTile) {
         const int64_t tq = std::min(kRowTile, rows_per_seg - r0);
-        const Tensor qf = rows_as_float(rows, r0, tq, sc.qbuf);
+        Tensor qf = rows.narrow(0, r0, tq);  // the AMX path reads the input rows
+        if (!sc.amx) qf = rows_as_float(rows, r0, tq, sc.qbuf);
+        else if (D > 1 && qf.stride(1) != 1) qf = qf.contiguous();
         // row r = h * Lq + t of head g * G + h: lse index (b * Hq + g * G) * Lq + r
         float* lse_rows = lse_p ? lse_p + (b * Hq + g * G) * Lq + r0 : nullptr;
-        const Tensor acc = attend_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, keys, vals,
+        const Tensor acc = attend_rows(qf.data_ptr(), qf.stride(0), tq, D, keys, vals,
                                        has_kt ? 2 : 1, scale, sc, lse_rows);
         out_rows[s].narrow(0, r0, tq).copy_(acc.narrow(1, 0, D));
       }
@@ -327,7 +399,7 @@ std::tuple<Tensor, Tensor> ragged_attention_varlen(
   const int64_t ti_max = std::max<int64_t>(1, kRowTile / G);
 
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(ti_max * G, D, q.options().dtype(at::kFloat));
+    Scratch sc(ti_max * G, D, q.options(), use_amx(q));
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv;
       const int64_t q0 = cu_q[b], nq = cu_q[b + 1] - cu_q[b];
@@ -348,7 +420,7 @@ std::tuple<Tensor, Tensor> ragged_attention_varlen(
         Tensor qf = sc.qbuf.narrow(0, 0, tq * D).view({ti, G, D});
         qf.copy_(q_heads.narrow(0, i0, ti));
         float* lse_rows = lse_p ? lse_p + (q0 + i0) * Hq + g * G : nullptr;
-        const Tensor acc = attend_rows(qf.data_ptr<float>(), D, tq, D, keys, vals, has_kt ? 2 : 1,
+        const Tensor acc = attend_rows(qf.data_ptr(), D, tq, D, keys, vals, has_kt ? 2 : 1,
                                        scale, sc, lse_rows ? sc.row_lse.data() : nullptr);
         o_heads.narrow(0, i0, ti).copy_(acc.view({ti, G, sc.Dp}).narrow(2, 0, D));
         if (lse_rows) {  // row i * G + h -> lse[(q0 + i0 + i) * Hq + g * G + h]

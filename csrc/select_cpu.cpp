@@ -6,13 +6,14 @@
 // each tile and adds exp(s - lse) into one vector of column sums.
 //
 // Tiles are key-major, [keys, rows], and computed by the product kernel of tile_products_cpu.h
-// rather than by BLAS: every logit is one fused multiply-add chain over d = 0..D-1, the same
-// instructions whatever the key's position in its block and whatever the tile's shape, and every
-// per-key reduction below runs over the contiguous rows with the same instructions for every key.
-// Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
+// (bf16 inputs on a CPU with AMX: amx_tiles_cpu.h, the same guarantees) rather than by BLAS: every
+// logit is one fused multiply-add chain over d = 0..D-1 (on AMX: one TDPBF16PS sequence over d),
+// the same instructions whatever the key's position in its block and whatever the tile's shape, and
+// every per-key reduction below runs over the contiguous rows with the same instructions for every
+// key. Bitwise-identical keys therefore get bitwise-identical scores, and ties go to the lower
 // position as the ranking rule says. (BLAS rounds by position: in a query-major product the keys
-// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes
-// other kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
+// sit in vector lanes, whose tail lanes round differently; in a key-major one MKL still takes other
+// kernels for skinny tiles of 1-3 rows, a GEMV for one row among them.)
 //
 // A row whose softmax is undefined (a NaN or +inf logit) carries no mass, like a row without any
 // valid key, as in the reference: its log-sum-exp is NaN. Scores are then finite (at most G*M)
@@ -21,6 +22,7 @@
 // topk_gather: per (b, g), std::nth_element under the ranking rule of DESIGN.md (higher score
 // first, NaN below -inf, ties to the lower position), the kept positions sorted ascending, rows
 // copied bit for bit.
+#include "amx_tiles_cpu.h"
 #include "tile_products_cpu.h"
 
 #include <algorithm>
@@ -158,15 +160,23 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
   const float* lse_p = has_lse ? lse_f.data_ptr<float>() : nullptr;
   if (B * Hkv == 0 || GM == 0 || D == 0) return {scores, mass};
   const float ok_true = all_ones();
+#ifdef MASKKV_HAVE_AMX
+  // bf16 logits on AMX (amx_tiles_cpu.h) where the CPU has it: chosen by the dtype alone.
+  const bool amx_path = q.scalar_type() == at::kBFloat16 && amx::available();
+#else
+  const bool amx_path = false;
+#endif
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     const auto f32 = q.options().dtype(at::kFloat);
     const int64_t tq_max = std::min(GM, kRowTile);
-    Tensor qbuf = at::empty({tq_max * D}, f32);
-    Tensor kbuf = at::empty({kKeyBlock * D}, f32);
+    Tensor qbuf = at::empty({amx_path ? 0 : tq_max * D}, f32);
+    Tensor kbuf = at::empty({amx_path ? 0 : kKeyBlock * D}, f32);
     const int64_t ld_max = (tq_max + Vec::size() - 1) / Vec::size() * Vec::size();
+    const int64_t Kp = (D + 31) / 32 * 32;      // D rounded up to AMX's contraction depth
     std::vector<float> st(kKeyBlock * ld_max);  // one key-major block of logits, [bk, ld]
-    std::vector<float> qt(D * ld_max);          // the tile's rows, packed by pack_rows
+    std::vector<float> qt(amx_path ? 0 : D * ld_max);  // the tile's rows, packed by pack_rows
+    std::vector<uint16_t> q_vnni(amx_path ? Kp * ld_max : 0), k_pad(amx_path ? kKeyBlock * Kp : 0);
     std::vector<float> cols, row_m(tq_max), row_l(tq_max), row_lse(tq_max), row_ok(tq_max);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv, fb = first_p[b];
@@ -175,10 +185,32 @@ std::tuple<Tensor, Tensor> score_keys(const Tensor& q, const Tensor& k, const Te
       cols.assign(std::max<int64_t>(col_end - fb, 0), 0.0f);
       for (int64_t r0 = 0; r0 < GM; r0 += kRowTile) {
         const int64_t tq = std::min(kRowTile, GM - r0);
-        const Tensor qf = rows_as_float(rows, r0, tq, qbuf);
         const int64_t ld = (tq + Vec::size() - 1) / Vec::size() * Vec::size();
-        pack_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, ld, qt.data());
+#ifdef MASKKV_HAVE_AMX
+        if (amx_path) {
+          Tensor qr = rows.narrow(0, r0, tq);
+          if (D > 1 && qr.stride(1) != 1) qr = qr.contiguous();
+          amx::pack_vnni_rows(static_cast<const uint16_t*>(qr.data_ptr()), qr.stride(0), tq, D,
+                              ld, q_vnni.data());
+        }
+#endif
+        if (!amx_path) {
+          const Tensor qf = rows_as_float(rows, r0, tq, qbuf);
+          pack_rows(qf.data_ptr<float>(), qf.stride(0), tq, D, ld, qt.data());
+        }
         auto logits = [&](int64_t j0, int64_t bk) {  // fp32 [bk, ld] = k . q, unscaled
+#ifdef MASKKV_HAVE_AMX
+          if (amx_path) {
+            const int64_t ks = kh.stride(0);
+            int64_t a_stride;
+            const uint16_t* a = amx::padded_rows(static_cast<const uint16_t*>(kh.data_ptr()) +
+                                                     j0 * ks,
+                                                 ks, bk, D, k_pad.data(), a_stride);
+            amx::matmul(a, a_stride, (bk + 15) / 16 * 16, q_vnni.data(), ld, Kp, st.data(), ld,
+                        false);
+            return st.data();
+          }
+#endif
           const Tensor kf = rows_as_float(kh, j0, bk, kbuf);
           key_major_logits(kf.data_ptr<float>(), kf.stride(0), bk, qt.data(), D, ld, st.data());
           return st.data();

@@ -14,6 +14,10 @@
 //   pack_rows into panels so that they sit in vector lanes;
 // - accumulate_pv: acc[r, :] += sum_j p[j, r] * v[j, :] with p key-major as above and acc
 //   row-major [rows, Dp] (Dp = D rounded up to a whole vector).
+//
+// These serve fp32 and fp16 inputs everywhere, and bf16 inputs on CPUs without AMX; bf16 inputs
+// on a CPU with AMX take amx_tiles_cpu.h's products (the same row invariance, several times the
+// speed).
 #pragma once
 
 #include "maskkv_cpu.h"

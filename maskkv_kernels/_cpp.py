@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 _SOURCES = ("select_cpu.cpp", "ragged_attention_cpu.cpp", "register_cpu.cpp")
-_HEADERS = ("maskkv_cpu.h", "tile_products_cpu.h")
+_HEADERS = ("maskkv_cpu.h", "tile_products_cpu.h", "amx_tiles_cpu.h")
 
 
 def _find_csrc() -> Path:
@@ -75,7 +75,8 @@ def _cpu_flags() -> list[str]:
     """Vector ISA flags for this machine (the JIT build runs where the kernels run).
 
     ``CPU_CAPABILITY_*`` selects the matching ``at::vec`` implementation (AVX-512 / AVX2);
-    elsewhere at::vec falls back to its portable loops."""
+    elsewhere at::vec falls back to its portable loops. Where the CPU has AMX (amx_tile,
+    amx_bf16, avx512_bf16), bf16 inputs take the AMX tile products of amx_tiles_cpu.h."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
     try:
@@ -86,6 +87,8 @@ def _cpu_flags() -> list[str]:
     have = set(line.split(":", 1)[-1].split())
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= have:
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+        if {"amx_tile", "amx_bf16", "avx512_bf16"} <= have:
+            isa += ["-mamx-tile", "-mamx-bf16", "-mavx512bf16"]
         return isa + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma"} <= have:
         return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

@@ -200,11 +200,12 @@ def test_selection_bitwise_equal_to_torch_fp32(score, head_budget):
 
 
 @pytest.mark.parametrize("score", ["mask", "window"])
-def test_identical_keys_identical_scores(score):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: AMX tiles where present
+def test_identical_keys_identical_scores(score, dtype):
     """Bitwise-identical keys score bitwise identically (also across key blocks and SIMD lanes),
     so ties go to the lower position: 40 copies of one key, budget 1 keeps the first copy."""
     B, Hq, Hkv, M, D, P = 1, 4, 2, 4, 32, 1100
-    q, k, v = sg.make_inputs(B, Hq, Hkv, M, D, P, M, torch.float32, seed=24, spread=0.1)
+    q, k, v = sg.make_inputs(B, Hq, Hkv, M, D, P, M, dtype, seed=24, spread=0.1)
     copies = [3, *range(495, 530), 1030, 1031, 1032, 1033]
     G = Hq // Hkv
     for g in range(Hkv):  # the copies point along the head's mean query: they win every softmax

@@ -200,7 +200,7 @@ def test_one_request_equals_dense_call(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_requests_equal_per_request_dense_calls(backend, dtype):
     """Batch invariance: every request's rows bitwise its dense call's (the torch backend on a
     GPU pads all requests into one bucket: there only within tolerance)."""
