@@ -252,6 +252,16 @@ def models(tmp_path_factory):
     return out
 
 
+def test_checkpoints_load_as_the_public_classes(models):
+    """``maskkv.load_checkpoint`` finds each family's class, exported at the top level."""
+    import maskkv
+
+    assert isinstance(models["llada2", torch.float32], maskkv.LLaDA2MoeModelLM)
+    assert isinstance(models["lladamoe", torch.float32], maskkv.LLaDAMoEModelLM)
+    assert isinstance(models["llada2", torch.float32].config, maskkv.LLaDA2MoeConfig)
+    assert isinstance(models["lladamoe", torch.float32].config, maskkv.LLaDAMoEConfig)
+
+
 def _prompts(B, P, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 250, (B, P), generator=g)

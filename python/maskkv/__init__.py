@@ -30,7 +30,17 @@ from .methods import (
     SqueezeAttention,
     TailVote,
 )
-from .models import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM, load_checkpoint
+from .models import (
+    DreamConfig,
+    DreamModelLM,
+    LLaDA2MoeConfig,
+    LLaDA2MoeModelLM,
+    LLaDAConfig,
+    LLaDAModelLM,
+    LLaDAMoEConfig,
+    LLaDAMoEModelLM,
+    load_checkpoint,
+)
 
 __version__ = "0.1.0"
 
@@ -44,8 +54,12 @@ __all__ = [
     "FixedSteps",
     "FullCache",
     "GenerationOutput",
+    "LLaDA2MoeConfig",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModelLM",
     "LayerProfile",
     "MaskKV",
     "NoCache",
