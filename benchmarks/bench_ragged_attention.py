@@ -245,13 +245,8 @@ def _mb(x):
 
 
 def plot(rows, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
+    plt = common.pyplot()
+    if plt is None:
         return None
     panels = sorted({(r["Lq"], r["G"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))

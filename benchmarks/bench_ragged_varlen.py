@@ -282,13 +282,8 @@ def interleaved_ms(fns: dict, rep: int) -> dict[str, float]:
 
 
 def plot(rows, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
+    plt = common.pyplot()
+    if plt is None:
         return None
     cases = list(dict.fromkeys(r["case"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))

@@ -197,13 +197,8 @@ def saturation(rows: list[dict]) -> dict[str, int | None]:
 
 
 def plot(rows, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     keys = sorted({(r["method"], r["path"]) for r in rows})

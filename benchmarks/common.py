@@ -91,6 +91,20 @@ def _fmt(x) -> str:
     return "-" if x is None else str(x)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (saying so in one line) where matplotlib
+    is not installed: the benchmark's JSON is written either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return None
+    return plt
+
+
 def line_plot(
     series: dict[str, list[tuple[float, float]]],
     path: Path,
