@@ -262,6 +262,18 @@ def check_mask_mass(
     return mask_mass
 
 
+def _check_cache_fits(cache, q, B: int, Hq: int, D: int, expected: str) -> int:
+    """The cache's request count, head count and head dim against q's (``expected``: what the
+    error names), and cache.k on q's device and dtype; returns Hkv."""
+    Hkv = cache.num_kv_heads
+    if cache.batch_size != B or Hq % Hkv != 0:
+        raise fail("cache", expected, f"B={cache.batch_size}, Hkv={Hkv}")
+    if cache.head_dim != D:
+        raise fail("cache", f"head dim D={D} (q is {tuple(q.shape)})", f"D={cache.head_dim}")
+    check_same("cache.k", cache.k, q, "q")
+    return Hkv
+
+
 def check_ragged_attention(
     q: torch.Tensor, cache, k_tail, v_tail
 ) -> tuple[int, int, int, int, int, int]:
@@ -274,16 +286,9 @@ def check_ragged_attention(
     B, Hq, Lq, D = q.shape
     if B == 0 or Hq == 0 or D == 0:
         raise fail("q", "[B, Hq, Lq, D] with B, Hq, D >= 1", describe(q))
-    Hkv = cache.num_kv_heads
-    if cache.batch_size != B or Hq % Hkv != 0:
-        raise fail(
-            "cache",
-            f"a RaggedKV with B={B} rows and Hkv dividing Hq={Hq}",
-            f"B={cache.batch_size}, Hkv={Hkv}",
-        )
-    if cache.head_dim != D:
-        raise fail("cache", f"head dim D={D} (q is {tuple(q.shape)})", f"D={cache.head_dim}")
-    check_same("cache.k", cache.k, q, "q")
+    Hkv = _check_cache_fits(
+        cache, q, B, Hq, D, f"a RaggedKV with B={B} rows and Hkv dividing Hq={Hq}"
+    )
     if (k_tail is None) != (v_tail is None):
         raise fail("v_tail" if v_tail is None else "k_tail", "given together with its pair", "None")
     Lt = 0
@@ -367,16 +372,10 @@ def check_ragged_attention_varlen(
     if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1:
         raise fail("cu_seqlens_q", "an int32 tensor [B + 1]", describe(cu_seqlens_q))
     B = cu_seqlens_q.numel() - 1
-    Hkv = cache.num_kv_heads
-    if cache.batch_size != B or Hq % Hkv != 0:
-        raise fail(
-            "cache",
-            f"a RaggedKV over B={B} requests (len(cu_seqlens_q) - 1) with Hkv dividing Hq={Hq}",
-            f"B={cache.batch_size}, Hkv={Hkv}",
-        )
-    if cache.head_dim != D:
-        raise fail("cache", f"head dim D={D} (q is {tuple(q.shape)})", f"D={cache.head_dim}")
-    check_same("cache.k", cache.k, q, "q")
+    Hkv = _check_cache_fits(
+        cache, q, B, Hq, D,
+        f"a RaggedKV over B={B} requests (len(cu_seqlens_q) - 1) with Hkv dividing Hq={Hq}",
+    )  # fmt: skip
     q_lens = _check_cu(cu_seqlens_q, "cu_seqlens_q", B, q.device, Nq, "Nq")
     max_seqlen_q = _check_bound(max_seqlen_q, "max_seqlen_q", q_lens, "request's queries")
     if (k_tail is None) != (v_tail is None):
