@@ -374,7 +374,8 @@ def test_moe_expert_rows_are_batch_invariant(models, monkeypatch):
     torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_router_sigmoid_rows_are_batch_invariant():
+@pytest.mark.parametrize("width", [8, 200])
+def test_router_sigmoid_rows_are_batch_invariant(width):
     """PyTorch's CPU sigmoid runs a contiguous tensor's last ``numel % 32`` elements through its
     scalar path, so a narrow row (LLaDA2's router over 8 experts) rounds by its place in the
     batch; under ``batch_invariant`` every row keeps the bits it has alone, whatever the rows
@@ -382,7 +383,7 @@ def test_router_sigmoid_rows_are_batch_invariant():
     from maskkv.generation import batch_invariant as bi
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 8, generator=g) * 4
+    x = torch.randn(300, width, generator=g) * 4  # 200: several blocks of rows
     with bi.batch_invariant():
         alone = torch.cat([torch.sigmoid(x[i : i + 1]) for i in range(x.shape[0])])
         for M in (1, 2, 3, 22, 31, 257, 300):

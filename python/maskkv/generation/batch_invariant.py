@@ -36,7 +36,7 @@ loop runs a contiguous tensor in blocks of two SIMD vectors and its last ``numel
 a block, a row's place in the tensor decides which path computes it: LLaDA2's sigmoid router over
 8 experts (the tiny model) gave an expert weight another last bit when padding rows were added.
 ``invariant_sigmoid`` computes every row in the vectorized path: rows padded to a multiple of 64
-columns, in fixed chunks of 256 rows (one thread's work, below PyTorch's parallel grain).
+columns, in blocks of at most 16384 elements (one thread's work, below PyTorch's parallel grain).
 
 ``maskkv.generate`` and the serving engine both run under it, so a request served among others
 gives the tokens it gives alone. Full passes (step 1's [prompt ‖ response] pass, a NoCache step, a
@@ -68,6 +68,7 @@ __all__ = [
 MIN_ROWS = 16
 CHUNK_ROWS = {"cpu": 64, "cuda": 256}
 GROUPED_ROWS_PER_EXPERT = 128
+_SIGMOID_BLOCK_ELEMENTS = 16384  # invariant_sigmoid's block: half of PyTorch's parallel grain
 
 _thread = threading.local()  # ``plain``: inside ``plain_linears`` (modes are per thread too)
 
@@ -134,9 +135,13 @@ def invariant_sigmoid(x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
     W = x.shape[-1]
     rows = x.reshape(-1, W)
-    M, Wp, C = rows.shape[0], -(-W // 64) * 64, 256
+    M, Wp = rows.shape[0], -(-W // 64) * 64
+    # Rows per block: under PyTorch's parallel grain (32768 elements), so one thread runs the
+    # whole block and no thread's share starts inside a vector. Every block holds a multiple of
+    # 64 elements, so none reaches the scalar tail.
+    C = max(1, _SIGMOID_BLOCK_ELEMENTS // Wp)
     out = torch.empty_like(rows)
-    block = rows.new_zeros(C, Wp)
+    block = rows.new_zeros(min(C, M), Wp)
     for s in range(0, M, C):
         n = min(C, M - s)
         block[:n, :W] = rows[s : s + n]
